@@ -1,0 +1,51 @@
+//! micromesh simulations: clusters of many nodes in one process, scenarios that print JSON.
+//!
+//! ```text
+//! cargo run -p micromesh-simulations --release -- <scenario> [--nodes N] [...]
+//! ```
+//!
+//! Every scenario runs real micromesh nodes (Noise, yamux, Kademlia, gossipsub) on libp2p's
+//! in-process memory transport and prints one JSON document on stdout.
+
+mod measure;
+mod scenarios;
+
+use std::process::ExitCode;
+
+fn usage() -> String {
+    let mut text =
+        String::from("usage: micromesh-simulations <scenario> [--nodes N]\n\nscenarios:\n");
+    for (name, about) in scenarios::LIST {
+        text.push_str(&format!("  {name:<12} {about}\n"));
+    }
+    text
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let Some(scenario) = args.next() else {
+        eprint!("{}", usage());
+        return ExitCode::FAILURE;
+    };
+    let options = match measure::Options::parse(args) {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("error: {e}\n\n{}", usage());
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match runtime.block_on(scenarios::run(&scenario, &options)) {
+        Ok(report) => {
+            println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! Command-line options and measurements shared by the scenarios.
+
+use std::time::Duration;
+
+/// Options every scenario understands.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) nodes: usize,
+    pub(crate) rounds: usize,
+}
+
+impl Options {
+    pub(crate) fn parse(mut args: impl Iterator<Item = String>) -> Result<Self, String> {
+        let mut options = Options {
+            nodes: 100,
+            rounds: 5,
+        };
+        while let Some(arg) = args.next() {
+            let mut value = |name: &str| {
+                args.next()
+                    .ok_or_else(|| format!("{name} needs a value"))?
+                    .parse::<usize>()
+                    .map_err(|e| format!("{name}: {e}"))
+            };
+            match arg.as_str() {
+                "--nodes" => options.nodes = value("--nodes")?,
+                "--rounds" => options.rounds = value("--rounds")?,
+                other => return Err(format!("unknown option {other:?}")),
+            }
+        }
+        if options.nodes < 2 {
+            return Err("--nodes must be at least 2".into());
+        }
+        Ok(options)
+    }
+}
+
+/// The resident set size of this process, in bytes (Linux; 0 elsewhere).
+pub(crate) fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Percentiles of a set of durations, in milliseconds.
+pub(crate) fn percentiles(mut samples: Vec<Duration>) -> serde_json::Value {
+    if samples.is_empty() {
+        return serde_json::json!(null);
+    }
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples[i].as_secs_f64() * 1000.0
+    };
+    serde_json::json!({
+        "count": samples.len(),
+        "p50_ms": at(0.50),
+        "p90_ms": at(0.90),
+        "p99_ms": at(0.99),
+        "max_ms": at(1.0),
+    })
+}

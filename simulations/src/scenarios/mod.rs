@@ -1,0 +1,18 @@
+//! The scenarios.
+
+mod idle;
+
+use crate::measure::Options;
+
+/// Every scenario: its name and what it measures.
+pub(crate) const LIST: &[(&str, &str)] = &[(
+    "idle",
+    "start N nodes through one bootstrap; time to a full DHT view, memory per idle node",
+)];
+
+pub(crate) async fn run(name: &str, options: &Options) -> Result<serde_json::Value, String> {
+    match name {
+        "idle" => idle::run(options).await,
+        other => Err(format!("unknown scenario {other:?}")),
+    }
+}

@@ -1,0 +1,209 @@
+//! Arguments shared by every verb, joining the mesh, and output helpers.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use micromesh::{
+    Multiaddr,
+    node::{self, Node, PreSharedKey},
+};
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "micromesh",
+    version,
+    about = "Services on a peer-to-peer mesh, no servers needed"
+)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) global: Global,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct Global {
+    /// The mesh network to join; nodes of other networks are invisible.
+    #[arg(long, global = true, env = "MICROMESH_NETWORK", default_value = node::DEFAULT_NETWORK)]
+    pub(crate) network: String,
+    /// A `swarm.key` file: join a network closed by this pre-shared key (TCP only).
+    #[arg(long, global = true, env = "MICROMESH_SWARM_KEY", value_name = "FILE")]
+    pub(crate) swarm_key: Option<PathBuf>,
+    /// Print one JSON document (or one JSON value per line for streams) instead of text.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    /// Log filter, as in RUST_LOG (e.g. `info`, `micromesh=debug`). Logs go to stderr.
+    #[arg(long, global = true, env = "MICROMESH_LOG", value_name = "FILTER")]
+    pub(crate) log: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Run a node until interrupted (ctrl-c or SIGTERM); any node can be a bootstrap peer.
+    Node(crate::node_cmd::NodeArgs),
+    /// Join the mesh and list the peers found.
+    Peers(crate::peers_cmd::PeersArgs),
+}
+
+/// How a short-lived client joins the mesh.
+#[derive(Args, Debug)]
+pub(crate) struct Join {
+    /// A peer to join through, e.g. `/ip4/192.0.2.1/udp/4001/quic-v1/p2p/12D3…` (repeatable).
+    #[arg(
+        long = "bootstrap",
+        short = 'b',
+        env = "MICROMESH_BOOTSTRAP",
+        value_delimiter = ',',
+        value_name = "MULTIADDR",
+        required = true
+    )]
+    pub(crate) bootstrap: Vec<Multiaddr>,
+    /// How long to wait for the mesh to answer.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(crate) timeout: Duration,
+}
+
+impl Join {
+    /// Starts a client node (no listeners, no mDNS/UPnP/AutoNAT) and connects it to every
+    /// bootstrap peer. Fails when none can be reached.
+    pub(crate) async fn connect(&self, global: &Global) -> Result<Node, BoxError> {
+        let mut builder = Node::builder()
+            .network(global.network.clone())
+            .no_listen()
+            .mdns(false)
+            .upnp(false)
+            .autonat(false)
+            .memory_limit(None)
+            .dial_timeout(self.timeout);
+        if let Some(key) = global.pre_shared_key()? {
+            builder = builder.pre_shared_key(key);
+        }
+        let node = builder.build().await?;
+        let dials = self.bootstrap.iter().map(|addr| node.dial(addr.clone()));
+        let results = futures::future::join_all(dials).await;
+        if results.iter().all(Result::is_err) {
+            let reasons: Vec<String> = results
+                .into_iter()
+                .filter_map(Result::err)
+                .map(|e| e.to_string())
+                .collect();
+            node.shutdown().await;
+            return Err(format!("cannot join the mesh: {}", reasons.join("; ")).into());
+        }
+        Ok(node)
+    }
+}
+
+impl Global {
+    pub(crate) fn pre_shared_key(&self) -> Result<Option<PreSharedKey>, BoxError> {
+        let Some(path) = &self.swarm_key else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read swarm key {}: {e}", path.display()))?;
+        Ok(Some(text.parse()?))
+    }
+}
+
+/// Parses `250ms`, `10s`, `5m`, `1h`, or a number of seconds.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 5m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("invalid duration unit {unit:?}: use ms, s, m or h")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+pub(crate) fn init_logging(cli: &Cli) {
+    // kad warns "Failed to trigger bootstrap: No known peers" whenever a node starts alone,
+    // which is how every mesh starts; its real failures surface through micromesh's errors.
+    let default = match cli.command {
+        Command::Node(_) => "info,libp2p_kad=error",
+        _ => "warn,libp2p_kad=error",
+    };
+    let filter = cli
+        .global
+        .log
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| default.to_owned());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal as _;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// An error and its sources, joined by ": ".
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let s = e.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        source = e.source();
+    }
+    text
+}
+
+/// Prints rows as aligned columns under a header.
+pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+}

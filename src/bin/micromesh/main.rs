@@ -1,0 +1,41 @@
+//! `micromesh`: run a node, and inspect and use the mesh from the command line.
+//!
+//! Every verb that talks to the mesh joins it as a short-lived client node through
+//! `--bootstrap ADDR` (or `MICROMESH_BOOTSTRAP`), prints readable output, or one JSON document
+//! with `--json`, and exits non-zero with a message on failure.
+
+mod cli;
+mod node_cmd;
+mod peers_cmd;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    cli::init_logging(&args);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match &args.command {
+            cli::Command::Node(cmd) => node_cmd::run(&args.global, cmd).await,
+            cli::Command::Peers(cmd) => peers_cmd::run(&args.global, cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", cli::error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The composed libp2p behaviour and the swarm it runs in.
+//!
+//! Every protocol the node speaks is a field here. Optional ones are `Toggle`s, so a
+//! configuration that turns a protocol off takes the same code path with the field empty.
+
+use std::{num::NonZeroUsize, time::Duration};
+
+use libp2p::{
+    StreamProtocol, Swarm, SwarmBuilder, autonat,
+    connection_limits::{self, ConnectionLimits},
+    core::{Transport as _, muxing::StreamMuxerBox, transport::MemoryTransport, upgrade::Version},
+    dcutr, gossipsub, identify,
+    identity::Keypair,
+    kad, mdns, memory_connection_limits, noise, ping, relay,
+    swarm::behaviour::toggle::Toggle,
+    tcp, tls, upnp, yamux,
+};
+use prometheus_client::registry::Registry;
+
+use super::{Error, config::Config, gossip, keep_alive};
+
+/// The version string of micromesh's protocol family, sent in identify.
+pub(crate) const PROTOCOL_VERSION: &str = "/micromesh/1.0.0";
+
+/// The Kademlia protocol of a network. Never `/ipfs/kad/1.0.0`: a private name keeps the
+/// network's DHT from merging with any other.
+pub(crate) fn kad_protocol(network: &str) -> StreamProtocol {
+    StreamProtocol::try_from_owned(format!("/micromesh/{network}/kad/1.0.0"))
+        .expect("network names are checked to be protocol-safe")
+}
+
+pub(crate) fn keep_alive_protocol(network: &str) -> StreamProtocol {
+    StreamProtocol::try_from_owned(format!("/micromesh/{network}/keepalive/1.0.0"))
+        .expect("network names are checked to be protocol-safe")
+}
+
+/// The largest value a DHT record may carry. Kademlia's packets must fit a record and its
+/// framing, so the packet limit is raised with it (libp2p's 16 KiB default would refuse records
+/// that its own store accepts).
+pub(crate) const MAX_RECORD_SIZE: usize = 2 * 1024 * 1024;
+pub(crate) const MAX_KAD_PACKET: usize = MAX_RECORD_SIZE + 64 * 1024;
+
+#[derive(libp2p::swarm::NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    pub(crate) limits: connection_limits::Behaviour,
+    pub(crate) memory_limits: Toggle<memory_connection_limits::Behaviour>,
+    pub(crate) keep_alive: keep_alive::Behaviour,
+    pub(crate) identify: identify::Behaviour,
+    pub(crate) ping: ping::Behaviour,
+    pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub(crate) gossipsub: gossipsub::Behaviour<gossipsub::IdentityTransform, gossip::Filter>,
+    pub(crate) stream: libp2p_stream::Behaviour,
+    pub(crate) autonat: Toggle<autonat::Behaviour>,
+    pub(crate) relay_client: relay::client::Behaviour,
+    pub(crate) relay_server: Toggle<relay::Behaviour>,
+    pub(crate) dcutr: dcutr::Behaviour,
+    pub(crate) upnp: Toggle<upnp::tokio::Behaviour>,
+    pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+impl Behaviour {
+    fn new(
+        key: &Keypair,
+        relay_client: relay::client::Behaviour,
+        config: &Config,
+        registry: &mut Registry,
+    ) -> Result<Self, Error> {
+        let peer_id = key.public().to_peer_id();
+        let network = &config.network;
+
+        let limits = connection_limits::Behaviour::new(
+            ConnectionLimits::default()
+                .with_max_established(Some(config.max_connections))
+                .with_max_established_per_peer(Some(config.max_connections_per_peer))
+                .with_max_pending_incoming(Some(config.max_pending_incoming)),
+        );
+        let memory_limits = Toggle::from(
+            config
+                .memory_limit
+                .map(memory_connection_limits::Behaviour::with_max_percentage),
+        );
+
+        let identify = identify::Behaviour::new(
+            identify::Config::new(PROTOCOL_VERSION.into(), key.public())
+                .with_agent_version(format!("micromesh/{}", env!("CARGO_PKG_VERSION")))
+                .with_push_listen_addr_updates(true)
+                .with_interval(Duration::from_secs(300)),
+        );
+        let ping = ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(10)));
+
+        let mut kad_config = kad::Config::new(kad_protocol(network));
+        kad_config
+            .set_query_timeout(config.query_timeout)
+            .set_max_packet_size(MAX_KAD_PACKET)
+            .set_periodic_bootstrap_interval(Some(config.bootstrap_interval))
+            .set_parallelism(NonZeroUsize::new(3).expect("3 > 0"));
+        let store = kad::store::MemoryStore::with_config(
+            peer_id,
+            kad::store::MemoryStoreConfig {
+                max_value_bytes: MAX_RECORD_SIZE,
+                max_provided_keys: 10_000,
+                max_records: 10_000,
+                max_providers_per_key: kad::K_VALUE.get(),
+            },
+        );
+        let kad = kad::Behaviour::with_config(peer_id, store, kad_config);
+
+        let gossip_config = gossipsub::ConfigBuilder::default()
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            .heartbeat_interval(config.gossip_heartbeat)
+            .heartbeat_initial_delay(Duration::from_millis(100))
+            .max_transmit_size(config.max_gossip_size)
+            .build()
+            .map_err(|e| Error::InvalidConfig(format!("gossipsub: {e}")))?;
+        let gossipsub = gossipsub::Behaviour::new_with_subscription_filter(
+            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossip_config,
+            gossip::filter(network),
+        )
+        .map_err(|e| Error::InvalidConfig(format!("gossipsub: {e}")))?
+        .with_metrics(registry, gossipsub::MetricsConfig::default());
+
+        let autonat = Toggle::from(config.autonat.then(|| {
+            autonat::Behaviour::new(
+                peer_id,
+                autonat::Config {
+                    only_global_ips: !config.private_addresses_are_public,
+                    ..Default::default()
+                },
+            )
+        }));
+        let relay_server = Toggle::from(config.relay_server.then(|| {
+            let mut relay = relay::Behaviour::new(
+                peer_id,
+                relay::Config {
+                    // libp2p's defaults (2 min, 128 KiB per circuit) only fit hole-punch
+                    // coordination; micromesh carries RPC over relays when punching fails.
+                    max_circuit_duration: Duration::from_secs(3600),
+                    max_circuit_bytes: 1 << 30,
+                    ..Default::default()
+                },
+            );
+            relay.set_status(Some(relay::Status::Enable));
+            relay
+        }));
+        let upnp = Toggle::from(config.upnp.then(upnp::tokio::Behaviour::default));
+        let mdns = Toggle::from(if config.mdns {
+            Some(
+                mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
+                    .map_err(|e| Error::Transport(format!("cannot start mDNS: {e}")))?,
+            )
+        } else {
+            None
+        });
+
+        Ok(Self {
+            limits,
+            memory_limits,
+            keep_alive: keep_alive::Behaviour::new(keep_alive_protocol(network)),
+            identify,
+            ping,
+            kad,
+            gossipsub,
+            stream: libp2p_stream::Behaviour::new(),
+            autonat,
+            relay_client,
+            relay_server,
+            dcutr: dcutr::Behaviour::new(peer_id),
+            upnp,
+            mdns,
+        })
+    }
+}
+
+type BoxedTransport = libp2p::core::transport::Boxed<(libp2p::PeerId, StreamMuxerBox)>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn transport_error(e: impl std::fmt::Display) -> Error {
+    Error::Transport(e.to_string())
+}
+
+/// The in-process memory transport, optionally behind the pre-shared key, with Noise and yamux.
+fn memory_transport(
+    key: &Keypair,
+    psk: Option<libp2p::pnet::PreSharedKey>,
+) -> Result<BoxedTransport, BoxError> {
+    let noise = noise::Config::new(key)?;
+    let base = MemoryTransport::default();
+    Ok(match psk {
+        None => base
+            .upgrade(Version::V1)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+        Some(psk) => base
+            .and_then(move |socket, _| libp2p::pnet::PnetConfig::new(psk).handshake(socket))
+            .upgrade(Version::V1)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+    })
+}
+
+/// TCP behind the pre-shared key, with Noise and yamux (QUIC cannot carry the key).
+fn private_tcp_transport(
+    key: &Keypair,
+    psk: libp2p::pnet::PreSharedKey,
+) -> Result<BoxedTransport, BoxError> {
+    Ok(
+        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+            .and_then(move |socket, _| libp2p::pnet::PnetConfig::new(psk).handshake(socket))
+            .upgrade(Version::V1)
+            .authenticate(noise::Config::new(key)?)
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed()
+            .or_transport(memory_transport(key, Some(psk))?)
+            .map(|either, _| either.into_inner())
+            .boxed(),
+    )
+}
+
+/// Builds the swarm: transports (QUIC, TCP with TLS or Noise, memory, DNS, relay circuits),
+/// bandwidth metrics, and the behaviour.
+pub(crate) fn build_swarm(
+    key: Keypair,
+    config: &Config,
+    registry: &mut Registry,
+) -> Result<Swarm<Behaviour>, Error> {
+    let idle_timeout = config.idle_timeout;
+    // The tail of the builder chain is the same for both transport stacks, but the stacks are
+    // different types, so it is spelled out by a macro rather than a function.
+    macro_rules! finish {
+        ($builder:expr) => {{
+            let mut built = None;
+            let swarm = $builder
+                .with_bandwidth_metrics(registry)
+                .with_behaviour(|key, relay_client| {
+                    match Behaviour::new(key, relay_client, config, registry) {
+                        Ok(behaviour) => Ok(behaviour),
+                        Err(e) => {
+                            built = Some(e);
+                            Err("behaviour".into())
+                        }
+                    }
+                })
+                .map_err(|e| built.take().unwrap_or_else(|| transport_error(e)))?
+                .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
+                .build();
+            Ok(swarm)
+        }};
+    }
+
+    let builder = SwarmBuilder::with_existing_identity(key).with_tokio();
+    match config.psk {
+        None => finish!(
+            builder
+                .with_tcp(
+                    tcp::Config::default().nodelay(true),
+                    (tls::Config::new, noise::Config::new),
+                    yamux::Config::default,
+                )
+                .map_err(transport_error)?
+                .with_quic()
+                .with_other_transport(|key| memory_transport(key, None))
+                .map_err(transport_error)?
+                .with_dns()
+                .map_err(transport_error)?
+                .with_relay_client(
+                    (tls::Config::new, noise::Config::new),
+                    yamux::Config::default
+                )
+                .map_err(transport_error)?
+        ),
+        Some(psk) => finish!(
+            builder
+                .with_other_transport(|key| private_tcp_transport(key, psk.0))
+                .map_err(transport_error)?
+                .with_dns()
+                .map_err(transport_error)?
+                .with_relay_client(noise::Config::new, yamux::Config::default)
+                .map_err(transport_error)?
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads the test vector table of `protocols/README.md` and checks every row.
+    #[test]
+    fn protocol_ids_match_the_spec() {
+        let spec = include_str!("../../protocols/README.md");
+        let table = spec
+            .split("### Test vectors")
+            .nth(1)
+            .expect("the spec has a test vector section");
+        let rows: Vec<Vec<String>> = table
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                l.split('|')
+                    .map(|c| c.trim().trim_matches('`').to_owned())
+                    .filter(|c| !c.is_empty())
+                    .collect()
+            })
+            .collect();
+        assert!(rows.len() >= 2, "no vectors found");
+        for row in rows {
+            let [network, topic, wire, kad, keep] = &row[..] else {
+                panic!("malformed row {row:?}");
+            };
+            super::super::config::check_network_name(network).unwrap();
+            gossip::check_user_topic(topic).unwrap();
+            assert_eq!(&gossip::wire_topic(network, topic), wire);
+            assert_eq!(kad_protocol(network).as_ref(), kad);
+            assert_eq!(keep_alive_protocol(network).as_ref(), keep);
+        }
+        assert_eq!(MAX_KAD_PACKET, 2_162_688, "the spec names this number");
+    }
+}

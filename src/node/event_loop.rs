@@ -1,0 +1,1006 @@
+//! The task that owns the swarm.
+//!
+//! It waits on three things: commands from handles, swarm events, and a one-second tick for
+//! timeouts and housekeeping. Nothing here blocks or awaits anything but those three, so one
+//! slow caller can never stall the node.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt as _;
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, autonat,
+    core::transport::ListenerId,
+    gossipsub, identify, kad, mdns,
+    metrics::Recorder as _,
+    multiaddr::Protocol,
+    ping,
+    swarm::{ConnectionId, SwarmEvent, dial_opts::DialOpts},
+    upnp,
+};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::{
+    Command, DhtMode, DhtPeer, Error, Event, ExitReason, PeerInfo, PublishError,
+    behaviour::{Behaviour, BehaviourEvent, kad_protocol},
+    config::Config,
+    gossip::{self, Delivery, Subscriber},
+    metrics::NodeMetrics,
+};
+
+/// How long a shutdown waits for connections to close gracefully.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How long `build` waits for the listeners to report their addresses.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Redials of bootstrap peers back off from 1 s to this.
+const MAX_BOOTSTRAP_BACKOFF: Duration = Duration::from_secs(30);
+
+struct PeerState {
+    connections: HashMap<ConnectionId, Multiaddr>,
+    connected_at: Instant,
+    last_active: Instant,
+    rtt: Option<Duration>,
+    agent: Option<String>,
+    same_network: Option<bool>,
+}
+
+impl PeerState {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            connections: HashMap::new(),
+            connected_at: now,
+            last_active: now,
+            rtt: None,
+            agent: None,
+            same_network: None,
+        }
+    }
+}
+
+struct PendingDial {
+    addr: Multiaddr,
+    deadline: Instant,
+    reply: Option<oneshot::Sender<Result<PeerId, Error>>>,
+}
+
+enum Query {
+    FindPeer {
+        peer: PeerId,
+        reply: oneshot::Sender<Result<Vec<Multiaddr>, Error>>,
+    },
+    Bootstrap {
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+    },
+    Provide {
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Providers {
+        found: HashSet<PeerId>,
+        reply: oneshot::Sender<Result<Vec<PeerId>, Error>>,
+    },
+}
+
+pub(crate) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: broadcast::Sender<Event>,
+    metrics: libp2p::metrics::Metrics,
+    network: String,
+    kad_protocol: StreamProtocol,
+    dht_mode: DhtMode,
+    dial_timeout: Duration,
+    bootstrap_addrs: Vec<Multiaddr>,
+    bootstrap_peers: HashSet<PeerId>,
+    bootstrap_backoff: Duration,
+    next_bootstrap_dial: Instant,
+    dht_bootstrapped: bool,
+    peers: HashMap<PeerId, PeerState>,
+    listen_addrs: Vec<Multiaddr>,
+    dials: HashMap<ConnectionId, PendingDial>,
+    queries: HashMap<kad::QueryId, Query>,
+    topics: HashMap<String, Vec<Subscriber>>,
+    gossip_prefix: String,
+    max_gossip_size: usize,
+    /// Bootstrap requests made while connected peers were not yet identified: they start as
+    /// soon as the routing table has a peer, or fail at their deadline.
+    waiting_bootstraps: Vec<(Instant, oneshot::Sender<Result<(), Error>>)>,
+    listeners: Vec<ListenerId>,
+    low_water: usize,
+    high_water: usize,
+    connection_grace: Duration,
+    metrics_local: NodeMetrics,
+}
+
+impl EventLoop {
+    pub(crate) fn new(
+        swarm: Swarm<Behaviour>,
+        config: &Config,
+        commands: mpsc::Receiver<Command>,
+        events: broadcast::Sender<Event>,
+        metrics: libp2p::metrics::Metrics,
+        metrics_local: NodeMetrics,
+    ) -> Self {
+        Self {
+            swarm,
+            commands,
+            events,
+            metrics,
+            network: config.network.clone(),
+            kad_protocol: kad_protocol(&config.network),
+            dht_mode: config.dht_mode,
+            dial_timeout: config.dial_timeout,
+            bootstrap_addrs: config.bootstrap.clone(),
+            bootstrap_peers: HashSet::new(),
+            bootstrap_backoff: Duration::from_secs(1),
+            next_bootstrap_dial: Instant::now(),
+            dht_bootstrapped: false,
+            peers: HashMap::new(),
+            listen_addrs: Vec::new(),
+            dials: HashMap::new(),
+            queries: HashMap::new(),
+            topics: HashMap::new(),
+            gossip_prefix: gossip::topic_prefix(&config.network),
+            max_gossip_size: config.max_gossip_size,
+            waiting_bootstraps: Vec::new(),
+            listeners: Vec::new(),
+            low_water: config.low_water,
+            high_water: config.high_water,
+            connection_grace: config.connection_grace,
+            metrics_local,
+        }
+    }
+
+    /// Listens, sets the DHT mode and dials the bootstrap peers. Runs before the task is
+    /// spawned, so that listen errors reach the caller of `build`, and returns once every
+    /// listener has reported its first address.
+    pub(crate) async fn start(&mut self, config: &Config) -> Result<(), Error> {
+        let mut listeners = HashMap::new();
+        for addr in &config.listen {
+            if config.psk.is_some() && is_quic(addr) {
+                return Err(Error::Listen {
+                    addr: addr.clone(),
+                    reason: "QUIC cannot carry a pre-shared key; listen on TCP instead".into(),
+                });
+            }
+            let id = self
+                .swarm
+                .listen_on(addr.clone())
+                .map_err(|e| Error::Listen {
+                    addr: addr.clone(),
+                    reason: error_chain(&e),
+                })?;
+            listeners.insert(id, addr.clone());
+            self.listeners.push(id);
+        }
+        let deadline = tokio::time::sleep(LISTEN_TIMEOUT);
+        tokio::pin!(deadline);
+        while !listeners.is_empty() {
+            let event = tokio::select! {
+                event = self.swarm.select_next_some() => event,
+                _ = &mut deadline => {
+                    let addr = listeners.into_values().next().expect("not empty");
+                    return Err(Error::Listen { addr, reason: "no address reported in time".into() });
+                }
+            };
+            match &event {
+                SwarmEvent::NewListenAddr { listener_id, .. } => {
+                    listeners.remove(listener_id);
+                }
+                SwarmEvent::ListenerClosed {
+                    listener_id,
+                    reason,
+                    ..
+                } => {
+                    if let Some(addr) = listeners.remove(listener_id) {
+                        return Err(Error::Listen {
+                            addr,
+                            reason: match reason {
+                                Err(e) => e.to_string(),
+                                Ok(()) => "the listener closed".into(),
+                            },
+                        });
+                    }
+                }
+                SwarmEvent::ListenerError { listener_id, error } => {
+                    if let Some(addr) = listeners.remove(listener_id) {
+                        return Err(Error::Listen {
+                            addr,
+                            reason: error.to_string(),
+                        });
+                    }
+                }
+                _ => {}
+            }
+            self.on_swarm_event(event);
+        }
+        let server = match self.dht_mode {
+            DhtMode::Server => true,
+            DhtMode::Client => false,
+            DhtMode::Auto => !config.listen.is_empty(),
+        };
+        self.set_dht_server(server);
+        for addr in &config.bootstrap {
+            if let Some(peer) = peer_of(addr) {
+                self.bootstrap_peers.insert(peer);
+                self.swarm.behaviour_mut().keep_alive.set(peer, true);
+            }
+        }
+        self.dial_bootstrap_peers();
+        Ok(())
+    }
+
+    pub(crate) async fn run(mut self) -> ExitReason {
+        tracing::debug!(peer = %self.swarm.local_peer_id(), "node event loop started");
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(Command::Shutdown { reply }) => {
+                        self.drain().await;
+                        let _ = reply.send(());
+                        return ExitReason::Shutdown;
+                    }
+                    Some(command) => self.on_command(command),
+                    None => {
+                        self.drain().await;
+                        return ExitReason::HandlesDropped;
+                    }
+                },
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+    }
+
+    /// Closes every connection and waits (briefly) for them to close.
+    async fn drain(&mut self) {
+        let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let deadline = tokio::time::sleep(SHUTDOWN_GRACE);
+        tokio::pin!(deadline);
+        while !self.peers.is_empty() {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = &mut deadline => break,
+            }
+        }
+        tracing::debug!("node event loop stopped");
+    }
+
+    fn emit(&self, event: Event) {
+        // No receivers is fine: nobody is listening.
+        let _ = self.events.send(event);
+    }
+
+    fn set_dht_server(&mut self, server: bool) {
+        let mode = if server {
+            kad::Mode::Server
+        } else {
+            kad::Mode::Client
+        };
+        self.swarm.behaviour_mut().kad.set_mode(Some(mode));
+    }
+
+    fn dial_bootstrap_peers(&mut self) {
+        for addr in self.bootstrap_addrs.clone() {
+            if let Some(peer) = peer_of(&addr)
+                && self.peers.contains_key(&peer)
+            {
+                continue;
+            }
+            let opts = dial_opts(&addr);
+            let id = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => {
+                    self.dials.insert(
+                        id,
+                        PendingDial {
+                            addr,
+                            deadline: Instant::now() + self.dial_timeout,
+                            reply: None,
+                        },
+                    );
+                }
+                Err(e) => tracing::warn!(%addr, "cannot dial bootstrap peer: {e}"),
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<ConnectionId> = self
+            .dials
+            .iter()
+            .filter(|(_, d)| d.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(dial) = self.dials.remove(&id)
+                && let Some(reply) = dial.reply
+            {
+                let _ = reply.send(Err(Error::DialTimeout {
+                    addr: dial.addr,
+                    timeout: self.dial_timeout,
+                }));
+            }
+        }
+        let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_bootstraps)
+            .into_iter()
+            .partition(|(deadline, _)| *deadline <= now);
+        self.waiting_bootstraps = waiting;
+        for (_, reply) in expired {
+            let _ = reply.send(Err(Error::NoKnownPeers));
+        }
+        if self.peers.is_empty()
+            && !self.bootstrap_addrs.is_empty()
+            && now >= self.next_bootstrap_dial
+        {
+            self.dial_bootstrap_peers();
+            self.next_bootstrap_dial = now + self.bootstrap_backoff;
+            self.bootstrap_backoff = (self.bootstrap_backoff * 2).min(MAX_BOOTSTRAP_BACKOFF);
+        }
+        // Subscriptions dropped while the command queue was full.
+        let mut emptied = Vec::new();
+        for (topic, subscribers) in &mut self.topics {
+            subscribers.retain(|s| !s.queue.is_closed());
+            if subscribers.is_empty() {
+                emptied.push(topic.clone());
+            }
+        }
+        for topic in emptied {
+            self.unsubscribe_topic(&topic);
+        }
+        self.prune_connections(now);
+    }
+
+    /// The connection manager: above the high water mark, closes the least recently active
+    /// connections that nothing protects, down to the low water mark.
+    fn prune_connections(&mut self, now: Instant) {
+        if self.peers.len() <= self.high_water {
+            return;
+        }
+        let behaviour = self.swarm.behaviour();
+        let mesh: HashSet<PeerId> = behaviour.gossipsub.all_mesh_peers().copied().collect();
+        let mut candidates: Vec<(Instant, PeerId)> = self
+            .peers
+            .iter()
+            .filter(|(peer, state)| {
+                !behaviour.keep_alive.is_kept(peer)
+                    && !mesh.contains(peer)
+                    && now.duration_since(state.connected_at) >= self.connection_grace
+            })
+            .map(|(peer, state)| (state.last_active, *peer))
+            .collect();
+        candidates.sort();
+        let excess = self.peers.len() - self.low_water;
+        for (_, peer) in candidates.into_iter().take(excess) {
+            tracing::debug!(%peer, "closing an unused connection (connection manager)");
+            self.metrics_local.connections_pruned.inc();
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.listen_addrs.clone());
+            }
+            Command::Dial { addr, reply } => self.dial(addr, reply),
+            Command::Peers { reply } => {
+                let peers = self
+                    .peers
+                    .iter()
+                    .map(|(peer_id, state)| PeerInfo {
+                        peer_id: *peer_id,
+                        addresses: state.connections.values().cloned().collect(),
+                        rtt: state.rtt,
+                        agent: state.agent.clone(),
+                        same_network: state.same_network,
+                    })
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            Command::DhtPeers { reply } => {
+                let peers = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .kbuckets()
+                    .flat_map(|bucket| {
+                        bucket
+                            .iter()
+                            .map(|entry| DhtPeer {
+                                peer_id: *entry.node.key.preimage(),
+                                addresses: entry.node.value.iter().cloned().collect(),
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            Command::FindPeer { peer, reply } => {
+                if self.no_dht_peers() {
+                    let _ = reply.send(Err(Error::NoKnownPeers));
+                    return;
+                }
+                let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                self.queries.insert(id, Query::FindPeer { peer, reply });
+            }
+            Command::Bootstrap { reply } => match self.swarm.behaviour_mut().kad.bootstrap() {
+                Ok(id) => {
+                    self.queries
+                        .insert(id, Query::Bootstrap { reply: Some(reply) });
+                }
+                Err(kad::NoKnownPeers()) if !self.peers.is_empty() => {
+                    // Connected, but identify has not told us the peers' addresses yet.
+                    self.waiting_bootstraps
+                        .push((Instant::now() + self.dial_timeout, reply));
+                }
+                Err(kad::NoKnownPeers()) => {
+                    let _ = reply.send(Err(Error::NoKnownPeers));
+                }
+            },
+            Command::Provide { key, reply } => {
+                match self.swarm.behaviour_mut().kad.start_providing(key.into()) {
+                    Ok(id) => {
+                        self.queries.insert(id, Query::Provide { reply });
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(Error::Dht(format!(
+                            "cannot store provider record: {e}"
+                        ))));
+                    }
+                }
+            }
+            Command::StopProviding { key } => {
+                self.swarm.behaviour_mut().kad.stop_providing(&key.into());
+            }
+            Command::Providers { key, reply } => {
+                let id = self.swarm.behaviour_mut().kad.get_providers(key.into());
+                self.queries.insert(
+                    id,
+                    Query::Providers {
+                        found: HashSet::new(),
+                        reply,
+                    },
+                );
+            }
+            Command::Subscribe {
+                topic,
+                subscriber,
+                reply,
+            } => {
+                let wire = gossipsub::IdentTopic::new(gossip::wire_topic(&self.network, &topic));
+                let result = match self.swarm.behaviour_mut().gossipsub.subscribe(&wire) {
+                    Ok(_) => {
+                        self.topics.entry(topic).or_default().push(subscriber);
+                        Ok(())
+                    }
+                    Err(e) => Err(Error::InvalidTopic {
+                        topic,
+                        reason: e.to_string(),
+                    }),
+                };
+                let _ = reply.send(result);
+            }
+            Command::Unsubscribe { topic, id } => {
+                if let Some(subscribers) = self.topics.get_mut(&topic) {
+                    subscribers.retain(|s| s.id != id);
+                    if subscribers.is_empty() {
+                        self.unsubscribe_topic(&topic);
+                    }
+                }
+            }
+            Command::Publish { topic, data, reply } => {
+                let wire = gossipsub::IdentTopic::new(gossip::wire_topic(&self.network, &topic));
+                let size = data.len();
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(wire, data)
+                    .map(drop)
+                    .map_err(|e| Error::Publish {
+                        topic,
+                        reason: match e {
+                            gossipsub::PublishError::NoPeersSubscribedToTopic => {
+                                PublishError::NoSubscribers
+                            }
+                            gossipsub::PublishError::MessageTooLarge => PublishError::TooLarge {
+                                size,
+                                max: self.max_gossip_size,
+                            },
+                            gossipsub::PublishError::Duplicate => PublishError::Duplicate,
+                            gossipsub::PublishError::AllQueuesFull(_) => PublishError::QueuesFull,
+                            other => PublishError::Other(other.to_string()),
+                        },
+                    });
+                let _ = reply.send(result);
+            }
+            Command::TopicPeers { topic, reply } => {
+                let hash =
+                    gossipsub::IdentTopic::new(gossip::wire_topic(&self.network, &topic)).hash();
+                let peers = self
+                    .swarm
+                    .behaviour()
+                    .gossipsub
+                    .all_peers()
+                    .filter(|(_, topics)| topics.contains(&&hash))
+                    .map(|(peer, _)| *peer)
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            Command::KeepAlive { peer, keep } => {
+                // Bootstrap peers stay kept whatever a component says.
+                let keep = keep || self.bootstrap_peers.contains(&peer);
+                self.swarm.behaviour_mut().keep_alive.set(peer, keep);
+            }
+            Command::Shutdown { .. } => unreachable!("handled in run"),
+        }
+    }
+
+    fn no_dht_peers(&mut self) -> bool {
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .all(|bucket| bucket.num_entries() == 0)
+    }
+
+    fn unsubscribe_topic(&mut self, topic: &str) {
+        self.topics.remove(topic);
+        let wire = gossipsub::IdentTopic::new(gossip::wire_topic(&self.network, topic));
+        self.swarm.behaviour_mut().gossipsub.unsubscribe(&wire);
+    }
+
+    fn dial(&mut self, addr: Multiaddr, reply: oneshot::Sender<Result<PeerId, Error>>) {
+        if let Some(peer) = peer_of(&addr)
+            && self.peers.contains_key(&peer)
+        {
+            self.swarm.behaviour_mut().keep_alive.set(peer, true);
+            let _ = reply.send(Ok(peer));
+            return;
+        }
+        let opts = dial_opts(&addr);
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.dials.insert(
+                    id,
+                    PendingDial {
+                        addr,
+                        deadline: Instant::now() + self.dial_timeout,
+                        reply: Some(reply),
+                    },
+                );
+            }
+            Err(e) => {
+                let _ = reply.send(Err(Error::Dial {
+                    addr,
+                    reason: e.to_string(),
+                }));
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.metrics.record(&event);
+        match event {
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let address = address
+                    .with_p2p(*self.swarm.local_peer_id())
+                    .unwrap_or_else(|a| a);
+                tracing::info!(%address, "listening");
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address.clone());
+                }
+                self.emit(Event::ListenAddr { address });
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                let address = address
+                    .with_p2p(*self.swarm.local_peer_id())
+                    .unwrap_or_else(|a| a);
+                self.listen_addrs.retain(|a| a != &address);
+                self.emit(Event::ListenAddrExpired { address });
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let address = endpoint.get_remote_address().clone();
+                tracing::debug!(peer = %peer_id, %address, "connection established");
+                self.peers
+                    .entry(peer_id)
+                    .or_insert_with(PeerState::new)
+                    .connections
+                    .insert(connection_id, address.clone());
+                if let Some(dial) = self.dials.remove(&connection_id) {
+                    self.swarm.behaviour_mut().keep_alive.set(peer_id, true);
+                    match dial.reply {
+                        Some(reply) => {
+                            let _ = reply.send(Ok(peer_id));
+                        }
+                        None => {
+                            // A bootstrap dial.
+                            self.bootstrap_peers.insert(peer_id);
+                            self.bootstrap_backoff = Duration::from_secs(1);
+                        }
+                    }
+                }
+                if num_established.get() == 1 {
+                    self.emit(Event::PeerConnected { peer_id, address });
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                tracing::debug!(peer = %peer_id, ?cause, "connection closed");
+                if let Some(state) = self.peers.get_mut(&peer_id) {
+                    state.connections.remove(&connection_id);
+                }
+                if num_established == 0 {
+                    self.peers.remove(&peer_id);
+                    self.emit(Event::PeerDisconnected { peer_id });
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                error,
+                ..
+            } => {
+                if let Some(dial) = self.dials.remove(&connection_id) {
+                    match dial.reply {
+                        Some(reply) => {
+                            let _ = reply.send(Err(Error::Dial {
+                                addr: dial.addr,
+                                reason: error.to_string(),
+                            }));
+                        }
+                        None => {
+                            tracing::warn!(addr = %dial.addr, "cannot reach bootstrap peer: {error}")
+                        }
+                    }
+                } else {
+                    tracing::debug!("outgoing connection failed: {error}");
+                }
+            }
+            SwarmEvent::IncomingConnectionError {
+                error,
+                send_back_addr,
+                ..
+            } => {
+                tracing::debug!(%send_back_addr, "incoming connection failed: {error}");
+            }
+            SwarmEvent::ListenerError { error, .. } => tracing::warn!("listener error: {error}"),
+            SwarmEvent::ListenerClosed {
+                addresses,
+                reason: Err(e),
+                ..
+            } => tracing::warn!(?addresses, "listener closed: {e}"),
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "external address confirmed");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(event) => {
+                self.metrics.record(&event);
+                if let identify::Event::Received {
+                    peer_id,
+                    info,
+                    connection_id,
+                } = event
+                {
+                    self.on_identified(peer_id, connection_id, info);
+                }
+            }
+            BehaviourEvent::Ping(event) => {
+                self.metrics.record(&event);
+                if let ping::Event {
+                    peer,
+                    result: Ok(rtt),
+                    ..
+                } = event
+                    && let Some(state) = self.peers.get_mut(&peer)
+                {
+                    state.rtt = Some(rtt);
+                }
+            }
+            BehaviourEvent::Kad(event) => {
+                self.metrics.record(&event);
+                self.on_kad_event(event);
+            }
+            BehaviourEvent::Gossipsub(event) => {
+                self.metrics.record(&event);
+                if let gossipsub::Event::Message {
+                    propagation_source,
+                    message,
+                    ..
+                } = event
+                {
+                    self.on_gossip_message(propagation_source, message);
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+                for (peer, addr) in found {
+                    by_peer.entry(peer).or_default().push(addr);
+                }
+                for (peer, addrs) in by_peer {
+                    if peer == *self.swarm.local_peer_id() || self.peers.contains_key(&peer) {
+                        continue;
+                    }
+                    tracing::debug!(%peer, "discovered on the local network");
+                    let opts = DialOpts::peer_id(peer).addresses(addrs).build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        tracing::debug!(%peer, "cannot dial mDNS peer: {e}");
+                    }
+                }
+            }
+            BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
+                tracing::info!(?old, ?new, "reachability changed");
+                if self.dht_mode == DhtMode::Auto {
+                    match new {
+                        autonat::NatStatus::Public(_) => self.set_dht_server(true),
+                        autonat::NatStatus::Private => self.set_dht_server(false),
+                        autonat::NatStatus::Unknown => {}
+                    }
+                }
+            }
+            BehaviourEvent::Upnp(upnp::Event::NewExternalAddr { external_addr, .. }) => {
+                tracing::info!(%external_addr, "UPnP mapped an external address");
+            }
+            BehaviourEvent::Upnp(upnp::Event::NonRoutableGateway) => {
+                tracing::debug!("UPnP gateway is not routable");
+            }
+            BehaviourEvent::RelayServer(event) => self.metrics.record(&event),
+            BehaviourEvent::Dcutr(event) => {
+                self.metrics.record(&event);
+                tracing::debug!(?event, "hole punching");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_identified(&mut self, peer: PeerId, connection: ConnectionId, info: identify::Info) {
+        let same_network = info.protocols.contains(&self.kad_protocol);
+        let remote = self
+            .peers
+            .get_mut(&peer)
+            .map(|state| {
+                state.agent = Some(info.agent_version.clone());
+                state.same_network = Some(same_network);
+                state.connections.get(&connection).cloned()
+            })
+            .unwrap_or_default();
+        if same_network {
+            let remote_is_loopback = remote.as_ref().is_some_and(is_loopback);
+            for addr in info.listen_addrs {
+                if is_unspecified(&addr) || (!remote_is_loopback && is_loopback(&addr)) {
+                    continue;
+                }
+                self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+            }
+            if !self.dht_bootstrapped {
+                self.dht_bootstrapped = true;
+                if let Ok(id) = self.swarm.behaviour_mut().kad.bootstrap() {
+                    self.queries.insert(id, Query::Bootstrap { reply: None });
+                }
+            }
+            for (_, reply) in std::mem::take(&mut self.waiting_bootstraps) {
+                match self.swarm.behaviour_mut().kad.bootstrap() {
+                    Ok(id) => {
+                        self.queries
+                            .insert(id, Query::Bootstrap { reply: Some(reply) });
+                    }
+                    Err(kad::NoKnownPeers()) => {
+                        let _ = reply.send(Err(Error::NoKnownPeers));
+                    }
+                }
+            }
+        } else if self.bootstrap_peers.contains(&peer) {
+            tracing::warn!(
+                %peer,
+                network = %self.network,
+                "bootstrap peer does not belong to this node's network; it cannot help us join"
+            );
+        }
+        self.emit(Event::PeerIdentified {
+            peer_id: peer,
+            same_network,
+        });
+    }
+
+    fn on_gossip_message(&mut self, via: PeerId, message: gossipsub::Message) {
+        let Some(topic) = message.topic.as_str().strip_prefix(&self.gossip_prefix) else {
+            return;
+        };
+        let Some(source) = message.source else {
+            // Strict validation rejects unsigned messages before they get here.
+            return;
+        };
+        if let Some(state) = self.peers.get_mut(&via) {
+            state.last_active = Instant::now();
+        }
+        let Some(subscribers) = self.topics.get_mut(topic) else {
+            return;
+        };
+        let delivered = gossip::Message {
+            topic: topic.to_owned(),
+            source,
+            via,
+            sequence: message.sequence_number,
+            data: message.data,
+        };
+        let metrics = &self.metrics_local;
+        subscribers.retain(|s| match s.deliver(delivered.clone()) {
+            Delivery::Queued => {
+                metrics.gossip_delivered.inc();
+                true
+            }
+            Delivery::Dropped => {
+                metrics.gossip_dropped.inc();
+                true
+            }
+            Delivery::Gone => false,
+        });
+        if subscribers.is_empty() {
+            let topic = topic.to_owned();
+            self.unsubscribe_topic(&topic);
+        }
+    }
+
+    fn on_kad_event(&mut self, event: kad::Event) {
+        let kad::Event::OutboundQueryProgressed {
+            id, result, step, ..
+        } = event
+        else {
+            return;
+        };
+        let Some(query) = self.queries.remove(&id) else {
+            return;
+        };
+        match (query, result) {
+            (Query::FindPeer { peer, reply }, kad::QueryResult::GetClosestPeers(result)) => {
+                let peers = match result {
+                    Ok(ok) => ok.peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                let found = peers
+                    .into_iter()
+                    .find(|p| p.peer_id == peer && !p.addrs.is_empty())
+                    .map(|p| {
+                        p.addrs
+                            .into_iter()
+                            .map(|a| a.with_p2p(peer).unwrap_or_else(|a| a))
+                            .collect()
+                    });
+                let _ = reply.send(found.ok_or(Error::PeerNotFound(peer)));
+            }
+            (Query::Bootstrap { reply }, kad::QueryResult::Bootstrap(result)) => match result {
+                Ok(ok) if ok.num_remaining > 0 && !step.last => {
+                    self.queries.insert(id, Query::Bootstrap { reply });
+                }
+                Ok(_) => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(Error::Dht(e.to_string())));
+                    }
+                }
+            },
+            (Query::Provide { reply }, kad::QueryResult::StartProviding(result)) => {
+                let _ = reply.send(result.map(drop).map_err(|e| Error::Dht(e.to_string())));
+            }
+            (Query::Providers { mut found, reply }, kad::QueryResult::GetProviders(result)) => {
+                match result {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                        found.extend(providers);
+                    }
+                    Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => {}
+                    Err(e) => {
+                        if found.is_empty() {
+                            let _ = reply.send(Err(Error::Dht(e.to_string())));
+                            return;
+                        }
+                    }
+                }
+                if step.last {
+                    let _ = reply.send(Ok(found.into_iter().collect()));
+                } else {
+                    self.queries.insert(id, Query::Providers { found, reply });
+                }
+            }
+            (query, _) => {
+                // A result of another kind for this id cannot happen; keep the query.
+                self.queries.insert(id, query);
+            }
+        }
+    }
+}
+
+impl Drop for EventLoop {
+    /// Closes the listeners however the loop ends (shutdown, panic, abort): libp2p's memory
+    /// transport keeps an address taken until its listener is removed, and a node restarted in
+    /// the same process must be able to listen there again.
+    fn drop(&mut self) {
+        for id in self.listeners.drain(..) {
+            self.swarm.remove_listener(id);
+        }
+    }
+}
+
+/// An error with its sources, for messages that cross into this crate's errors as text.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let s = e.to_string();
+        if !s.is_empty() && !text.contains(&s) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&s);
+        }
+        source = e.source();
+    }
+    text
+}
+
+fn dial_opts(addr: &Multiaddr) -> DialOpts {
+    match peer_of(addr) {
+        Some(peer) => DialOpts::peer_id(peer)
+            .addresses(vec![addr.clone()])
+            .build(),
+        None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+    }
+}
+
+/// The peer id at the end of an address, if there is one.
+pub(crate) fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
+}
+
+fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
+}
+
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
+fn is_unspecified(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}

@@ -1,0 +1,33 @@
+//! The node's own counters, registered next to libp2p's.
+
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
+
+/// Counters of the node itself (prefix `micromesh_`).
+#[derive(Clone, Default)]
+pub(crate) struct NodeMetrics {
+    pub(crate) connections_pruned: Counter,
+    pub(crate) gossip_delivered: Counter,
+    pub(crate) gossip_dropped: Counter,
+}
+
+impl NodeMetrics {
+    pub(crate) fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "connections_pruned",
+            "Connections closed by the connection manager above its high water mark",
+            metrics.connections_pruned.clone(),
+        );
+        registry.register(
+            "gossip_delivered",
+            "Gossip messages queued to local subscriptions",
+            metrics.gossip_delivered.clone(),
+        );
+        registry.register(
+            "gossip_dropped",
+            "Gossip messages dropped because a subscription's queue was full",
+            metrics.gossip_dropped.clone(),
+        );
+        metrics
+    }
+}

@@ -1,0 +1,695 @@
+//! The node: one libp2p swarm, owned by one task, driven through a cloneable handle.
+//!
+//! [`Node`] is the mesh underneath every component. A single tokio task (the event loop) owns
+//! the libp2p `Swarm` with all its protocols: identify, ping, Kademlia, gossipsub, streams,
+//! AutoNAT, relay (client and server), DCUtR, UPnP, mDNS and connection limits. Everything
+//! else talks to that task through a [`Node`] handle, which sends commands over a bounded
+//! channel and awaits the replies. When the event loop ends, for whatever reason, every handle
+//! reports the same cause ([`Error::Stopped`]).
+//!
+//! Most programs never touch a `Node` directly: [`Service`](crate::Service) builds one and
+//! its components use it. It is public for programs that want the mesh itself: peers,
+//! addresses, raw gossip and the DHT's provider records.
+//!
+//! ```
+//! # #[tokio::main] async fn main() -> Result<(), micromesh::node::Error> {
+//! use micromesh::node::{Node, Preset};
+//!
+//! let a = Node::builder().preset(Preset::Local).build().await?;
+//! let b = Node::builder().preset(Preset::Local).build().await?;
+//! let addr = a.listen_addrs().await?.remove(0);
+//! assert_eq!(b.dial(addr).await?, a.peer_id());
+//! assert!(b.peers().await?.iter().any(|p| p.peer_id == a.peer_id()));
+//! a.shutdown().await;
+//! b.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod behaviour;
+mod config;
+mod event_loop;
+pub mod gossip;
+mod keep_alive;
+mod metrics;
+
+use std::{
+    fmt,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use prometheus_client::registry::Registry;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::Instrument as _;
+
+pub use self::{
+    config::{Builder, DEFAULT_NETWORK, DhtMode, MAX_NETWORK_LEN, PreSharedKey, Preset},
+    gossip::{Message, Subscription},
+};
+use crate::{Identity, Multiaddr, PeerId, identity};
+
+/// Errors of the node and of the operations on its handle.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The event loop has ended; every handle of this node now returns this error.
+    #[error("the node has stopped: {0}")]
+    Stopped(ExitReason),
+    /// A setting is invalid.
+    #[error("invalid node configuration: {0}")]
+    InvalidConfig(String),
+    /// The identity could not be loaded.
+    #[error(transparent)]
+    Identity(Arc<identity::Error>),
+    /// The transports or a protocol could not be set up.
+    #[error("cannot set up the node's transports: {0}")]
+    Transport(String),
+    /// An address could not be listened on.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// A dial failed.
+    #[error("cannot connect to {addr}: {reason}")]
+    Dial {
+        /// The address dialled.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// A dial did not complete within the dial timeout.
+    #[error("connecting to {addr} timed out after {timeout:?}")]
+    DialTimeout {
+        /// The address dialled.
+        addr: Multiaddr,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// The DHT knows no peers yet: dial a bootstrap peer first.
+    #[error("the DHT knows no peers yet; give the node a bootstrap peer or dial one")]
+    NoKnownPeers,
+    /// A peer could not be found in the DHT.
+    #[error("peer {0} was not found in the DHT")]
+    PeerNotFound(PeerId),
+    /// A DHT query failed.
+    #[error("DHT query failed: {0}")]
+    Dht(String),
+    /// A topic name is invalid.
+    #[error("invalid topic {topic:?}: {reason}")]
+    InvalidTopic {
+        /// The topic.
+        topic: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A gossip message could not be published.
+    #[error("cannot publish on {topic:?}: {reason}")]
+    Publish {
+        /// The topic.
+        topic: String,
+        /// Why.
+        reason: PublishError,
+    },
+}
+
+/// Why a gossip publish failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// No connected peer is subscribed to the topic: the message would reach nobody.
+    #[error("no connected peer is subscribed to the topic")]
+    NoSubscribers,
+    /// The message is larger than the network allows.
+    #[error("the message is {size} bytes, the limit is {max} bytes")]
+    TooLarge {
+        /// The message size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The same message was published moments ago.
+    #[error("an identical message was already published")]
+    Duplicate,
+    /// Every connection's send queue is full.
+    #[error("every peer's send queue is full; try again later")]
+    QueuesFull,
+    /// Anything else gossipsub reported.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Why a node's event loop ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExitReason {
+    /// [`Node::shutdown`] was called.
+    Shutdown,
+    /// Every handle was dropped.
+    HandlesDropped,
+    /// The event loop panicked: a bug in micromesh or libp2p.
+    Panicked(String),
+    /// The event loop task was aborted (its runtime shut down, or a test killed the node).
+    Aborted,
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Shutdown => f.write_str("it was shut down"),
+            Self::HandlesDropped => f.write_str("every handle to it was dropped"),
+            Self::Panicked(msg) => write!(f, "its event loop panicked: {msg}"),
+            Self::Aborted => f.write_str("its event loop was aborted"),
+        }
+    }
+}
+
+/// Something that happened to the node, from [`Node::events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The first connection to a peer was established.
+    PeerConnected {
+        /// The peer.
+        peer_id: PeerId,
+        /// The remote address of the connection.
+        address: Multiaddr,
+    },
+    /// The last connection to a peer closed.
+    PeerDisconnected {
+        /// The peer.
+        peer_id: PeerId,
+    },
+    /// A peer told us who it is (identify). `same_network` says whether it speaks this node's
+    /// network protocols.
+    PeerIdentified {
+        /// The peer.
+        peer_id: PeerId,
+        /// Whether it belongs to this node's network.
+        same_network: bool,
+    },
+    /// The node listens on a new address (with its `/p2p/<peer id>` suffix).
+    ListenAddr {
+        /// The address.
+        address: Multiaddr,
+    },
+    /// The node stopped listening on an address.
+    ListenAddrExpired {
+        /// The address.
+        address: Multiaddr,
+    },
+}
+
+/// What the node knows about a connected peer, from [`Node::peers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerInfo {
+    /// The peer.
+    pub peer_id: PeerId,
+    /// The remote addresses of the open connections.
+    pub addresses: Vec<Multiaddr>,
+    /// The last round-trip time measured by ping.
+    pub rtt: Option<Duration>,
+    /// The peer's agent string (program and version), once identified.
+    pub agent: Option<String>,
+    /// Whether the peer speaks this node's network protocols (`None` until identified).
+    pub same_network: Option<bool>,
+}
+
+/// A peer in the DHT routing table, from [`Node::dht_peers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DhtPeer {
+    /// The peer.
+    pub peer_id: PeerId,
+    /// The addresses the routing table holds for it.
+    pub addresses: Vec<Multiaddr>,
+}
+
+/// Commands from handles to the event loop.
+pub(crate) enum Command {
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId, Error>>,
+    },
+    Peers {
+        reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
+    DhtPeers {
+        reply: oneshot::Sender<Vec<DhtPeer>>,
+    },
+    FindPeer {
+        peer: PeerId,
+        reply: oneshot::Sender<Result<Vec<Multiaddr>, Error>>,
+    },
+    Bootstrap {
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Provide {
+        key: Vec<u8>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    StopProviding {
+        key: Vec<u8>,
+    },
+    Providers {
+        key: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<PeerId>, Error>>,
+    },
+    Subscribe {
+        topic: String,
+        subscriber: gossip::Subscriber,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Unsubscribe {
+        topic: String,
+        id: u64,
+    },
+    Publish {
+        topic: String,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    TopicPeers {
+        topic: String,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    KeepAlive {
+        peer: PeerId,
+        keep: bool,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+pub(crate) struct Inner {
+    pub(crate) commands: mpsc::Sender<Command>,
+    peer_id: PeerId,
+    network: String,
+    identity: Identity,
+    events: broadcast::Sender<Event>,
+    exit: watch::Receiver<Option<ExitReason>>,
+    metrics: Arc<Mutex<Registry>>,
+    next_subscription: AtomicU64,
+    subscription_queue: usize,
+    abort: tokio::task::AbortHandle,
+}
+
+/// A handle to a running node. Cheap to clone; every clone drives the same node.
+///
+/// The node stops when [`Node::shutdown`] is called or when every handle has been dropped.
+#[derive(Clone)]
+pub struct Node {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("peer_id", &self.inner.peer_id)
+            .field("network", &self.inner.network)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// A builder with the production preset; see [`Builder`].
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+
+    async fn start(config: config::Config) -> Result<Self, Error> {
+        config.validate()?;
+        let identity = match &config.identity {
+            config::IdentitySource::Given(identity) => (**identity).clone(),
+            config::IdentitySource::Default => match &config.data_dir {
+                Some(dir) => {
+                    Identity::load_or_create(dir).map_err(|e| Error::Identity(Arc::new(e)))?
+                }
+                None => Identity::generate(),
+            },
+        };
+        let peer_id = identity.peer_id();
+        let mut registry = Registry::default();
+        let libp2p_registry = registry.sub_registry_with_prefix("libp2p");
+        let swarm = behaviour::build_swarm(identity.keypair().clone(), &config, libp2p_registry)?;
+        let libp2p_metrics = libp2p::metrics::Metrics::new(libp2p_registry);
+        let node_metrics =
+            metrics::NodeMetrics::register(registry.sub_registry_with_prefix("micromesh"));
+
+        let (commands, command_rx) = mpsc::channel(config.command_queue);
+        let (events, _) = broadcast::channel(config.event_queue);
+        let (exit_tx, exit) = watch::channel(None);
+        let metrics = Arc::new(Mutex::new(registry));
+
+        let mut event_loop = event_loop::EventLoop::new(
+            swarm,
+            &config,
+            command_rx,
+            events.clone(),
+            libp2p_metrics,
+            node_metrics,
+        );
+        event_loop.start(&config).await?;
+
+        let span =
+            tracing::info_span!("node", peer = %short_id(&peer_id), network = %config.network);
+        let task = tokio::spawn(event_loop.run().instrument(span));
+        let abort = task.abort_handle();
+        tokio::spawn(async move {
+            let reason = match task.await {
+                Ok(reason) => reason,
+                Err(e) if e.is_panic() => {
+                    let payload = e.into_panic();
+                    let msg = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic payload".into());
+                    tracing::error!(%peer_id, "node event loop panicked: {msg}");
+                    ExitReason::Panicked(msg)
+                }
+                Err(_) => ExitReason::Aborted,
+            };
+            let _ = exit_tx.send(Some(reason));
+        });
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                commands,
+                peer_id,
+                network: config.network.clone(),
+                identity,
+                events,
+                exit,
+                metrics,
+                next_subscription: AtomicU64::new(0),
+                subscription_queue: config.subscription_queue,
+                abort,
+            }),
+        })
+    }
+
+    /// This node's peer id: its identity on the mesh.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    /// The identity (key pair) of this node.
+    pub fn identity(&self) -> &Identity {
+        &self.inner.identity
+    }
+
+    /// The network this node belongs to.
+    pub fn network(&self) -> &str {
+        &self.inner.network
+    }
+
+    /// Why the node stopped, or `None` while it runs.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.inner.exit.borrow().clone()
+    }
+
+    /// Waits until the node has stopped, and returns why.
+    pub async fn stopped(&self) -> ExitReason {
+        let mut exit = self.inner.exit.clone();
+        match exit.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().expect("waited for Some"),
+            // The supervisor always sends before it ends; a closed channel means it was dropped
+            // with the runtime.
+            Err(_) => ExitReason::Aborted,
+        }
+    }
+
+    async fn stopped_error(&self) -> Error {
+        Error::Stopped(self.stopped().await)
+    }
+
+    /// Sends a command built around a reply channel and awaits the reply.
+    async fn request<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, Error> {
+        let (reply, rx) = oneshot::channel();
+        if self.inner.commands.send(command(reply)).await.is_err() {
+            return Err(self.stopped_error().await);
+        }
+        match rx.await {
+            Ok(value) => Ok(value),
+            Err(_) => Err(self.stopped_error().await),
+        }
+    }
+
+    /// The addresses this node listens on, each ending in `/p2p/<peer id>`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Stopped`] once the node has stopped.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, Error> {
+        self.request(|reply| Command::ListenAddrs { reply }).await
+    }
+
+    /// Connects to `addr` (or returns at once if already connected to the peer it names) and
+    /// keeps the connection open while the node runs. Returns the peer reached.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Dial`] if the connection fails or reaches a different peer than the address
+    /// names, [`Error::DialTimeout`] after the dial timeout.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, Error> {
+        self.request(|reply| Command::Dial { addr, reply }).await?
+    }
+
+    /// The connected peers, with their addresses and last ping round trip.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Stopped`] once the node has stopped.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, Error> {
+        self.request(|reply| Command::Peers { reply }).await
+    }
+
+    /// The peers in this node's DHT routing table, with the addresses the table holds for them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Stopped`] once the node has stopped.
+    pub async fn dht_peers(&self) -> Result<Vec<DhtPeer>, Error> {
+        self.request(|reply| Command::DhtPeers { reply }).await
+    }
+
+    /// Looks `peer` up in the DHT and returns the addresses it can be reached at.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PeerNotFound`] if the lookup ends without finding it, [`Error::NoKnownPeers`]
+    /// if the node knows nobody to ask.
+    pub async fn find_peer(&self, peer: PeerId) -> Result<Vec<Multiaddr>, Error> {
+        self.request(|reply| Command::FindPeer { peer, reply })
+            .await?
+    }
+
+    /// Runs a DHT bootstrap (a lookup of this node's own id, then of random ids per bucket)
+    /// and waits for it to finish. The node also does this by itself after its first
+    /// connection and periodically.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoKnownPeers`] if the node has no peers to start from.
+    pub async fn bootstrap(&self) -> Result<(), Error> {
+        self.request(|reply| Command::Bootstrap { reply }).await?
+    }
+
+    /// Announces in the DHT that this node provides `key` (a provider record), and keeps
+    /// re-announcing it while the node runs.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Dht`] if the local record store is full.
+    pub async fn provide(&self, key: impl Into<Vec<u8>>) -> Result<(), Error> {
+        let key = key.into();
+        self.request(|reply| Command::Provide { key, reply })
+            .await?
+    }
+
+    /// Stops announcing `key`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Stopped`] once the node has stopped.
+    pub async fn stop_providing(&self, key: impl Into<Vec<u8>>) -> Result<(), Error> {
+        let key = key.into();
+        self.inner
+            .commands
+            .send(Command::StopProviding { key })
+            .await
+            .map_err(|_| Error::Stopped(self.exit_reason().unwrap_or(ExitReason::Aborted)))
+    }
+
+    /// Finds the peers that provide `key`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoKnownPeers`] if the node knows nobody to ask, [`Error::Dht`] if the query
+    /// fails.
+    pub async fn providers(&self, key: impl Into<Vec<u8>>) -> Result<Vec<PeerId>, Error> {
+        let key = key.into();
+        self.request(|reply| Command::Providers { key, reply })
+            .await?
+    }
+
+    /// Subscribes to a gossip topic of this node's network.
+    ///
+    /// Messages from every peer (this node's own publishes excluded) are queued on the returned
+    /// [`Subscription`], whose queue is bounded; see [`Builder::subscription_queue`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTopic`] for an empty, too long or reserved topic name.
+    pub async fn subscribe(&self, topic: &str) -> Result<Subscription, Error> {
+        gossip::check_user_topic(topic).map_err(|reason| Error::InvalidTopic {
+            topic: topic.into(),
+            reason,
+        })?;
+        self.subscribe_unchecked(topic).await
+    }
+
+    pub(crate) async fn subscribe_unchecked(&self, topic: &str) -> Result<Subscription, Error> {
+        let (queue_tx, queue) = mpsc::channel(self.inner.subscription_queue);
+        let id = self.inner.next_subscription.fetch_add(1, Ordering::Relaxed);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let subscriber = gossip::Subscriber {
+            id,
+            queue: queue_tx,
+            dropped: dropped.clone(),
+        };
+        let topic = topic.to_owned();
+        let subscription = Subscription {
+            topic: topic.clone(),
+            id,
+            queue,
+            dropped,
+            node: self.clone(),
+        };
+        self.request(|reply| Command::Subscribe {
+            topic,
+            subscriber,
+            reply,
+        })
+        .await??;
+        Ok(subscription)
+    }
+
+    /// Publishes `data` on a gossip topic of this node's network, signed by this node.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Publish`] with [`PublishError::NoSubscribers`] when no connected peer is
+    /// subscribed (gossip meshes take a heartbeat or two to form after a subscription), with
+    /// [`PublishError::TooLarge`] above the network's message size limit.
+    pub async fn publish(&self, topic: &str, data: impl Into<Vec<u8>>) -> Result<(), Error> {
+        gossip::check_user_topic(topic).map_err(|reason| Error::InvalidTopic {
+            topic: topic.into(),
+            reason,
+        })?;
+        self.publish_unchecked(topic, data.into()).await
+    }
+
+    pub(crate) async fn publish_unchecked(&self, topic: &str, data: Vec<u8>) -> Result<(), Error> {
+        let topic = topic.to_owned();
+        self.request(|reply| Command::Publish { topic, data, reply })
+            .await?
+    }
+
+    /// The connected peers that are subscribed to `topic`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Stopped`] once the node has stopped.
+    pub async fn topic_peers(&self, topic: &str) -> Result<Vec<PeerId>, Error> {
+        let topic = topic.to_owned();
+        self.request(|reply| Command::TopicPeers { topic, reply })
+            .await
+    }
+
+    /// Keeps the connections to `peer` open (`true`) even when idle, or lets them close after
+    /// the idle timeout again (`false`). Bootstrap peers and dialled peers are kept already.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Stopped`] once the node has stopped.
+    pub async fn keep_alive(&self, peer: PeerId, keep: bool) -> Result<(), Error> {
+        if self
+            .inner
+            .commands
+            .send(Command::KeepAlive { peer, keep })
+            .await
+            .is_err()
+        {
+            return Err(self.stopped_error().await);
+        }
+        Ok(())
+    }
+
+    /// Subscribes to the node's events. Each receiver has its own bounded queue; one that falls
+    /// behind loses the oldest events and is told how many.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// The node's metrics registry: libp2p's own metrics (prefix `libp2p_`: connections,
+    /// bandwidth, protocols) and micromesh's (prefix `micromesh_`). Components register their
+    /// metrics here.
+    pub fn metrics_registry(&self) -> Arc<Mutex<Registry>> {
+        self.inner.metrics.clone()
+    }
+
+    /// All metrics in the OpenMetrics text format (what a Prometheus scrape returns).
+    pub fn encode_metrics(&self) -> String {
+        let mut out = String::new();
+        let registry = self.inner.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Stops the node: closes every connection, ends the event loop and waits for it. Calling it
+    /// again, or on a stopped node, returns at once.
+    pub async fn shutdown(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .inner
+            .commands
+            .send(Command::Shutdown { reply })
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+        self.stopped().await;
+    }
+
+    /// Ends the event loop at once, without closing connections gracefully: to the rest of the
+    /// mesh this looks like a crash. For fault-injection in tests.
+    pub(crate) fn kill(&self) {
+        self.inner.abort.abort();
+    }
+}
+
+#[cfg(feature = "testing")]
+pub(crate) use self::event_loop::peer_of;
+
+/// The last 6 characters of a peer id: enough to tell nodes apart in logs.
+pub(crate) fn short_id(peer: &PeerId) -> String {
+    let s = peer.to_base58();
+    s[s.len().saturating_sub(6)..].to_owned()
+}

@@ -1,0 +1,374 @@
+//! The service: one name, one node, every component, one lifecycle.
+//!
+//! A [`Service`] is what go-micro calls a service: a named, versioned program on the mesh.
+//! [`Service::builder`] configures it, [`Builder::build`] starts its node, and
+//! [`Service::run`] serves until the process is asked to stop (ctrl-c or SIGTERM), then shuts
+//! down gracefully within a deadline. Lifecycle hooks run before and after start and stop.
+//!
+//! ```
+//! # #[tokio::main] async fn main() -> Result<(), micromesh::Error> {
+//! use micromesh::{Service, node::Preset};
+//!
+//! let service = Service::builder("greeter")
+//!     .version("1.0.0")
+//!     .preset(Preset::Local)
+//!     .after_start(|| async { println!("started"); Ok(()) })
+//!     .build()
+//!     .await?;
+//! assert_eq!(service.name(), "greeter");
+//! // `service.run().await` would serve until ctrl-c; stop it here instead.
+//! service.stop().await?;
+//! # Ok(()) }
+//! ```
+
+use std::{fmt, future::Future, path::PathBuf, pin::Pin, sync::Arc, time::Duration};
+
+use tokio::sync::Mutex;
+
+use crate::{
+    Error, Identity, Metadata, Multiaddr, PeerId,
+    error::BoxError,
+    node::{self, Node, Preset},
+};
+
+type HookFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+type Hook = Arc<dyn Fn() -> HookFuture + Send + Sync>;
+
+#[derive(Clone, Default)]
+struct Hooks {
+    before_start: Vec<Hook>,
+    after_start: Vec<Hook>,
+    before_stop: Vec<Hook>,
+    after_stop: Vec<Hook>,
+}
+
+async fn run_hooks(stage: &'static str, hooks: &[Hook]) -> Result<(), Error> {
+    for hook in hooks {
+        hook()
+            .await
+            .map_err(|source| Error::Hook { stage, source })?;
+    }
+    Ok(())
+}
+
+/// Configures and starts a [`Service`]. Made by [`Service::builder`].
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct Builder {
+    name: String,
+    version: String,
+    metadata: Metadata,
+    node: node::Builder,
+    hooks: Hooks,
+    shutdown_timeout: Duration,
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("metadata", &self.metadata)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    fn new(name: String) -> Self {
+        Self {
+            name,
+            version: "latest".into(),
+            metadata: Metadata::new(),
+            node: Node::builder(),
+            hooks: Hooks::default(),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The version of this service. Default is `"latest"`.
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = version.into();
+        self
+    }
+
+    /// Adds a metadata entry describing this service. Default is none.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key, value);
+        self
+    }
+
+    /// Applies a node preset ([`Preset::Local`] for tests). Default is
+    /// [`Preset::Production`].
+    pub fn preset(mut self, preset: Preset) -> Self {
+        self.node = self.node.preset(preset);
+        self
+    }
+
+    /// The network to join. Default is `"main"`.
+    pub fn network(mut self, network: impl Into<String>) -> Self {
+        self.node = self.node.network(network);
+        self
+    }
+
+    /// The data directory (identity key and local state). Default is none: a fresh identity on
+    /// every start.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.node = self.node.data_dir(dir);
+        self
+    }
+
+    /// Uses this identity instead of the data directory's.
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.node = self.node.identity(identity);
+        self
+    }
+
+    /// Adds a listen address; the first call replaces the preset's.
+    pub fn listen(mut self, addr: Multiaddr) -> Self {
+        self.node = self.node.listen(addr);
+        self
+    }
+
+    /// Adds a bootstrap peer. Default is none.
+    pub fn bootstrap(mut self, addr: Multiaddr) -> Self {
+        self.node = self.node.bootstrap(addr);
+        self
+    }
+
+    /// Adjusts any other node setting.
+    ///
+    /// ```
+    /// # use micromesh::Service;
+    /// let builder = Service::builder("x").configure_node(|node| node.mdns(false).relay_server(true));
+    /// ```
+    pub fn configure_node(mut self, f: impl FnOnce(node::Builder) -> node::Builder) -> Self {
+        self.node = f(self.node);
+        self
+    }
+
+    /// How long [`Service::stop`] may take before the node is stopped hard. Default is 10 s.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Runs `hook` before the node starts; an error aborts `build`.
+    pub fn before_start<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        self.hooks.before_start.push(boxed_hook(hook));
+        self
+    }
+
+    /// Runs `hook` once the node runs; an error stops the node and fails `build`.
+    pub fn after_start<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        self.hooks.after_start.push(boxed_hook(hook));
+        self
+    }
+
+    /// Runs `hook` when a stop begins, while the node still runs.
+    pub fn before_stop<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        self.hooks.before_stop.push(boxed_hook(hook));
+        self
+    }
+
+    /// Runs `hook` after the node has stopped.
+    pub fn after_stop<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        self.hooks.after_stop.push(boxed_hook(hook));
+        self
+    }
+
+    /// Starts the service: runs the `before_start` hooks, starts the node, runs the
+    /// `after_start` hooks.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Hook`] if a start hook fails, [`Error::Node`] if the node cannot start (bad
+    /// configuration, unreadable identity, address in use).
+    pub async fn build(self) -> Result<Service, Error> {
+        run_hooks("before_start", &self.hooks.before_start).await?;
+        let node = self.node.build().await?;
+        tracing::info!(
+            service = %self.name,
+            version = %self.version,
+            peer = %node.peer_id(),
+            network = %node.network(),
+            "service started"
+        );
+        let service = Service {
+            inner: Arc::new(Inner {
+                name: self.name,
+                version: self.version,
+                metadata: self.metadata,
+                node,
+                hooks: self.hooks,
+                shutdown_timeout: self.shutdown_timeout,
+                stopped: Mutex::new(false),
+            }),
+        };
+        if let Err(e) = run_hooks("after_start", &service.inner.hooks.after_start).await {
+            service.inner.node.shutdown().await;
+            return Err(e);
+        }
+        Ok(service)
+    }
+}
+
+fn boxed_hook<F, Fut>(hook: F) -> Hook
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    Arc::new(move || Box::pin(hook()) as HookFuture)
+}
+
+struct Inner {
+    name: String,
+    version: String,
+    metadata: Metadata,
+    node: Node,
+    hooks: Hooks,
+    shutdown_timeout: Duration,
+    stopped: Mutex<bool>,
+}
+
+/// A running service. Cheap to clone; every clone is the same service.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Service")
+            .field("name", &self.inner.name)
+            .field("version", &self.inner.version)
+            .field("peer_id", &self.inner.node.peer_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service {
+    /// Starts configuring a service called `name`.
+    pub fn builder(name: impl Into<String>) -> Builder {
+        Builder::new(name.into())
+    }
+
+    /// The service's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The service's version.
+    pub fn version(&self) -> &str {
+        &self.inner.version
+    }
+
+    /// The service's metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.inner.metadata
+    }
+
+    /// The node this service runs on.
+    pub fn node(&self) -> &Node {
+        &self.inner.node
+    }
+
+    /// The peer id of this service's node.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.node.peer_id()
+    }
+
+    /// Serves until ctrl-c or SIGTERM, then stops gracefully (see [`Service::stop`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Service::stop`], and [`Error::Signal`] if signals cannot be listened for.
+    pub async fn run(&self) -> Result<(), Error> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Serves until `signal` completes (or the node stops by itself), then stops gracefully.
+    ///
+    /// # Errors
+    ///
+    /// As [`Service::stop`]; and the signal's own error.
+    pub async fn run_until<F>(&self, signal: F) -> Result<(), Error>
+    where
+        F: Future<Output = Result<(), Error>>,
+    {
+        let outcome = tokio::select! {
+            result = signal => result,
+            reason = self.inner.node.stopped() => {
+                tracing::warn!(service = %self.inner.name, "the node stopped: {reason}");
+                Ok(())
+            }
+        };
+        let stopped = self.stop().await;
+        outcome.and(stopped)
+    }
+
+    /// Stops gracefully: runs the `before_stop` hooks, shuts the node down (closing every
+    /// connection), and runs the `after_stop` hooks, all within the shutdown timeout. Calling it
+    /// again returns at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Hook`] if a stop hook fails (the stop still completes), and
+    /// [`Error::ShutdownTimeout`] if the deadline passed (the node is then stopped hard).
+    pub async fn stop(&self) -> Result<(), Error> {
+        let mut stopped = self.inner.stopped.lock().await;
+        if *stopped {
+            return Ok(());
+        }
+        *stopped = true;
+        let deadline = self.inner.shutdown_timeout;
+        let graceful = async {
+            let before = run_hooks("before_stop", &self.inner.hooks.before_stop).await;
+            self.inner.node.shutdown().await;
+            let after = run_hooks("after_stop", &self.inner.hooks.after_stop).await;
+            before.and(after)
+        };
+        match tokio::time::timeout(deadline, graceful).await {
+            Ok(result) => {
+                tracing::info!(service = %self.inner.name, "service stopped");
+                result
+            }
+            Err(_) => {
+                self.inner.node.kill();
+                Err(Error::ShutdownTimeout(deadline))
+            }
+        }
+    }
+}
+
+/// Completes on ctrl-c, or on SIGTERM on Unix.
+pub async fn shutdown_signal() -> Result<(), Error> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result.map_err(Error::Signal),
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.map_err(Error::Signal)
+    }
+}

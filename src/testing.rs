@@ -1,0 +1,416 @@
+//! In-process clusters for tests and simulations (feature `testing`).
+//!
+//! A [`Cluster`] starts services on libp2p's memory transport, all joined through one bootstrap
+//! node, each with a data directory of its own in a temporary directory. Members can be
+//! stopped gracefully, killed (a crash, as the rest of the mesh sees it) and restarted with the
+//! same identity and address. The protocols are the real ones: only the wire is in memory.
+//!
+//! ```
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use micromesh::testing::{Cluster, wait_until};
+//!
+//! let cluster = Cluster::new(3).await?;
+//! let node = cluster.node(2).clone();
+//! let peer = cluster.node(1).peer_id();
+//! wait_until(Duration::from_secs(10), || async {
+//!     node.dht_peers().await.unwrap_or_default().iter().any(|p| p.peer_id == peer)
+//! })
+//! .await?;
+//! cluster.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+use std::{
+    fmt,
+    future::Future,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    Error, Multiaddr, Service,
+    node::{ExitReason, Node, Preset},
+    service,
+};
+
+/// A condition did not become true in time.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("condition not met within {0:?}")]
+pub struct Timeout(pub Duration);
+
+/// Polls `condition` every 20 ms until it returns `true`, for at most `timeout`.
+///
+/// # Errors
+///
+/// [`Timeout`] if the condition is still false when the time is up.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut condition: F) -> Result<(), Timeout>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Timeout(timeout));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+type Configure = Arc<dyn Fn(usize, service::Builder) -> service::Builder + Send + Sync>;
+
+/// Configures a [`Cluster`]. Made by [`Cluster::builder`].
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct Builder {
+    size: usize,
+    network: String,
+    configure: Configure,
+    connect_timeout: Duration,
+}
+
+impl Builder {
+    /// How many members to start. Default is 3.
+    pub fn size(mut self, n: usize) -> Self {
+        self.size = n;
+        self
+    }
+
+    /// The network the members join. Default is `"test"`.
+    pub fn network(mut self, network: impl Into<String>) -> Self {
+        self.network = network.into();
+        self
+    }
+
+    /// Adjusts each member's service builder; gets the member's index. Applied on every start,
+    /// restarts included.
+    pub fn configure(
+        mut self,
+        f: impl Fn(usize, service::Builder) -> service::Builder + Send + Sync + 'static,
+    ) -> Self {
+        self.configure = Arc::new(f);
+        self
+    }
+
+    /// How long `build` waits for every member to connect to the bootstrap member. Default is
+    /// 20 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Starts the members: member 0 first (the bootstrap node), then the others, and waits
+    /// until each is connected to member 0.
+    ///
+    /// # Errors
+    ///
+    /// Any error of starting a service, and [`Error::Node`] with a dial error if a member does
+    /// not connect in time.
+    pub async fn build(self) -> Result<Cluster, Error> {
+        let dir = tempfile::Builder::new()
+            .prefix("micromesh-cluster-")
+            .tempdir()
+            .map_err(|source| Error::Io {
+                context: "cannot create the cluster's temporary directory".into(),
+                source,
+            })?;
+        let mut cluster = Cluster {
+            dir,
+            network: self.network,
+            configure: self.configure,
+            members: Vec::new(),
+            bootstrap: None,
+            connect_timeout: self.connect_timeout,
+        };
+        for _ in 0..self.size {
+            cluster.add_member().await?;
+        }
+        Ok(cluster)
+    }
+}
+
+struct Member {
+    service: Option<Service>,
+    data_dir: PathBuf,
+    listen: Option<Multiaddr>,
+}
+
+/// Services on the memory transport, joined through member 0. See the [module docs](self).
+///
+/// Dropping a cluster stops its members. Call [`Cluster::shutdown`] to stop them gracefully
+/// and to learn whether any member's event loop panicked.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    network: String,
+    configure: Configure,
+    members: Vec<Member>,
+    bootstrap: Option<Multiaddr>,
+    connect_timeout: Duration,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("network", &self.network)
+            .field("members", &self.members.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Starts `n` members with the default settings.
+    ///
+    /// # Errors
+    ///
+    /// As [`Builder::build`].
+    pub async fn new(n: usize) -> Result<Self, Error> {
+        Self::builder().size(n).build().await
+    }
+
+    /// A builder for a cluster of 3 members on network `"test"`.
+    pub fn builder() -> Builder {
+        Builder {
+            size: 3,
+            network: "test".into(),
+            configure: Arc::new(|_, b| b),
+            connect_timeout: Duration::from_secs(20),
+        }
+    }
+
+    /// The number of members, stopped ones included.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether the cluster has no members.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The network of the cluster.
+    pub fn network(&self) -> &str {
+        &self.network
+    }
+
+    /// The address of member 0, which every member bootstraps from.
+    ///
+    /// # Panics
+    ///
+    /// If the cluster has no members.
+    pub fn bootstrap_addr(&self) -> &Multiaddr {
+        self.bootstrap.as_ref().expect("the cluster has no members")
+    }
+
+    /// The service of member `i`.
+    ///
+    /// # Panics
+    ///
+    /// If `i` is out of range or the member is stopped.
+    pub fn service(&self, i: usize) -> &Service {
+        self.members[i]
+            .service
+            .as_ref()
+            .unwrap_or_else(|| panic!("cluster member {i} is stopped"))
+    }
+
+    /// The node of member `i`.
+    ///
+    /// # Panics
+    ///
+    /// As [`Cluster::service`].
+    pub fn node(&self, i: usize) -> &Node {
+        self.service(i).node()
+    }
+
+    /// Whether member `i` runs.
+    pub fn is_running(&self, i: usize) -> bool {
+        self.members[i].service.is_some()
+    }
+
+    /// The services of the running members.
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.members.iter().filter_map(|m| m.service.as_ref())
+    }
+
+    /// The data directory of member `i`.
+    pub fn data_dir(&self, i: usize) -> &std::path::Path {
+        &self.members[i].data_dir
+    }
+
+    /// Starts one more member, which joins through member 0, and returns its index.
+    ///
+    /// # Errors
+    ///
+    /// As [`Builder::build`].
+    pub async fn add_member(&mut self) -> Result<usize, Error> {
+        let i = self.members.len();
+        self.members.push(Member {
+            service: None,
+            data_dir: self.dir.path().join(format!("member-{i}")),
+            listen: None,
+        });
+        self.start(i).await?;
+        Ok(i)
+    }
+
+    async fn start(&mut self, i: usize) -> Result<(), Error> {
+        let member = &self.members[i];
+        let listen = member
+            .listen
+            .clone()
+            .unwrap_or_else(|| "/memory/0".parse().expect("valid multiaddr"));
+        let mut builder = Service::builder(format!("member-{i}"))
+            .preset(Preset::Local)
+            .network(self.network.clone())
+            .data_dir(member.data_dir.clone())
+            .listen(listen);
+        if let Some(bootstrap) = &self.bootstrap
+            && i != 0
+        {
+            builder = builder.bootstrap(bootstrap.clone());
+        }
+        let service = (self.configure)(i, builder).build().await?;
+        let addr = service
+            .node()
+            .listen_addrs()
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                Error::Node(crate::node::Error::InvalidConfig(format!(
+                    "cluster member {i} listens on nothing"
+                )))
+            })?;
+        if i == 0 {
+            self.bootstrap = Some(addr.clone());
+        } else if let Some(bootstrap) = &self.bootstrap {
+            let node = service.node().clone();
+            let target = crate::node::peer_of(bootstrap);
+            let connected = wait_until(self.connect_timeout, || async {
+                match target {
+                    Some(peer) => node
+                        .peers()
+                        .await
+                        .map(|peers| peers.iter().any(|p| p.peer_id == peer))
+                        .unwrap_or(false),
+                    None => true,
+                }
+            })
+            .await;
+            if connected.is_err() {
+                return Err(Error::Node(crate::node::Error::DialTimeout {
+                    addr: bootstrap.clone(),
+                    timeout: self.connect_timeout,
+                }));
+            }
+        }
+        let member = &mut self.members[i];
+        member.listen = Some(strip_p2p(&addr));
+        member.service = Some(service);
+        Ok(())
+    }
+
+    /// Stops member `i` gracefully (hooks, connections closed).
+    ///
+    /// # Errors
+    ///
+    /// As [`Service::stop`].
+    pub async fn stop(&mut self, i: usize) -> Result<(), Error> {
+        match self.members[i].service.take() {
+            Some(service) => service.stop().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Kills member `i`: its event loop ends at once, nothing is announced, connections drop
+    /// as if the process had crashed.
+    pub async fn kill(&mut self, i: usize) {
+        if let Some(service) = self.members[i].service.take() {
+            service.node().kill();
+            service.node().stopped().await;
+        }
+    }
+
+    /// Starts member `i` again, with the identity in its data directory and its old address.
+    ///
+    /// # Errors
+    ///
+    /// As [`Builder::build`].
+    pub async fn restart(&mut self, i: usize) -> Result<(), Error> {
+        self.stop(i).await?;
+        self.start(i).await
+    }
+
+    /// Starts member `i` again after [`Cluster::stop`] or [`Cluster::kill`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Builder::build`].
+    pub async fn start_member(&mut self, i: usize) -> Result<(), Error> {
+        if self.members[i].service.is_some() {
+            return Ok(());
+        }
+        self.start(i).await
+    }
+
+    fn panics(&self) -> Vec<(usize, String)> {
+        self.members
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| match m.service.as_ref()?.node().exit_reason() {
+                Some(ExitReason::Panicked(msg)) => Some((i, msg)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Stops every member gracefully.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Node`] with [`ExitReason::Panicked`] if any member's event loop panicked
+    /// during the test, and any error of stopping a member.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        if let Some((i, msg)) = self.panics().into_iter().next() {
+            return Err(Error::Node(crate::node::Error::Stopped(
+                ExitReason::Panicked(format!("cluster member {i}: {msg}")),
+            )));
+        }
+        let services: Vec<Service> = self
+            .members
+            .iter_mut()
+            .filter_map(|m| m.service.take())
+            .collect();
+        let results = futures::future::join_all(services.iter().map(Service::stop)).await;
+        results.into_iter().collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let panics = self.panics();
+        for m in &self.members {
+            if let Some(service) = &m.service {
+                service.node().kill();
+            }
+        }
+        if !panics.is_empty() && !std::thread::panicking() {
+            panic!("cluster members panicked: {panics:?}");
+        }
+    }
+}
+
+fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
+    let mut addr = addr.clone();
+    if matches!(
+        addr.iter().last(),
+        Some(libp2p::multiaddr::Protocol::P2p(_))
+    ) {
+        addr.pop();
+    }
+    addr
+}

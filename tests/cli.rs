@@ -1,0 +1,218 @@
+//! The `micromesh` binary, as operators run it: real processes on loopback sockets.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_micromesh");
+
+/// A `micromesh node` process, killed when dropped.
+struct NodeProcess {
+    child: Child,
+    addrs: mpsc::Receiver<String>,
+}
+
+impl NodeProcess {
+    fn start(data_dir: &Path, listen: &[&str], bootstrap: Option<&str>) -> Self {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("node")
+            .arg("--json")
+            .args(["--network", "clitest"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--no-mdns", "--no-upnp", "--no-autonat"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for addr in listen {
+            cmd.args(["--listen", addr]);
+        }
+        if let Some(addr) = bootstrap {
+            cmd.args(["--bootstrap", addr]);
+        }
+        let mut child = cmd.spawn().expect("start micromesh node");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, addrs) = mpsc::sync_channel(64);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let value: serde_json::Value =
+                    serde_json::from_str(&line).expect("one JSON value per line");
+                assert_eq!(value["event"], "listening", "{line}");
+                if tx
+                    .send(value["address"].as_str().unwrap().to_owned())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Self { child, addrs }
+    }
+
+    /// The next listen address printed that contains `needle`.
+    fn addr(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let addr = self
+                .addrs
+                .recv_timeout(left)
+                .expect("the node prints its listen addresses");
+            if addr.contains(needle) {
+                return addr;
+            }
+        }
+    }
+
+    fn peer_id(addr: &str) -> &str {
+        addr.rsplit("/p2p/").next().unwrap()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn peers(bootstrap: &str) -> Output {
+    Command::new(BIN)
+        .args([
+            "peers",
+            "--json",
+            "--network",
+            "clitest",
+            "--timeout",
+            "10s",
+            "--bootstrap",
+            bootstrap,
+        ])
+        .output()
+        .expect("run micromesh peers")
+}
+
+fn peer_ids(output: &Output) -> Vec<String> {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let peers: Vec<serde_json::Value> =
+        serde_json::from_slice(&output.stdout).expect("JSON output");
+    peers
+        .iter()
+        .map(|p| p["peer_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Two nodes find each other from one bootstrap address, over `transport`.
+fn two_nodes_find_each_other(transport: &str, listen: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let a = NodeProcess::start(&dir.path().join("a"), &[listen], None);
+    let a_addr = a.addr(transport);
+    let b = NodeProcess::start(&dir.path().join("b"), &[listen], Some(&a_addr));
+    let b_addr = b.addr(transport);
+    let (a_id, b_id) = (NodeProcess::peer_id(&a_addr), NodeProcess::peer_id(&b_addr));
+
+    // A client that knows only a's address finds b through the DHT, and reaches both.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = peer_ids(&peers(&a_addr));
+        if found.iter().any(|p| p == a_id) && found.iter().any(|p| p == b_id) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b never showed up: {found:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn two_node_processes_find_each_other_over_tcp() {
+    two_nodes_find_each_other("/tcp/", "/ip4/127.0.0.1/tcp/0");
+}
+
+#[test]
+fn two_node_processes_find_each_other_over_quic() {
+    two_nodes_find_each_other("/quic-v1/", "/ip4/127.0.0.1/udp/0/quic-v1");
+}
+
+#[test]
+fn a_restarted_node_process_keeps_its_peer_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = NodeProcess::start(dir.path(), &["/ip4/127.0.0.1/tcp/0"], None);
+    let id = NodeProcess::peer_id(&first.addr("/tcp/")).to_owned();
+    drop(first);
+    let second = NodeProcess::start(dir.path(), &["/ip4/127.0.0.1/tcp/0"], None);
+    assert_eq!(NodeProcess::peer_id(&second.addr("/tcp/")), id);
+}
+
+#[test]
+fn unreachable_bootstrap_fails_with_a_clear_message() {
+    // A port nothing listens on: take one from the OS and free it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = Command::new(BIN)
+        .args([
+            "peers",
+            "--timeout",
+            "3s",
+            "--bootstrap",
+            &format!("/ip4/127.0.0.1/tcp/{port}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("error: cannot join the mesh"), "{stderr}");
+    assert!(output.stdout.is_empty());
+}
+
+#[test]
+fn a_corrupt_identity_stops_the_node_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("identity.key"), b"\x00\x01not a key").unwrap();
+    let output = Command::new(BIN)
+        .args([
+            "node",
+            "--no-mdns",
+            "--no-upnp",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("identity key file") && stderr.contains("corrupt"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_arguments_are_rejected_before_anything_starts() {
+    let output = Command::new(BIN)
+        .args(["peers", "--bootstrap", "not-an-address"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not-an-address"));
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(BIN)
+        .args(["node", "--network", "bad name", "--no-mdns", "--no-upnp"])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("invalid network name"));
+}
