@@ -10,6 +10,12 @@ pub enum Error {
     /// From the node (transports, connections, DHT, gossip).
     #[error(transparent)]
     Node(#[from] crate::node::Error),
+    /// From the registry.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::Error),
+    /// From the selector.
+    #[error(transparent)]
+    Selector(#[from] crate::selector::Error),
     /// From loading or storing the identity.
     #[error(transparent)]
     Identity(#[from] crate::identity::Error),

@@ -33,7 +33,13 @@
 //! - [`identity`]: the node's ed25519 key, kept in its data directory; the [`PeerId`] is
 //!   the node's name everywhere.
 //! - [`service`]: a named, versioned program on the mesh, with lifecycle hooks and graceful
-//!   shutdown.
+//!   shutdown. It registers itself and hands out the components.
+//! - [`registry`]: which services run where: signed gossip announcements, DHT provider
+//!   records for late joiners, TTLs, leave on shutdown, liveness checks when a peer vanishes,
+//!   and `watch`.
+//! - [`selector`]: which node gets the next call: filters (version, metadata, endpoint,
+//!   health), latency-weighted choice (peak-EWMA, power of two choices), random, round robin,
+//!   least outstanding; failures push a node back and eject it for a while.
 //! - [`testing`] (feature `testing`): in-process clusters with fault injection.
 //!
 //! ## Networks
@@ -47,6 +53,8 @@ pub mod error;
 pub mod identity;
 pub mod metadata;
 pub mod node;
+pub mod registry;
+pub mod selector;
 pub mod service;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -29,6 +29,8 @@ use crate::{
     Error, Identity, Metadata, Multiaddr, PeerId,
     error::BoxError,
     node::{self, Node, Preset},
+    registry::{self, Registration, Registry},
+    selector::{self, Selector},
 };
 
 type HookFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
@@ -60,6 +62,10 @@ pub struct Builder {
     node: node::Builder,
     hooks: Hooks,
     shutdown_timeout: Duration,
+    register: bool,
+    endpoints: Vec<registry::Endpoint>,
+    registry: registry::Config,
+    selector: selector::Config,
 }
 
 impl fmt::Debug for Builder {
@@ -82,7 +88,38 @@ impl Builder {
             node: Node::builder(),
             hooks: Hooks::default(),
             shutdown_timeout: Duration::from_secs(10),
+            register: true,
+            endpoints: Vec::new(),
+            registry: registry::Config::default(),
+            selector: selector::Config::default(),
         }
+    }
+
+    /// Whether the service announces itself in the registry when it starts (and its leave when
+    /// it stops). Turn it off for clients and tools that only call others. Default is on.
+    pub fn register(mut self, on: bool) -> Self {
+        self.register = on;
+        self
+    }
+
+    /// Adds an endpoint to the service's registry entry. (Handlers registered with the server
+    /// add theirs automatically.)
+    pub fn endpoint(mut self, endpoint: registry::Endpoint) -> Self {
+        self.endpoints.push(endpoint);
+        self
+    }
+
+    /// Registry settings (announce interval, TTL, liveness checks). Default is
+    /// [`registry::Config::default`].
+    pub fn registry_config(mut self, config: registry::Config) -> Self {
+        self.registry = config;
+        self
+    }
+
+    /// Selector settings. Default is [`selector::Config::default`].
+    pub fn selector_config(mut self, config: selector::Config) -> Self {
+        self.selector = config;
+        self
     }
 
     /// The version of this service. Default is `"latest"`.
@@ -209,12 +246,36 @@ impl Builder {
             network = %node.network(),
             "service started"
         );
+        let started = async {
+            let registry = Registry::start(node.clone(), self.registry).await?;
+            let selector = Selector::new(self.selector);
+            selector.follow(&node);
+            if self.register {
+                let mut registration = Registration::new(self.name.clone())
+                    .version(self.version.clone())
+                    .with_metadata(self.metadata.clone());
+                for endpoint in self.endpoints {
+                    registration = registration.endpoint(endpoint);
+                }
+                registry.register(registration).await?;
+            }
+            Ok::<_, Error>((registry, selector))
+        };
+        let (registry, selector) = match started.await {
+            Ok(parts) => parts,
+            Err(e) => {
+                node.shutdown().await;
+                return Err(e);
+            }
+        };
         let service = Service {
             inner: Arc::new(Inner {
                 name: self.name,
                 version: self.version,
                 metadata: self.metadata,
                 node,
+                registry,
+                selector,
                 hooks: self.hooks,
                 shutdown_timeout: self.shutdown_timeout,
                 stopped: Mutex::new(false),
@@ -241,6 +302,8 @@ struct Inner {
     version: String,
     metadata: Metadata,
     node: Node,
+    registry: Registry,
+    selector: Selector,
     hooks: Hooks,
     shutdown_timeout: Duration,
     stopped: Mutex<bool>,
@@ -288,6 +351,16 @@ impl Service {
         &self.inner.node
     }
 
+    /// The registry: register, look up and watch services across the mesh.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// The selector: picks the node of a service for each call, and learns from outcomes.
+    pub fn selector(&self) -> &Selector {
+        &self.inner.selector
+    }
+
     /// The peer id of this service's node.
     pub fn peer_id(&self) -> PeerId {
         self.inner.node.peer_id()
@@ -322,7 +395,8 @@ impl Service {
         outcome.and(stopped)
     }
 
-    /// Stops gracefully: runs the `before_stop` hooks, shuts the node down (closing every
+    /// Stops gracefully: runs the `before_stop` hooks, announces the leave of its registry
+    /// entries (every view drops them at once), shuts the node down (closing every
     /// connection), and runs the `after_stop` hooks, all within the shutdown timeout. Calling it
     /// again returns at once.
     ///
@@ -339,6 +413,9 @@ impl Service {
         let deadline = self.inner.shutdown_timeout;
         let graceful = async {
             let before = run_hooks("before_stop", &self.inner.hooks.before_stop).await;
+            if let Err(e) = self.inner.registry.leave().await {
+                tracing::debug!("cannot announce the leave: {e}");
+            }
             self.inner.node.shutdown().await;
             let after = run_hooks("after_stop", &self.inner.hooks.after_stop).await;
             before.and(after)

@@ -87,7 +87,8 @@ impl Builder {
     }
 
     /// Adjusts each member's service builder; gets the member's index. Applied on every start,
-    /// restarts included.
+    /// restarts included. Members are called `member-<index>` and do not register themselves
+    /// in the registry unless this turns it on (`builder.register(true)`).
     pub fn configure(
         mut self,
         f: impl Fn(usize, service::Builder) -> service::Builder + Send + Sync + 'static,
@@ -264,6 +265,7 @@ impl Cluster {
             .clone()
             .unwrap_or_else(|| "/memory/0".parse().expect("valid multiaddr"));
         let mut builder = Service::builder(format!("member-{i}"))
+            .register(false)
             .preset(Preset::Local)
             .network(self.network.clone())
             .data_dir(member.data_dir.clone())
@@ -413,4 +415,66 @@ fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
         addr.pop();
     }
     addr
+}
+
+/// Fault injection: publishes raw bytes on any gossip topic of the node's network, micromesh's
+/// own topics included, skipping every check a normal publish makes.
+///
+/// # Errors
+///
+/// As [`Node::publish`].
+pub async fn inject_gossip(
+    node: &Node,
+    topic: &str,
+    data: Vec<u8>,
+) -> Result<(), crate::node::Error> {
+    node.publish_unchecked(topic, data).await
+}
+
+/// The registry's gossip topic, for [`inject_gossip`].
+pub const REGISTRY_TOPIC: &str = crate::registry::TOPIC;
+
+/// Fault injection: a registry announcement of one service (`name`, version `1.0.0`), signed
+/// by `signer` but claiming to come from `claimed`. Genuine when the two are the same peer, a
+/// forgery otherwise.
+pub fn registry_announcement(
+    signer: &crate::Identity,
+    claimed: crate::PeerId,
+    network: &str,
+    seq: u64,
+    name: &str,
+) -> Vec<u8> {
+    use crate::registry::wire;
+    let body = wire::Body::Announce {
+        peer: claimed.to_bytes(),
+        seq,
+        ttl_ms: 30_000,
+        addrs: Vec::new(),
+        services: vec![wire::ServiceRecord {
+            name: name.into(),
+            version: "1.0.0".into(),
+            metadata: crate::Metadata::new(),
+            endpoints: Vec::new(),
+            node_metadata: crate::Metadata::new(),
+        }],
+    };
+    wire::sign(signer, network, &body)
+}
+
+/// Fault injection: a registry leave signed by `signer`, claiming to come from `claimed`.
+pub fn registry_leave(
+    signer: &crate::Identity,
+    claimed: crate::PeerId,
+    network: &str,
+    seq: u64,
+) -> Vec<u8> {
+    use crate::registry::wire;
+    wire::sign(
+        signer,
+        network,
+        &wire::Body::Leave {
+            peer: claimed.to_bytes(),
+            seq,
+        },
+    )
 }

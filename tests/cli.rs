@@ -216,3 +216,76 @@ fn bad_arguments_are_rejected_before_anything_starts() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("invalid network name"));
 }
+
+fn run_json(args: &[&str]) -> serde_json::Value {
+    let output = Command::new(BIN)
+        .args(args)
+        .args(["--json", "--network", "clitest", "--timeout", "10s"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON output")
+}
+
+#[test]
+fn services_and_describe_show_what_the_mesh_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every `micromesh node` registers itself as `micromesh-node`.
+    let a = NodeProcess::start(&dir.path().join("a"), &["/ip4/127.0.0.1/tcp/0"], None);
+    let a_addr = a.addr("/tcp/");
+    let b = NodeProcess::start(
+        &dir.path().join("b"),
+        &["/ip4/127.0.0.1/tcp/0"],
+        Some(&a_addr),
+    );
+    let b_id = NodeProcess::peer_id(&b.addr("/tcp/")).to_owned();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = run_json(&["services", "--bootstrap", &a_addr]);
+        let node = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "micromesh-node")
+            .cloned();
+        if node.as_ref().is_some_and(|n| n["nodes"] == 2) {
+            assert_eq!(node.unwrap()["versions"][0], env!("CARGO_PKG_VERSION"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "never listed both nodes: {list}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let described = run_json(&["describe", "micromesh-node", "--bootstrap", &a_addr]);
+    let nodes = described[0]["nodes"].as_array().unwrap();
+    assert!(
+        nodes.iter().any(|n| n["peer_id"] == b_id.as_str()),
+        "{described}"
+    );
+    assert!(
+        nodes
+            .iter()
+            .all(|n| !n["addresses"].as_array().unwrap().is_empty())
+    );
+
+    // A name nobody runs: non-zero exit and a clear message.
+    let output = Command::new(BIN)
+        .args([
+            "describe",
+            "no-such-service",
+            "--network",
+            "clitest",
+            "--bootstrap",
+            &a_addr,
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("service \"no-such-service\" not found")
+    );
+}

@@ -93,6 +93,10 @@ impl Behaviour {
             .set_query_timeout(config.query_timeout)
             .set_max_packet_size(MAX_KAD_PACKET)
             .set_periodic_bootstrap_interval(Some(config.bootstrap_interval))
+            // Provider records name the services a peer runs: a dead peer's should not linger
+            // for libp2p's default of 48 hours.
+            .set_provider_record_ttl(Some(Duration::from_secs(600)))
+            .set_provider_publication_interval(Some(Duration::from_secs(300)))
             .set_parallelism(NonZeroUsize::new(3).expect("3 > 0"));
         let store = kad::store::MemoryStore::with_config(
             peer_id,

@@ -62,6 +62,7 @@ impl PeerState {
 
 struct PendingDial {
     addr: Multiaddr,
+    keep: bool,
     deadline: Instant,
     reply: Option<oneshot::Sender<Result<PeerId, Error>>>,
 }
@@ -104,9 +105,9 @@ pub(crate) struct EventLoop {
     topics: HashMap<String, Vec<Subscriber>>,
     gossip_prefix: String,
     max_gossip_size: usize,
-    /// Bootstrap requests made while connected peers were not yet identified: they start as
-    /// soon as the routing table has a peer, or fail at their deadline.
-    waiting_bootstraps: Vec<(Instant, oneshot::Sender<Result<(), Error>>)>,
+    /// DHT commands made while the routing table was empty but connected peers were not yet
+    /// identified: they run as soon as the table has a peer, or fail at their deadline.
+    waiting_for_dht: Vec<(Instant, Command)>,
     listeners: Vec<ListenerId>,
     low_water: usize,
     high_water: usize,
@@ -144,7 +145,7 @@ impl EventLoop {
             topics: HashMap::new(),
             gossip_prefix: gossip::topic_prefix(&config.network),
             max_gossip_size: config.max_gossip_size,
-            waiting_bootstraps: Vec::new(),
+            waiting_for_dht: Vec::new(),
             listeners: Vec::new(),
             low_water: config.low_water,
             high_water: config.high_water,
@@ -302,6 +303,7 @@ impl EventLoop {
                         id,
                         PendingDial {
                             addr,
+                            keep: true,
                             deadline: Instant::now() + self.dial_timeout,
                             reply: None,
                         },
@@ -330,12 +332,12 @@ impl EventLoop {
                 }));
             }
         }
-        let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_bootstraps)
+        let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_for_dht)
             .into_iter()
             .partition(|(deadline, _)| *deadline <= now);
-        self.waiting_bootstraps = waiting;
-        for (_, reply) in expired {
-            let _ = reply.send(Err(Error::NoKnownPeers));
+        self.waiting_for_dht = waiting;
+        for (_, command) in expired {
+            fail_for_lack_of_peers(command);
         }
         if self.peers.is_empty()
             && !self.bootstrap_addrs.is_empty()
@@ -387,11 +389,59 @@ impl EventLoop {
     }
 
     fn on_command(&mut self, command: Command) {
+        let needs_dht = matches!(
+            command,
+            Command::FindPeer { .. }
+                | Command::Bootstrap { .. }
+                | Command::Provide { .. }
+                | Command::Providers { .. }
+        );
+        if needs_dht && self.no_dht_peers() {
+            if self.peers.is_empty() {
+                fail_for_lack_of_peers(command);
+            } else {
+                // Connected, but identify has not told us the peers' addresses yet.
+                self.waiting_for_dht
+                    .push((Instant::now() + self.dial_timeout, command));
+            }
+            return;
+        }
         match command {
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.listen_addrs.clone());
             }
             Command::Dial { addr, reply } => self.dial(addr, reply),
+            Command::Probe { peer, addrs, reply } => {
+                if self.peers.contains_key(&peer) {
+                    let _ = reply.send(Ok(peer));
+                    return;
+                }
+                let shown = addrs
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| Multiaddr::empty().with(Protocol::P2p(peer)));
+                let opts = DialOpts::peer_id(peer).addresses(addrs).build();
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.dials.insert(
+                            id,
+                            PendingDial {
+                                addr: shown,
+                                keep: false,
+                                deadline: Instant::now() + self.dial_timeout,
+                                reply: Some(reply),
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(Error::Dial {
+                            addr: shown,
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
+            }
             Command::Peers { reply } => {
                 let peers = self
                     .peers
@@ -425,10 +475,6 @@ impl EventLoop {
                 let _ = reply.send(peers);
             }
             Command::FindPeer { peer, reply } => {
-                if self.no_dht_peers() {
-                    let _ = reply.send(Err(Error::NoKnownPeers));
-                    return;
-                }
                 let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
                 self.queries.insert(id, Query::FindPeer { peer, reply });
             }
@@ -436,11 +482,6 @@ impl EventLoop {
                 Ok(id) => {
                     self.queries
                         .insert(id, Query::Bootstrap { reply: Some(reply) });
-                }
-                Err(kad::NoKnownPeers()) if !self.peers.is_empty() => {
-                    // Connected, but identify has not told us the peers' addresses yet.
-                    self.waiting_bootstraps
-                        .push((Instant::now() + self.dial_timeout, reply));
                 }
                 Err(kad::NoKnownPeers()) => {
                     let _ = reply.send(Err(Error::NoKnownPeers));
@@ -575,6 +616,7 @@ impl EventLoop {
                     id,
                     PendingDial {
                         addr,
+                        keep: true,
                         deadline: Instant::now() + self.dial_timeout,
                         reply: Some(reply),
                     },
@@ -625,7 +667,9 @@ impl EventLoop {
                     .connections
                     .insert(connection_id, address.clone());
                 if let Some(dial) = self.dials.remove(&connection_id) {
-                    self.swarm.behaviour_mut().keep_alive.set(peer_id, true);
+                    if dial.keep {
+                        self.swarm.behaviour_mut().keep_alive.set(peer_id, true);
+                    }
                     match dial.reply {
                         Some(reply) => {
                             let _ = reply.send(Ok(peer_id));
@@ -721,6 +765,7 @@ impl EventLoop {
                     && let Some(state) = self.peers.get_mut(&peer)
                 {
                     state.rtt = Some(rtt);
+                    self.emit(Event::PeerRtt { peer_id: peer, rtt });
                 }
             }
             BehaviourEvent::Kad(event) => {
@@ -804,15 +849,9 @@ impl EventLoop {
                     self.queries.insert(id, Query::Bootstrap { reply: None });
                 }
             }
-            for (_, reply) in std::mem::take(&mut self.waiting_bootstraps) {
-                match self.swarm.behaviour_mut().kad.bootstrap() {
-                    Ok(id) => {
-                        self.queries
-                            .insert(id, Query::Bootstrap { reply: Some(reply) });
-                    }
-                    Err(kad::NoKnownPeers()) => {
-                        let _ = reply.send(Err(Error::NoKnownPeers));
-                    }
+            if !self.no_dht_peers() {
+                for (_, command) in std::mem::take(&mut self.waiting_for_dht) {
+                    self.on_command(command);
                 }
             }
         } else if self.bootstrap_peers.contains(&peer) {
@@ -936,6 +975,27 @@ impl EventLoop {
                 self.queries.insert(id, query);
             }
         }
+    }
+}
+
+/// Answers a DHT command that cannot run: the node knows no peers.
+fn fail_for_lack_of_peers(command: Command) {
+    match command {
+        Command::FindPeer { reply, .. } => {
+            let _ = reply.send(Err(Error::NoKnownPeers));
+        }
+        Command::Bootstrap { reply } => {
+            let _ = reply.send(Err(Error::NoKnownPeers));
+        }
+        // A provider record is kept locally and announced when peers come: not an error.
+        Command::Provide { reply, .. } => {
+            let _ = reply.send(Ok(()));
+        }
+        // Nobody to ask: nobody is known to provide it.
+        Command::Providers { reply, .. } => {
+            let _ = reply.send(Ok(Vec::new()));
+        }
+        _ => {}
     }
 }
 

@@ -198,6 +198,13 @@ pub enum Event {
         /// The address.
         address: Multiaddr,
     },
+    /// A ping measured the round trip to a peer.
+    PeerRtt {
+        /// The peer.
+        peer_id: PeerId,
+        /// The round-trip time.
+        rtt: Duration,
+    },
     /// The node stopped listening on an address.
     ListenAddrExpired {
         /// The address.
@@ -238,6 +245,11 @@ pub(crate) enum Command {
     },
     Dial {
         addr: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId, Error>>,
+    },
+    Probe {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
         reply: oneshot::Sender<Result<PeerId, Error>>,
     },
     Peers {
@@ -296,12 +308,15 @@ pub(crate) struct Inner {
     peer_id: PeerId,
     network: String,
     identity: Identity,
-    events: broadcast::Sender<Event>,
+    /// Only the event loop holds the sender, so every receiver sees the channel close when the
+    /// loop ends; new receivers are made from this one.
+    events: broadcast::Receiver<Event>,
     exit: watch::Receiver<Option<ExitReason>>,
     metrics: Arc<Mutex<Registry>>,
     next_subscription: AtomicU64,
     subscription_queue: usize,
     abort: tokio::task::AbortHandle,
+    stream: libp2p_stream::Control,
 }
 
 /// A handle to a running node. Cheap to clone; every clone drives the same node.
@@ -347,15 +362,16 @@ impl Node {
             metrics::NodeMetrics::register(registry.sub_registry_with_prefix("micromesh"));
 
         let (commands, command_rx) = mpsc::channel(config.command_queue);
-        let (events, _) = broadcast::channel(config.event_queue);
+        let (events_tx, events) = broadcast::channel(config.event_queue);
         let (exit_tx, exit) = watch::channel(None);
         let metrics = Arc::new(Mutex::new(registry));
 
+        let stream = swarm.behaviour().stream.new_control();
         let mut event_loop = event_loop::EventLoop::new(
             swarm,
             &config,
             command_rx,
-            events.clone(),
+            events_tx,
             libp2p_metrics,
             node_metrics,
         );
@@ -395,6 +411,7 @@ impl Node {
                 next_subscription: AtomicU64::new(0),
                 subscription_queue: config.subscription_queue,
                 abort,
+                stream,
             }),
         })
     }
@@ -467,6 +484,19 @@ impl Node {
     /// names, [`Error::DialTimeout`] after the dial timeout.
     pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, Error> {
         self.request(|reply| Command::Dial { addr, reply }).await?
+    }
+
+    /// Connects to `peer` (at `addrs`, or wherever the node already knows it to be) without
+    /// keeping the connection: to check that a peer is alive. Returns at once when connected.
+    pub(crate) async fn probe(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), Error> {
+        self.request(|reply| Command::Probe { peer, addrs, reply })
+            .await?
+            .map(drop)
+    }
+
+    /// A handle to open and accept raw streams of custom protocols.
+    pub(crate) fn stream_control(&self) -> libp2p_stream::Control {
+        self.inner.stream.clone()
     }
 
     /// The connected peers, with their addresses and last ping round trip.
@@ -643,7 +673,7 @@ impl Node {
     /// Subscribes to the node's events. Each receiver has its own bounded queue; one that falls
     /// behind loses the oldest events and is told how many.
     pub fn events(&self) -> broadcast::Receiver<Event> {
-        self.inner.events.subscribe()
+        self.inner.events.resubscribe()
     }
 
     /// The node's metrics registry: libp2p's own metrics (prefix `libp2p_`: connections,

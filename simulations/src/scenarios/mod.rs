@@ -1,18 +1,26 @@
 //! The scenarios.
 
 mod idle;
+mod registry;
 
 use crate::measure::Options;
 
 /// Every scenario: its name and what it measures.
-pub(crate) const LIST: &[(&str, &str)] = &[(
-    "idle",
-    "start N nodes through one bootstrap; time to a full DHT view, memory per idle node",
-)];
+pub(crate) const LIST: &[(&str, &str)] = &[
+    (
+        "idle",
+        "start N nodes through one bootstrap; time to a full DHT view, memory per idle node",
+    ),
+    (
+        "registry",
+        "register on one node: time until every node sees it; kill it: time until every node drops it",
+    ),
+];
 
 pub(crate) async fn run(name: &str, options: &Options) -> Result<serde_json::Value, String> {
     match name {
         "idle" => idle::run(options).await,
+        "registry" => registry::run(options).await,
         other => Err(format!("unknown scenario {other:?}")),
     }
 }

@@ -4,8 +4,8 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use micromesh::{
-    Multiaddr,
-    node::{self, Node, PreSharedKey},
+    Multiaddr, Service,
+    node::{self, PreSharedKey},
 };
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -45,6 +45,10 @@ pub(crate) enum Command {
     Node(crate::node_cmd::NodeArgs),
     /// Join the mesh and list the peers found.
     Peers(crate::peers_cmd::PeersArgs),
+    /// List the services the mesh knows: name, versions, node count.
+    Services(crate::services_cmd::ServicesArgs),
+    /// Show one service: versions, endpoints and nodes.
+    Describe(crate::services_cmd::DescribeArgs),
 }
 
 /// How a short-lived client joins the mesh.
@@ -66,21 +70,28 @@ pub(crate) struct Join {
 }
 
 impl Join {
-    /// Starts a client node (no listeners, no mDNS/UPnP/AutoNAT) and connects it to every
-    /// bootstrap peer. Fails when none can be reached.
-    pub(crate) async fn connect(&self, global: &Global) -> Result<Node, BoxError> {
-        let mut builder = Node::builder()
+    /// Starts a client (no listeners, no mDNS/UPnP/AutoNAT, not registered as a service) and
+    /// connects it to every bootstrap peer. Fails when none can be reached.
+    pub(crate) async fn connect(&self, global: &Global) -> Result<Service, BoxError> {
+        let key = global.pre_shared_key()?;
+        let timeout = self.timeout;
+        let service = Service::builder("micromesh-cli")
             .network(global.network.clone())
-            .no_listen()
-            .mdns(false)
-            .upnp(false)
-            .autonat(false)
-            .memory_limit(None)
-            .dial_timeout(self.timeout);
-        if let Some(key) = global.pre_shared_key()? {
-            builder = builder.pre_shared_key(key);
-        }
-        let node = builder.build().await?;
+            .register(false)
+            .configure_node(move |mut node| {
+                if let Some(key) = key {
+                    node = node.pre_shared_key(key);
+                }
+                node.no_listen()
+                    .mdns(false)
+                    .upnp(false)
+                    .autonat(false)
+                    .memory_limit(None)
+                    .dial_timeout(timeout)
+            })
+            .build()
+            .await?;
+        let node = service.node();
         let dials = self.bootstrap.iter().map(|addr| node.dial(addr.clone()));
         let results = futures::future::join_all(dials).await;
         if results.iter().all(Result::is_err) {
@@ -89,10 +100,10 @@ impl Join {
                 .filter_map(Result::err)
                 .map(|e| e.to_string())
                 .collect();
-            node.shutdown().await;
+            service.stop().await?;
             return Err(format!("cannot join the mesh: {}", reasons.join("; ")).into());
         }
-        Ok(node)
+        Ok(service)
     }
 }
 

@@ -7,6 +7,7 @@
 mod cli;
 mod node_cmd;
 mod peers_cmd;
+mod services_cmd;
 
 use std::process::ExitCode;
 
@@ -29,6 +30,8 @@ fn main() -> ExitCode {
         match &args.command {
             cli::Command::Node(cmd) => node_cmd::run(&args.global, cmd).await,
             cli::Command::Peers(cmd) => peers_cmd::run(&args.global, cmd).await,
+            cli::Command::Services(cmd) => services_cmd::services(&args.global, cmd).await,
+            cli::Command::Describe(cmd) => services_cmd::describe(&args.global, cmd).await,
         }
     });
     match result {

@@ -22,7 +22,8 @@ struct Row {
 }
 
 pub(crate) async fn run(global: &Global, args: &PeersArgs) -> Result<(), BoxError> {
-    let node = args.join.connect(global).await?;
+    let service = args.join.connect(global).await?;
+    let node = service.node().clone();
     // Walk the DHT so that peers beyond the bootstrap node are found too.
     if let Err(e) = tokio::time::timeout(args.join.timeout, node.bootstrap())
         .await
@@ -48,7 +49,7 @@ pub(crate) async fn run(global: &Global, args: &PeersArgs) -> Result<(), BoxErro
             row.addresses = peer.addresses;
         }
     }
-    node.shutdown().await;
+    service.stop().await?;
 
     if global.json {
         let peers: Vec<_> = rows

@@ -1,0 +1,925 @@
+//! The registry: which services run where, across the whole mesh, with no registry server.
+//!
+//! Each node announces the services it runs on a gossip topic of its network, at once on every
+//! change and then every [`Config::announce_interval`]. Announcements are signed by the node's
+//! key and speak only for that node. Each node also publishes a DHT provider record per
+//! service name, so a node that joined late and misses a name in its view finds the providers
+//! in the DHT and fetches their announcements directly ([`Registry::get_service`]).
+//!
+//! Liveness, quicker than go-micro's 90 s TTL:
+//!
+//! - entries expire after [`Config::ttl`] (default 30 s, three announce intervals) without a
+//!   newer announcement;
+//! - a graceful shutdown announces the leave, and every view drops the node at once;
+//! - when a node loses its connection to a peer that runs services, it redials it; if that
+//!   fails it drops the peer's entries and tells the mesh, and every other node checks for
+//!   itself (one dial) before dropping them too. A killed node is gone from every view within
+//!   roughly a connection close plus two probe dials, far below the TTL.
+//!
+//! ```
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use micromesh::registry::{Endpoint, Registration};
+//! use micromesh::testing::{Cluster, wait_until};
+//! use std::time::Duration;
+//!
+//! let cluster = Cluster::new(3).await?;
+//! cluster.service(1).registry().register(
+//!     Registration::new("greeter")
+//!         .version("1.0.0")
+//!         .endpoint(Endpoint::new("Greeter.Hello").request("HelloRequest").response("HelloReply")),
+//! ).await?;
+//!
+//! let registry = cluster.service(2).registry().clone();
+//! wait_until(Duration::from_secs(10), || async {
+//!     registry.get_service("greeter").await.is_ok()
+//! }).await?;
+//! let versions = registry.get_service("greeter").await?;
+//! assert_eq!(versions[0].nodes[0].peer_id, cluster.node(1).peer_id());
+//! cluster.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+mod sync;
+mod task;
+mod view;
+pub(crate) mod wire;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures::{FutureExt as _, future::Shared};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::{Metadata, Multiaddr, PeerId, node};
+
+/// The gossip topic that carries announcements (inside the network's namespace).
+pub(crate) const TOPIC: &str = "_registry";
+
+/// A service as the registry knows it: one version of one name, with the nodes that run it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Service {
+    /// The service name, e.g. `greeter`.
+    pub name: String,
+    /// The version.
+    pub version: String,
+    /// Metadata of the service.
+    pub metadata: Metadata,
+    /// The endpoints it serves.
+    pub endpoints: Vec<Endpoint>,
+    /// The nodes that run this version.
+    pub nodes: Vec<Node>,
+}
+
+impl Service {
+    /// Whether the service has an endpoint called `name`.
+    pub fn has_endpoint(&self, name: &str) -> bool {
+        self.endpoints.iter().any(|e| e.name == name)
+    }
+}
+
+/// An endpoint of a service: its name and the names of its request and response types.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Endpoint {
+    /// The endpoint name, e.g. `Greeter.Hello`.
+    pub name: String,
+    /// The request type's name.
+    pub request: String,
+    /// The response type's name.
+    pub response: String,
+    /// Metadata of the endpoint.
+    pub metadata: Metadata,
+}
+
+impl Endpoint {
+    /// An endpoint with no type names or metadata yet.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            request: String::new(),
+            response: String::new(),
+            metadata: Metadata::new(),
+        }
+    }
+
+    /// Sets the request type's name.
+    pub fn request(mut self, type_name: impl Into<String>) -> Self {
+        self.request = type_name.into();
+        self
+    }
+
+    /// Sets the response type's name.
+    pub fn response(mut self, type_name: impl Into<String>) -> Self {
+        self.response = type_name.into();
+        self
+    }
+
+    /// Adds a metadata entry.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key, value);
+        self
+    }
+}
+
+/// A node that runs a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Node {
+    /// The node's peer id.
+    pub peer_id: PeerId,
+    /// The addresses it announced.
+    pub addresses: Vec<Multiaddr>,
+    /// Metadata of this node's instance.
+    pub metadata: Metadata,
+}
+
+/// What [`Registry::register`] announces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub struct Registration {
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) metadata: Metadata,
+    pub(crate) endpoints: Vec<Endpoint>,
+    pub(crate) node_metadata: Metadata,
+}
+
+impl Registration {
+    /// A registration of `name`, version `latest`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            version: "latest".into(),
+            metadata: Metadata::new(),
+            endpoints: Vec::new(),
+            node_metadata: Metadata::new(),
+        }
+    }
+
+    /// The version. Default is `latest`.
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = version.into();
+        self
+    }
+
+    /// Adds a metadata entry of the service.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key, value);
+        self
+    }
+
+    /// Replaces the service metadata.
+    pub fn with_metadata(mut self, metadata: Metadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+
+    /// Adds an endpoint.
+    pub fn endpoint(mut self, endpoint: Endpoint) -> Self {
+        self.endpoints.push(endpoint);
+        self
+    }
+
+    /// Adds a metadata entry of this node's instance (e.g. a zone).
+    pub fn node_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.node_metadata.insert(key, value);
+        self
+    }
+
+    fn record(&self) -> wire::ServiceRecord {
+        wire::ServiceRecord {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            metadata: self.metadata.clone(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|e| wire::EndpointRecord {
+                    name: e.name.clone(),
+                    request: e.request.clone(),
+                    response: e.response.clone(),
+                    metadata: e.metadata.clone(),
+                })
+                .collect(),
+            node_metadata: self.node_metadata.clone(),
+        }
+    }
+}
+
+/// A change in the registry, from [`Registry::watch`]. Each carries the service with the one
+/// node that changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A node started running a service version.
+    Created(Service),
+    /// A node changed what it announces for a service version.
+    Updated(Service),
+    /// A node stopped running a service version (left, unreachable, or expired).
+    Deleted(Service),
+}
+
+impl Event {
+    /// The service the event is about.
+    pub fn service(&self) -> &Service {
+        match self {
+            Self::Created(s) | Self::Updated(s) | Self::Deleted(s) => s,
+        }
+    }
+}
+
+/// Errors of the registry.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No node runs a service of that name, as far as the view and the DHT know.
+    #[error("service {0:?} not found in the registry")]
+    NotFound(String),
+    /// A registration breaks a limit of the wire format.
+    #[error("invalid registration: {0}")]
+    Invalid(String),
+    /// A watcher fell behind and lost events; the view itself is intact.
+    #[error("the watcher fell behind and missed {0} events")]
+    Lagged(u64),
+    /// The node underneath failed.
+    #[error(transparent)]
+    Node(#[from] node::Error),
+}
+
+/// Registry settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// How often a node re-announces its services. Default is 10 s.
+    pub announce_interval: Duration,
+    /// How long an entry lives without a newer announcement. Default is 30 s.
+    pub ttl: Duration,
+    /// How long a liveness check of a peer may take. Default is 3 s.
+    pub probe_timeout: Duration,
+    /// How long a DHT fallback lookup and its fetches may take. Default is 10 s.
+    pub lookup_timeout: Duration,
+    /// How many events each watcher queues before it lags. Default is 1,024.
+    pub watch_queue: usize,
+    /// From how many of the first peers it meets a node fetches their whole view. Default is
+    /// 3.
+    pub initial_syncs: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            announce_interval: Duration::from_secs(10),
+            ttl: Duration::from_secs(30),
+            probe_timeout: Duration::from_secs(3),
+            lookup_timeout: Duration::from_secs(10),
+            watch_queue: 1024,
+            initial_syncs: 3,
+        }
+    }
+}
+
+impl Config {
+    /// The defaults, with this announce interval and a TTL of three intervals.
+    pub fn with_announce_interval(interval: Duration) -> Self {
+        Self {
+            announce_interval: interval,
+            ttl: interval * 3,
+            ..Self::default()
+        }
+    }
+
+    /// Sets how many of the first peers a node syncs its view from.
+    pub fn initial_syncs(mut self, peers: usize) -> Self {
+        self.initial_syncs = peers;
+        self
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Default)]
+struct Metrics {
+    received: Counter,
+    rejected: Family<ReasonLabel, Counter>,
+    marked_down: Counter,
+    syncs: Counter,
+    lookups: Counter,
+    services: Gauge,
+}
+
+impl Metrics {
+    fn register(node: &node::Node) -> Self {
+        let metrics = Self::default();
+        let registry = node.metrics_registry();
+        let mut registry = registry.lock().unwrap_or_else(|e| e.into_inner());
+        let registry = registry.sub_registry_with_prefix("micromesh_registry");
+        registry.register(
+            "messages_received",
+            "Registry messages accepted",
+            metrics.received.clone(),
+        );
+        registry.register(
+            "messages_rejected",
+            "Registry messages dropped: too large, malformed, badly signed or out of limits",
+            metrics.rejected.clone(),
+        );
+        registry.register(
+            "peers_marked_down",
+            "Peers dropped after a failed liveness check",
+            metrics.marked_down.clone(),
+        );
+        registry.register(
+            "syncs",
+            "Registry views fetched from peers",
+            metrics.syncs.clone(),
+        );
+        registry.register(
+            "dht_lookups",
+            "DHT lookups of service names missing from the view",
+            metrics.lookups.clone(),
+        );
+        registry.register(
+            "services",
+            "Service names in this node's view",
+            metrics.services.clone(),
+        );
+        metrics
+    }
+}
+
+struct State {
+    own: BTreeMap<(String, String), Registration>,
+    seq: u64,
+    view: view::View,
+}
+
+type Lookup = Shared<futures::future::BoxFuture<'static, ()>>;
+
+pub(crate) struct Inner {
+    node: node::Node,
+    config: Config,
+    state: Mutex<State>,
+    events: broadcast::Sender<Event>,
+    lookups: Mutex<HashMap<String, Lookup>>,
+    metrics: Metrics,
+    /// The last announcement found nobody subscribed: repeat it as soon as someone is.
+    unheard: std::sync::atomic::AtomicBool,
+}
+
+/// The registry of one node. Cheap to clone. Made by the [`Service`](crate::Service)
+/// (`service.registry()`) or by [`Registry::start`].
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("peer_id", &self.inner.node.peer_id())
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn provider_key(name: &str) -> Vec<u8> {
+    format!("/micromesh/registry/{name}").into_bytes()
+}
+
+impl Registry {
+    /// Starts the registry on `node`: joins the registry topic, serves the sync protocol, and
+    /// runs the announcer and liveness checks until the node stops.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Node`] if the node has stopped.
+    pub async fn start(node: node::Node, config: Config) -> Result<Self, Error> {
+        let (events, _) = broadcast::channel(config.watch_queue.max(1));
+        let registry = Self {
+            inner: Arc::new(Inner {
+                metrics: Metrics::register(&node),
+                node,
+                config,
+                state: Mutex::new(State {
+                    own: BTreeMap::new(),
+                    // Sequence numbers start at the wall clock, so a restarted node's
+                    // announcements are newer than those of its previous run.
+                    seq: unix_millis(),
+                    view: view::View::default(),
+                }),
+                events,
+                lookups: Mutex::new(HashMap::new()),
+                unheard: std::sync::atomic::AtomicBool::new(false),
+            }),
+        };
+        task::spawn(registry.clone()).await?;
+        Ok(registry)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn node(&self) -> &node::Node {
+        &self.inner.node
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Announces that this node runs `registration`, replacing an earlier registration of the
+    /// same name and version. The mesh hears of it at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] if it breaks a wire limit (names of 1 to 256 bytes, at most 256
+    /// endpoints, 64 metadata entries…), [`Error::Node`] if the node has stopped.
+    pub async fn register(&self, registration: Registration) -> Result<(), Error> {
+        let name = registration.name.clone();
+        let key = (name.clone(), registration.version.clone());
+        let addrs = self.own_addrs().await?;
+        let (signed, first_of_name) = {
+            let mut state = self.state();
+            let first = !state.own.keys().any(|(n, _)| *n == name);
+            let previous = state.own.insert(key.clone(), registration);
+            match self.sign_announcement(&mut state, addrs) {
+                Ok(signed) => (signed, first),
+                Err(e) => {
+                    // Put back what was there: a registration that breaks a limit is never
+                    // announced, and must not break the announcements of the others.
+                    match previous {
+                        Some(previous) => state.own.insert(key, previous),
+                        None => state.own.remove(&key),
+                    };
+                    return Err(e);
+                }
+            }
+        };
+        self.publish(signed).await?;
+        if first_of_name {
+            // The provider record is the late joiners' shortcut. Publishing it is a DHT query
+            // that can take seconds; the gossip announcement already went out, so do not make
+            // the caller wait for it.
+            let node = self.inner.node.clone();
+            tokio::spawn(async move {
+                if let Err(e) = node.provide(provider_key(&name)).await {
+                    tracing::debug!(service = %name, "cannot publish provider record: {e}");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Stops announcing one version of a service; the mesh drops it at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] if this node does not run it, [`Error::Node`] if the node stopped.
+    pub async fn deregister(&self, name: &str, version: &str) -> Result<(), Error> {
+        let last_of_name = {
+            let mut state = self.state();
+            if state
+                .own
+                .remove(&(name.to_owned(), version.to_owned()))
+                .is_none()
+            {
+                return Err(Error::NotFound(name.to_owned()));
+            }
+            !state.own.keys().any(|(n, _)| n == name)
+        };
+        self.announce().await?;
+        if last_of_name {
+            self.inner.node.stop_providing(provider_key(name)).await?;
+        }
+        Ok(())
+    }
+
+    /// The services this node registered.
+    pub fn registrations(&self) -> Vec<Registration> {
+        self.state().own.values().cloned().collect()
+    }
+
+    async fn own_addrs(&self) -> Result<Vec<Multiaddr>, Error> {
+        Ok(self
+            .inner
+            .node
+            .listen_addrs()
+            .await?
+            .into_iter()
+            .map(|mut a| {
+                if matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
+                    a.pop();
+                }
+                a
+            })
+            .take(wire::MAX_ADDRS)
+            .collect())
+    }
+
+    /// Signs this node's announcement of `state.own` with a new sequence number and applies it
+    /// to the local view. Fails, changing nothing, if a receiver would refuse it.
+    fn sign_announcement(
+        &self,
+        state: &mut State,
+        addrs: Vec<Multiaddr>,
+    ) -> Result<Vec<u8>, Error> {
+        let node = &self.inner.node;
+        let seq = state.seq.max(unix_millis()) + 1;
+        let services: Vec<wire::ServiceRecord> =
+            state.own.values().map(Registration::record).collect();
+        let body = wire::Body::Announce {
+            peer: node.peer_id().to_bytes(),
+            seq,
+            ttl_ms: self.inner.config.ttl.as_millis() as u64,
+            addrs: addrs
+                .iter()
+                .map(|a| serde_bytes::ByteBuf::from(a.to_vec()))
+                .collect(),
+            services: services.clone(),
+        };
+        let signed = wire::sign(node.identity(), node.network(), &body);
+        // Check it as every receiver will, so that a limit is an error here rather than a
+        // silent refusal on every other node.
+        wire::verify(node.network(), &signed).map_err(|e| Error::Invalid(e.to_string()))?;
+        state.seq = seq;
+        let announced = view::Announced {
+            seq,
+            ttl: self.inner.config.ttl,
+            addrs,
+            services,
+            signed: signed.clone(),
+        };
+        let events = state
+            .view
+            .announce(node.peer_id(), announced, std::time::Instant::now())
+            .unwrap_or_default();
+        for event in events {
+            let _ = self.inner.events.send(event);
+        }
+        Ok(signed)
+    }
+
+    /// Signs and publishes this node's current announcement.
+    pub(crate) async fn announce(&self) -> Result<(), Error> {
+        let addrs = self.own_addrs().await?;
+        let signed = {
+            let mut state = self.state();
+            self.sign_announcement(&mut state, addrs)?
+        };
+        self.publish(signed).await
+    }
+
+    /// Announces the leave of every service of this node: other views drop them at once.
+    /// The [`Service`](crate::Service) calls this when it stops.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Node`] if the node has stopped.
+    pub async fn leave(&self) -> Result<(), Error> {
+        let node = &self.inner.node;
+        let (signed, names, events) = {
+            let mut state = self.state();
+            if state.own.is_empty() {
+                return Ok(());
+            }
+            let names: Vec<String> = state.own.keys().map(|(n, _)| n.clone()).collect();
+            state.own.clear();
+            state.seq = state.seq.max(unix_millis()) + 1;
+            let seq = state.seq;
+            let body = wire::Body::Leave {
+                peer: node.peer_id().to_bytes(),
+                seq,
+            };
+            let events = state
+                .view
+                .leave(node.peer_id(), seq, std::time::Instant::now())
+                .unwrap_or_default();
+            (
+                wire::sign(node.identity(), node.network(), &body),
+                names,
+                events,
+            )
+        };
+        self.emit(events);
+        for name in names {
+            let _ = node.stop_providing(provider_key(&name)).await;
+        }
+        self.publish(signed).await?;
+        // gossipsub has no flush: give the message a moment to leave before the caller closes
+        // the connections. Peers that miss it drop this node after their liveness check.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        Ok(())
+    }
+
+    async fn publish(&self, signed: Vec<u8>) -> Result<(), Error> {
+        use std::sync::atomic::Ordering;
+        match self.inner.node.publish_unchecked(TOPIC, signed).await {
+            Ok(()) => {
+                self.inner.unheard.store(false, Ordering::Relaxed);
+                Ok(())
+            }
+            // Nobody to tell yet (a fresh node, or the topic's mesh is still forming): the
+            // background task repeats the announcement as soon as a peer is subscribed.
+            Err(node::Error::Publish { .. }) => {
+                self.inner.unheard.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether the last announcement reached nobody.
+    pub(crate) fn unheard(&self) -> bool {
+        self.inner
+            .unheard
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn emit(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        let names = self.state().view.names().len();
+        self.inner.metrics.services.set(names as i64);
+        for event in events {
+            let _ = self.inner.events.send(event);
+        }
+    }
+
+    /// Every version of `name` with the nodes that run it, sorted by version. When the view
+    /// has none, asks the DHT for providers of the name and fetches their announcements;
+    /// concurrent lookups of one name share one DHT query.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] if neither the view nor the DHT knows the name.
+    pub async fn get_service(&self, name: &str) -> Result<Vec<Service>, Error> {
+        let found = self.state().view.service(name);
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        self.lookup(name).await;
+        let found = self.state().view.service(name);
+        if found.is_empty() {
+            Err(Error::NotFound(name.to_owned()))
+        } else {
+            Ok(found)
+        }
+    }
+
+    /// Every version of `name` in this node's view, without a DHT lookup.
+    pub fn cached_service(&self, name: &str) -> Vec<Service> {
+        self.state().view.service(name)
+    }
+
+    /// Every service in this node's view: one entry per name and version, with its nodes.
+    pub fn list_services(&self) -> Vec<Service> {
+        let state = self.state();
+        state
+            .view
+            .names()
+            .iter()
+            .flat_map(|name| state.view.service(name))
+            .collect()
+    }
+
+    /// Watches for changes, of every service (`None`) or of one name.
+    pub fn watch(&self, service: Option<&str>) -> Watcher {
+        Watcher {
+            events: self.inner.events.subscribe(),
+            service: service.map(str::to_owned),
+        }
+    }
+
+    /// Fetches the registry view of every connected peer of this network and merges it: what
+    /// a newly started client does before it lists services.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Node`] if the node has stopped.
+    pub async fn refresh(&self) -> Result<(), Error> {
+        let peers: Vec<PeerId> = self
+            .inner
+            .node
+            .peers()
+            .await?
+            .into_iter()
+            .filter(|p| p.same_network != Some(false))
+            .map(|p| p.peer_id)
+            .collect();
+        let fetches = peers.into_iter().map(|peer| sync::fetch(self, peer, None));
+        futures::future::join_all(fetches).await;
+        Ok(())
+    }
+
+    async fn lookup(&self, name: &str) {
+        let lookup = {
+            let mut lookups = self.inner.lookups.lock().unwrap_or_else(|e| e.into_inner());
+            lookups
+                .entry(name.to_owned())
+                .or_insert_with(|| {
+                    let registry = self.clone();
+                    let name = name.to_owned();
+                    async move {
+                        let timeout = registry.inner.config.lookup_timeout;
+                        let _ = tokio::time::timeout(timeout, registry.lookup_now(&name)).await;
+                        registry
+                            .inner
+                            .lookups
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&name);
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        lookup.await;
+    }
+
+    async fn lookup_now(&self, name: &str) {
+        self.inner.metrics.lookups.inc();
+        let providers = match self.inner.node.providers(provider_key(name)).await {
+            Ok(providers) => providers,
+            Err(e) => {
+                tracing::debug!(service = %name, "DHT lookup failed: {e}");
+                return;
+            }
+        };
+        let me = self.inner.node.peer_id();
+        let fetches = providers
+            .into_iter()
+            .filter(|p| *p != me)
+            .take(8)
+            .map(|peer| sync::fetch(self, peer, Some(name.to_owned())));
+        futures::future::join_all(fetches).await;
+    }
+
+    /// Applies a signed message from the mesh (gossip or sync). Returns it when it was valid.
+    pub(crate) fn receive(&self, bytes: &[u8]) -> Option<wire::Verified> {
+        self.receive_from(bytes, None)
+    }
+
+    /// As [`Registry::receive`]; a gossip message must also have been published by its
+    /// signer (`publisher`), so nobody can replay another node's announcements on the topic.
+    pub(crate) fn receive_from(
+        &self,
+        bytes: &[u8],
+        publisher: Option<PeerId>,
+    ) -> Option<wire::Verified> {
+        let node = &self.inner.node;
+        let verified = wire::verify(node.network(), bytes).and_then(|v| match publisher {
+            Some(p) if p != v.signer => Err(wire::Rejection::WrongPublisher),
+            _ => Ok(v),
+        });
+        let verified = match verified {
+            Ok(v) => v,
+            Err(rejection) => {
+                tracing::debug!("dropped a registry message: {rejection}");
+                self.inner
+                    .metrics
+                    .rejected
+                    .get_or_create(&ReasonLabel {
+                        reason: rejection.label(),
+                    })
+                    .inc();
+                return None;
+            }
+        };
+        self.inner.metrics.received.inc();
+        let now = std::time::Instant::now();
+        let events = {
+            let mut state = self.state();
+            match &verified.body {
+                // Our own announcements come back through sync: ours are authoritative.
+                _ if verified.signer == node.peer_id() => None,
+                wire::Body::Announce {
+                    seq,
+                    ttl_ms,
+                    addrs,
+                    services,
+                    ..
+                } => {
+                    let ttl = Duration::from_millis(*ttl_ms).min(wire::MAX_TTL);
+                    let addrs = addrs
+                        .iter()
+                        .filter_map(|a| Multiaddr::try_from(a.to_vec()).ok())
+                        .collect();
+                    let announced = view::Announced {
+                        seq: *seq,
+                        ttl,
+                        addrs,
+                        services: services.clone(),
+                        signed: bytes.to_vec(),
+                    };
+                    state.view.announce(verified.signer, announced, now)
+                }
+                wire::Body::Leave { seq, .. } => state.view.leave(verified.signer, *seq, now),
+                wire::Body::Suspect { .. } => None,
+            }
+        };
+        if let Some(events) = events {
+            self.emit(events);
+        }
+        Some(verified)
+    }
+
+    /// Drops `peer` from the view after a failed liveness check.
+    pub(crate) fn mark_down(&self, peer: PeerId) {
+        let events = self.state().view.down(peer, std::time::Instant::now());
+        if !events.is_empty() {
+            self.inner.metrics.marked_down.inc();
+            tracing::info!(%peer, "peer unreachable: its services are down");
+        }
+        self.emit(events);
+    }
+
+    pub(crate) fn has_services(&self, peer: &PeerId) -> bool {
+        self.state().view.has_services(peer)
+    }
+
+    pub(crate) fn announced_addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.state().view.addrs(peer)
+    }
+
+    pub(crate) fn expire(&self) {
+        let events = self.state().view.expire(std::time::Instant::now());
+        self.emit(events);
+    }
+
+    pub(crate) fn signed_messages(&self, service: Option<&str>) -> Vec<Vec<u8>> {
+        self.state().view.signed(service)
+    }
+
+    pub(crate) fn has_registrations(&self) -> bool {
+        !self.state().own.is_empty()
+    }
+
+    pub(crate) fn count_sync(&self) {
+        self.inner.metrics.syncs.inc();
+    }
+}
+
+/// Registry changes, from [`Registry::watch`].
+pub struct Watcher {
+    events: broadcast::Receiver<Event>,
+    service: Option<String>,
+}
+
+impl fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Watcher")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Watcher {
+    /// The next change, in the order the view applied them. `None` once the registry is gone.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Lagged`] when this watcher fell behind and events were lost; the next call
+    /// continues with the oldest event still queued.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn next(&mut self) -> Option<Result<Event, Error>> {
+        loop {
+            match self.events.recv().await {
+                Ok(event) => {
+                    if self
+                        .service
+                        .as_ref()
+                        .is_none_or(|s| *s == event.service().name)
+                    {
+                        return Some(Ok(event));
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => return Some(Err(Error::Lagged(n))),
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}

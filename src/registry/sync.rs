@@ -1,0 +1,161 @@
+//! The sync protocol (`/micromesh/<network>/registry/1.0.0`): fetch the signed announcements
+//! a peer holds. Late joiners and clients use it to fill their view at once.
+
+use std::time::Duration;
+
+use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
+use libp2p::StreamProtocol;
+
+use super::{Registry, wire};
+use crate::PeerId;
+
+/// How many sync requests one node serves at a time; more wait.
+const MAX_CONCURRENT_SERVED: usize = 16;
+/// How long serving one request may take.
+const SERVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) fn protocol(network: &str) -> StreamProtocol {
+    StreamProtocol::try_from_owned(format!("/micromesh/{network}/registry/1.0.0"))
+        .expect("network names are protocol-safe")
+}
+
+/// Writes one frame: a 4-byte big-endian length, then the payload.
+async fn write_frame<S: futures::AsyncWrite + Unpin>(
+    stream: &mut S,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too large"))?;
+    stream.write_all(&len.to_be_bytes()).await?;
+    stream.write_all(payload).await?;
+    stream.flush().await
+}
+
+/// Reads one frame of at most `max` bytes; a larger announced length is an error before any
+/// payload is read or allocated.
+async fn read_frame<S: futures::AsyncRead + Unpin>(
+    stream: &mut S,
+    max: usize,
+) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the limit of {max}"),
+        ));
+    }
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await?;
+    Ok(payload)
+}
+
+/// Serves sync requests until the node stops.
+pub(crate) async fn serve(registry: Registry) {
+    let mut control = registry.node().stream_control();
+    let mut incoming = match control.accept(protocol(registry.node().network())) {
+        Ok(incoming) => incoming,
+        Err(e) => {
+            tracing::error!("cannot serve the registry sync protocol: {e}");
+            return;
+        }
+    };
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_SERVED));
+    let stopped = registry.node().clone();
+    let serving = async {
+        while let Some((peer, mut stream)) = incoming.next().await {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                let result = tokio::time::timeout(SERVE_TIMEOUT, async {
+                    let request = read_frame(&mut stream, wire::MAX_SYNC_REQUEST).await?;
+                    let request = wire::decode_sync_request(&request)
+                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                    let messages = registry.signed_messages(request.service.as_deref());
+                    let mut refs: Vec<&[u8]> = Vec::new();
+                    let mut total = 16;
+                    for m in &messages {
+                        // Stop short of the response limit rather than fail the whole sync.
+                        total += m.len() + 8;
+                        if total > wire::MAX_SYNC_RESPONSE {
+                            break;
+                        }
+                        refs.push(m);
+                    }
+                    write_frame(&mut stream, &wire::encode_sync_response(&refs)).await?;
+                    stream.close().await
+                })
+                .await;
+                match result {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(%peer, "registry sync request failed: {e}"),
+                    Err(_) => tracing::debug!(%peer, "registry sync request timed out"),
+                }
+            });
+        }
+    };
+    tokio::select! {
+        () = serving => {}
+        _ = stopped.stopped() => {}
+    }
+}
+
+/// Fetches `peer`'s view (or the part about one service) and applies it. Failures are logged:
+/// a sync is an optimisation, the gossip announcements are the source of truth.
+pub(crate) async fn fetch(registry: &Registry, peer: PeerId, service: Option<String>) {
+    let timeout = registry.config().lookup_timeout;
+    let network = registry.node().network().to_owned();
+    let mut control = registry.node().stream_control();
+    let result = tokio::time::timeout(timeout, async {
+        let mut stream = control
+            .open_stream(peer, protocol(&network))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let request = wire::encode_sync_request(&wire::SyncRequest { service });
+        write_frame(&mut stream, &request).await?;
+        let response = read_frame(&mut stream, wire::MAX_SYNC_RESPONSE).await?;
+        wire::decode_sync_response(&response)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    })
+    .await;
+    match result {
+        Ok(Ok(messages)) => {
+            registry.count_sync();
+            for message in messages {
+                registry.receive(&message);
+            }
+        }
+        Ok(Err(e)) => tracing::debug!(%peer, "registry sync failed: {e}"),
+        Err(_) => tracing::debug!(%peer, "registry sync timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_oversized_lengths_are_refused() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, b"hello").await.unwrap();
+        assert_eq!(buf, b"\x00\x00\x00\x05hello");
+        let mut reader = &buf[..];
+        assert_eq!(read_frame(&mut reader, 5).await.unwrap(), b"hello");
+        let mut reader = &buf[..];
+        assert!(read_frame(&mut reader, 4).await.is_err());
+        // A 4 GiB length with a 3-byte body: refused without allocating.
+        let mut reader: &[u8] = b"\xff\xff\xff\xffabc";
+        assert!(
+            read_frame(&mut reader, wire::MAX_SYNC_RESPONSE)
+                .await
+                .is_err()
+        );
+        // A truncated payload is an error, not a short read.
+        let mut reader: &[u8] = b"\x00\x00\x00\x09abc";
+        assert!(read_frame(&mut reader, 100).await.is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! The registry's background work: receiving announcements, re-announcing, expiring entries,
+//! and checking the liveness of peers that went away.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{Error, Registry, TOPIC, sync, wire};
+use crate::{
+    PeerId,
+    node::{Event, Subscription},
+};
+
+pub(crate) async fn spawn(registry: Registry) -> Result<(), Error> {
+    let node = registry.node().clone();
+    let subscription = node.subscribe_unchecked(TOPIC).await?;
+    let events = node.events();
+    tokio::spawn(sync::serve(registry.clone()));
+    tokio::spawn(run(registry, subscription, events));
+    Ok(())
+}
+
+fn jittered(interval: Duration) -> Duration {
+    // ±10 %, so that nodes started together do not announce together forever.
+    let factor = 0.9 + rand::random::<f64>() * 0.2;
+    interval.mul_f64(factor)
+}
+
+async fn run(
+    registry: Registry,
+    mut subscription: Subscription,
+    mut events: tokio::sync::broadcast::Receiver<Event>,
+) {
+    let probing = Arc::new(Mutex::new(HashSet::new()));
+    let mut synced = 0usize;
+    let interval = registry.config().announce_interval;
+    let announce = tokio::time::sleep(jittered(interval));
+    tokio::pin!(announce);
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            message = subscription.recv() => {
+                let Some(message) = message else { break };
+                let Some(verified) = registry.receive_from(&message.data, Some(message.source)) else {
+                    continue;
+                };
+                if let wire::Body::Suspect { peer, .. } = verified.body
+                    && let Ok(peer) = PeerId::from_bytes(&peer)
+                {
+                    if peer == registry.node().peer_id() {
+                        // Someone lost us: tell everyone we are here.
+                        if registry.has_registrations() && let Err(e) = registry.announce().await {
+                            tracing::debug!("cannot re-announce: {e}");
+                        }
+                    } else if registry.has_services(&peer) {
+                        tokio::spawn(check(registry.clone(), peer, false, probing.clone()));
+                    }
+                }
+            }
+            event = events.recv() => match event {
+                Ok(Event::PeerDisconnected { peer_id }) if registry.has_services(&peer_id) => {
+                    tokio::spawn(check(registry.clone(), peer_id, true, probing.clone()));
+                }
+                Ok(Event::PeerIdentified { peer_id, same_network: true }) if synced < registry.config().initial_syncs => {
+                    synced += 1;
+                    let registry = registry.clone();
+                    tokio::spawn(async move { sync::fetch(&registry, peer_id, None).await });
+                }
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => break,
+            },
+            () = &mut announce => {
+                if registry.has_registrations() && let Err(e) = registry.announce().await {
+                    tracing::debug!("cannot announce: {e}");
+                }
+                announce.as_mut().reset(tokio::time::Instant::now() + jittered(interval));
+            }
+            _ = sweep.tick() => {
+                registry.expire();
+                if registry.unheard()
+                    && registry.has_registrations()
+                    && !registry.node().topic_peers(TOPIC).await.unwrap_or_default().is_empty()
+                    && let Err(e) = registry.announce().await
+                {
+                    tracing::debug!("cannot announce: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Checks whether `peer` is still reachable; if not, drops its services and (when this node
+/// noticed it first hand) tells the mesh. One check per peer at a time.
+async fn check(
+    registry: Registry,
+    peer: PeerId,
+    report: bool,
+    probing: Arc<Mutex<HashSet<PeerId>>>,
+) {
+    if !probing
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(peer)
+    {
+        return;
+    }
+    let node = registry.node().clone();
+    let addrs = registry
+        .announced_addrs(&peer)
+        .into_iter()
+        .map(|a| a.with_p2p(peer).unwrap_or_else(|a| a))
+        .collect();
+    let alive = matches!(
+        tokio::time::timeout(registry.config().probe_timeout, node.probe(peer, addrs)).await,
+        Ok(Ok(()))
+    );
+    if !alive {
+        registry.mark_down(peer);
+        if report {
+            let body = wire::Body::Suspect {
+                reporter: node.peer_id().to_bytes(),
+                peer: peer.to_bytes(),
+            };
+            let signed = wire::sign(node.identity(), node.network(), &body);
+            if let Err(e) = node.publish_unchecked(TOPIC, signed).await {
+                tracing::debug!(%peer, "cannot report an unreachable peer: {e}");
+            }
+        }
+    }
+    probing
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&peer);
+}
