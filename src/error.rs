@@ -13,6 +13,9 @@ pub enum Error {
     /// From the registry.
     #[error(transparent)]
     Registry(#[from] crate::registry::Error),
+    /// From a call.
+    #[error(transparent)]
+    Call(#[from] crate::client::Error),
     /// From the selector.
     #[error(transparent)]
     Selector(#[from] crate::selector::Error),

@@ -7,21 +7,28 @@
 //!
 //! ```
 //! # #[tokio::main] async fn main() -> Result<(), micromesh::Error> {
-//! use micromesh::{Service, node::Preset};
+//! use micromesh::{Context, Service, Status, node::Preset};
 //!
-//! // Two services on the in-process memory transport; real programs use the default preset
-//! // (QUIC and TCP) and a bootstrap address.
-//! let a = Service::builder("alpha").preset(Preset::Local).build().await?;
-//! let addr = a.node().listen_addrs().await?.remove(0);
-//! let b = Service::builder("beta").preset(Preset::Local).bootstrap(addr).build().await?;
+//! async fn hello(_ctx: Context, name: String) -> Result<String, Status> {
+//!     Ok(format!("Hello, {name}!"))
+//! }
 //!
+//! // A service and a client on the in-process memory transport; real programs use the
+//! // default preset (QUIC and TCP) and a bootstrap address.
+//! let greeter = Service::builder("greeter").preset(Preset::Local).handle("Greeter.Hello", hello).build().await?;
+//! let addr = greeter.node().listen_addrs().await?.remove(0);
+//! let app = Service::builder("app").preset(Preset::Local).bootstrap(addr).build().await?;
+//!
+//! let registry = app.registry().clone();
 //! micromesh::testing::wait_until(std::time::Duration::from_secs(10), || async {
-//!     b.node().peers().await.map(|p| !p.is_empty()).unwrap_or(false)
+//!     registry.get_service("greeter").await.is_ok()
 //! })
 //! .await
-//! .expect("beta reaches alpha");
-//! b.stop().await?;
-//! a.stop().await?;
+//! .expect("the greeter is announced");
+//! let reply: String = app.client().call("greeter", "Greeter.Hello", &"Ada").await?;
+//! assert_eq!(reply, "Hello, Ada!");
+//! app.stop().await?;
+//! greeter.stop().await?;
 //! # Ok(()) }
 //! ```
 //!
@@ -40,6 +47,14 @@
 //! - [`selector`]: which node gets the next call: filters (version, metadata, endpoint,
 //!   health), latency-weighted choice (peak-EWMA, power of two choices), random, round robin,
 //!   least outstanding; failures push a node back and eject it for a while.
+//! - [`server`]: handlers as plain async functions over serde types, unary and streaming,
+//!   with tower middleware; [`Context`] carries the verified caller, metadata, deadline and
+//!   trace ids.
+//! - [`client`]: calls by service name, with timeouts, safe retries on other nodes, a pinned
+//!   peer, selector strategy and filters; errors name the phase and the peer.
+//! - [`transport`] and [`codec`]: one libp2p stream per call with length-prefixed CBOR
+//!   frames and explicit end-of-stream; CBOR or JSON bodies, answered in the caller's codec.
+//! - [`status`]: the [`Status`] that crosses the wire (go-micro's codes, id and detail).
 //! - [`testing`] (feature `testing`): in-process clusters with fault injection.
 //!
 //! ## Networks
@@ -49,16 +64,24 @@
 //! a bootstrap peer, never exchange records or messages. A [`node::PreSharedKey`] closes a
 //! network to everyone without the key.
 
+pub mod client;
+pub mod codec;
 pub mod error;
 pub mod identity;
 pub mod metadata;
 pub mod node;
 pub mod registry;
 pub mod selector;
+pub mod server;
 pub mod service;
+pub mod status;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod transport;
 
 pub use libp2p::{Multiaddr, PeerId};
 
-pub use crate::{error::Error, identity::Identity, metadata::Metadata, service::Service};
+pub use crate::{
+    client::Client, error::Error, identity::Identity, metadata::Metadata, server::Context,
+    service::Service, status::Status,
+};

@@ -25,13 +25,21 @@ use std::{fmt, future::Future, path::PathBuf, pin::Pin, sync::Arc, time::Duratio
 
 use tokio::sync::Mutex;
 
+use futures::Stream;
+use serde::{Serialize, de::DeserializeOwned};
+
 use crate::{
-    Error, Identity, Metadata, Multiaddr, PeerId,
+    Context, Error, Identity, Metadata, Multiaddr, PeerId, Status,
+    client::Client,
     error::BoxError,
     node::{self, Node, Preset},
     registry::{self, Registration, Registry},
     selector::{self, Selector},
+    server::{self, BoxedUnary, Endpoint, Handler, Router, Streaming},
+    transport,
 };
+
+type LayerFn = Arc<dyn Fn(BoxedUnary) -> BoxedUnary + Send + Sync>;
 
 type HookFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
 type Hook = Arc<dyn Fn() -> HookFuture + Send + Sync>;
@@ -66,6 +74,9 @@ pub struct Builder {
     endpoints: Vec<registry::Endpoint>,
     registry: registry::Config,
     selector: selector::Config,
+    transport: transport::Config,
+    router: Router,
+    layers: Vec<LayerFn>,
 }
 
 impl fmt::Debug for Builder {
@@ -92,7 +103,115 @@ impl Builder {
             endpoints: Vec::new(),
             registry: registry::Config::default(),
             selector: selector::Config::default(),
+            transport: transport::Config::default(),
+            router: Router::default(),
+            layers: Vec::new(),
         }
+    }
+
+    /// Serves `endpoint` (e.g. `"Greeter.Hello"`) with a unary handler: an async function
+    /// from a [`Context`] and a request to a response or a [`Status`]. The endpoint and its
+    /// type names are announced in the registry.
+    pub fn handle<H, Req, Resp>(mut self, endpoint: impl Into<String>, handler: H) -> Self
+    where
+        H: Handler<Req, Resp>,
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+    {
+        self.router
+            .insert(endpoint.into(), server::handler_unary(handler));
+        self
+    }
+
+    /// Serves `endpoint` with a server-streaming handler: one request, a stream of responses.
+    pub fn server_stream<F, Fut, S, Req, Resp>(
+        mut self,
+        endpoint: impl Into<String>,
+        handler: F,
+    ) -> Self
+    where
+        F: Fn(Context, Req) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<S, Status>> + Send + 'static,
+        S: Stream<Item = Result<Resp, Status>> + Send + 'static,
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+    {
+        let buffer = self.transport.stream_buffer;
+        self.router.insert(
+            endpoint.into(),
+            server::handler_server_stream(buffer, handler),
+        );
+        self
+    }
+
+    /// Serves `endpoint` with a client-streaming handler: a stream of requests, one response.
+    pub fn client_stream<F, Fut, Req, Resp>(
+        mut self,
+        endpoint: impl Into<String>,
+        handler: F,
+    ) -> Self
+    where
+        F: Fn(Context, Streaming<Req>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<Resp, Status>> + Send + 'static,
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+    {
+        let buffer = self.transport.stream_buffer;
+        self.router.insert(
+            endpoint.into(),
+            server::handler_client_stream(buffer, handler),
+        );
+        self
+    }
+
+    /// Serves `endpoint` with a bidirectional handler: a stream of requests in, a stream of
+    /// responses out, both flowing at once.
+    pub fn bidi_stream<F, Fut, S, Req, Resp>(
+        mut self,
+        endpoint: impl Into<String>,
+        handler: F,
+    ) -> Self
+    where
+        F: Fn(Context, Streaming<Req>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<S, Status>> + Send + 'static,
+        S: Stream<Item = Result<Resp, Status>> + Send + 'static,
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+    {
+        let buffer = self.transport.stream_buffer;
+        self.router
+            .insert(endpoint.into(), server::handler_bidi(buffer, handler));
+        self
+    }
+
+    /// Wraps every unary handler in a tower [`Layer`](tower::Layer): tower's own timeout,
+    /// concurrency-limit, rate-limit and load-shed layers work unchanged. The first layer
+    /// added is the outermost (it sees each request first), as with tower's
+    /// `ServiceBuilder`. A layer's errors reach the caller as statuses: a [`Status`] as it
+    /// is, tower's timeout as 408, load shedding as 503, anything else as 500.
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<BoxedUnary> + Send + Sync + 'static,
+        L::Service: tower::Service<server::Request, Response = server::Response>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as tower::Service<server::Request>>::Error: Into<BoxError>,
+        <L::Service as tower::Service<server::Request>>::Future: Send + 'static,
+    {
+        self.layers.push(Arc::new(move |inner| {
+            use tower::ServiceExt as _;
+            tower::util::BoxCloneSyncService::new(layer.layer(inner).map_err(Into::into))
+        }));
+        self
+    }
+
+    /// Transport limits: message size, calls per peer, stream buffers. Default is
+    /// [`transport::Config::default`].
+    pub fn transport_config(mut self, config: transport::Config) -> Self {
+        self.transport = config;
+        self
     }
 
     /// Whether the service announces itself in the registry when it starts (and its leave when
@@ -246,22 +365,43 @@ impl Builder {
             network = %node.network(),
             "service started"
         );
+        let mut router = self.router;
+        for endpoint in router.endpoints.values_mut() {
+            if let Endpoint::Unary { service, .. } = endpoint {
+                for layer in self.layers.iter().rev() {
+                    *service = layer(service.clone());
+                }
+            }
+        }
+        let mut endpoints = self.endpoints;
+        for name in &router.order {
+            let (request, response) = router.endpoints[name].type_names();
+            endpoints.push(
+                registry::Endpoint::new(name.clone())
+                    .request(request)
+                    .response(response),
+            );
+        }
+        let transport = self.transport;
+        let name = self.name.clone();
         let started = async {
             let registry = Registry::start(node.clone(), self.registry).await?;
             let selector = Selector::new(self.selector);
             selector.follow(&node);
+            let server = server::Server::start(&node, name, Arc::new(router), transport.clone());
+            let client = Client::new(node.clone(), registry.clone(), selector.clone(), transport);
             if self.register {
                 let mut registration = Registration::new(self.name.clone())
                     .version(self.version.clone())
                     .with_metadata(self.metadata.clone());
-                for endpoint in self.endpoints {
+                for endpoint in endpoints {
                     registration = registration.endpoint(endpoint);
                 }
                 registry.register(registration).await?;
             }
-            Ok::<_, Error>((registry, selector))
+            Ok::<_, Error>((registry, selector, server, client))
         };
-        let (registry, selector) = match started.await {
+        let (registry, selector, server, client) = match started.await {
             Ok(parts) => parts,
             Err(e) => {
                 node.shutdown().await;
@@ -276,6 +416,8 @@ impl Builder {
                 node,
                 registry,
                 selector,
+                server,
+                client,
                 hooks: self.hooks,
                 shutdown_timeout: self.shutdown_timeout,
                 stopped: Mutex::new(false),
@@ -304,6 +446,8 @@ struct Inner {
     node: Node,
     registry: Registry,
     selector: Selector,
+    server: server::Server,
+    client: Client,
     hooks: Hooks,
     shutdown_timeout: Duration,
     stopped: Mutex<bool>,
@@ -361,6 +505,11 @@ impl Service {
         &self.inner.selector
     }
 
+    /// The client: call any service of the mesh by name.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
     /// The peer id of this service's node.
     pub fn peer_id(&self) -> PeerId {
         self.inner.node.peer_id()
@@ -396,9 +545,10 @@ impl Service {
     }
 
     /// Stops gracefully: runs the `before_stop` hooks, announces the leave of its registry
-    /// entries (every view drops them at once), shuts the node down (closing every
-    /// connection), and runs the `after_stop` hooks, all within the shutdown timeout. Calling it
-    /// again returns at once.
+    /// entries (every view drops them at once), refuses new calls with 503 (callers retry on
+    /// other nodes) and waits for the calls in flight to finish, shuts the node down (closing
+    /// every connection), and runs the `after_stop` hooks, all within the shutdown timeout.
+    /// Calling it again returns at once.
     ///
     /// # Errors
     ///
@@ -415,6 +565,9 @@ impl Service {
             let before = run_hooks("before_stop", &self.inner.hooks.before_stop).await;
             if let Err(e) = self.inner.registry.leave().await {
                 tracing::debug!("cannot announce the leave: {e}");
+            }
+            if !self.inner.server.drain(deadline).await {
+                tracing::warn!(service = %self.inner.name, "calls still in flight at the shutdown deadline");
             }
             self.inner.node.shutdown().await;
             let after = run_hooks("after_stop", &self.inner.hooks.after_stop).await;

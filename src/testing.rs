@@ -417,6 +417,12 @@ fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
     addr
 }
 
+/// Fault injection: ends `service`'s node at once, as a crash would: no leave is announced,
+/// calls in flight break, connections drop.
+pub fn crash(service: &Service) {
+    service.node().kill();
+}
+
 /// Fault injection: publishes raw bytes on any gossip topic of the node's network, micromesh's
 /// own topics included, skipping every check a normal publish makes.
 ///

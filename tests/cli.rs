@@ -289,3 +289,174 @@ fn services_and_describe_show_what_the_mesh_runs() {
         String::from_utf8_lossy(&output.stderr).contains("service \"no-such-service\" not found")
     );
 }
+
+async fn greeter_on_loopback() -> (micromesh::Service, String) {
+    use micromesh::{Context, Status};
+    let service = micromesh::Service::builder("greeter")
+        .network("clitest")
+        .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        .configure_node(|n| n.mdns(false).upnp(false).autonat(false).memory_limit(None))
+        .handle(
+            "Greeter.Hello",
+            |_: Context, req: serde_json::Value| async move {
+                let name = req["name"]
+                    .as_str()
+                    .ok_or_else(|| Status::bad_request("name must be a string"))?;
+                Ok::<_, Status>(serde_json::json!({ "msg": format!("Hello, {name}!") }))
+            },
+        )
+        .server_stream("Greeter.Count", |_: Context, n: u32| async move {
+            Ok::<_, Status>(futures::stream::iter((1..=n).map(Ok)))
+        })
+        .bidi_stream(
+            "Greeter.Shout",
+            |_: Context, words: micromesh::server::Streaming<String>| async move {
+                use futures::StreamExt as _;
+                Ok::<_, Status>(words.map(|w| w.map(|w| w.to_uppercase())))
+            },
+        )
+        .build()
+        .await
+        .unwrap();
+    let addr = service
+        .node()
+        .listen_addrs()
+        .await
+        .unwrap()
+        .remove(0)
+        .to_string();
+    (service, addr)
+}
+
+async fn cli(args: Vec<String>, stdin: Option<&'static str>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(BIN);
+        cmd.args(&args)
+            .args(["--network", "clitest", "--timeout", "10s"]);
+        match stdin {
+            None => cmd.output().unwrap(),
+            Some(input) => {
+                use std::io::Write as _;
+                let mut child = cmd
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(input.as_bytes())
+                    .unwrap();
+                child.wait_with_output().unwrap()
+            }
+        }
+    })
+    .await
+    .unwrap()
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_and_stream_any_endpoint_with_json() {
+    let (service, addr) = greeter_on_loopback().await;
+    let out = cli(
+        args(&[
+            "call",
+            "greeter",
+            "Greeter.Hello",
+            r#"{"name": "Ada"}"#,
+            "--json",
+            "--bootstrap",
+            &addr,
+        ]),
+        None,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["msg"], "Hello, Ada!");
+
+    // Errors: the status on stderr, a non-zero exit.
+    let out = cli(
+        args(&["call", "greeter", "Greeter.Bye", "{}", "--bootstrap", &addr]),
+        None,
+    )
+    .await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("404 Not Found") && stderr.contains("Greeter.Bye"),
+        "{stderr}"
+    );
+    let out = cli(
+        args(&[
+            "call",
+            "greeter",
+            "Greeter.Hello",
+            r#"{"name": 5}"#,
+            "--bootstrap",
+            &addr,
+        ]),
+        None,
+    )
+    .await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("400 Bad Request: name must be a string")
+    );
+    let out = cli(
+        args(&[
+            "call",
+            "greeter",
+            "Greeter.Hello",
+            "{not json",
+            "--bootstrap",
+            &addr,
+        ]),
+        None,
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid JSON"));
+
+    // A server stream: one JSON value per line.
+    let out = cli(
+        args(&[
+            "stream",
+            "greeter",
+            "Greeter.Count",
+            "3",
+            "--bootstrap",
+            &addr,
+        ]),
+        None,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n2\n3\n");
+    // A bidirectional stream fed from standard input.
+    let out = cli(
+        args(&["stream", "greeter", "Greeter.Shout", "--bootstrap", &addr]),
+        Some("\"a\"\n\"bc\"\n"),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "\"A\"\n\"BC\"\n");
+    service.stop().await.unwrap();
+}

@@ -389,13 +389,15 @@ impl EventLoop {
     }
 
     fn on_command(&mut self, command: Command) {
-        let needs_dht = matches!(
-            command,
-            Command::FindPeer { .. }
-                | Command::Bootstrap { .. }
-                | Command::Provide { .. }
-                | Command::Providers { .. }
-        );
+        // A provider record is stored locally at once and announced to whoever is known: a
+        // node alone can provide; one with connections waits until it knows their addresses.
+        let needs_dht = match command {
+            Command::FindPeer { .. } | Command::Bootstrap { .. } | Command::Providers { .. } => {
+                true
+            }
+            Command::Provide { .. } => !self.peers.is_empty(),
+            _ => false,
+        };
         if needs_dht && self.no_dht_peers() {
             if self.peers.is_empty() {
                 fail_for_lack_of_peers(command);
@@ -987,7 +989,7 @@ fn fail_for_lack_of_peers(command: Command) {
         Command::Bootstrap { reply } => {
             let _ = reply.send(Err(Error::NoKnownPeers));
         }
-        // A provider record is kept locally and announced when peers come: not an error.
+        // Waited for identify in vain: the record is announced with the DHT's republication.
         Command::Provide { reply, .. } => {
             let _ = reply.send(Ok(()));
         }

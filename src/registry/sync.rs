@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
+use futures::{AsyncWriteExt as _, StreamExt as _};
 use libp2p::StreamProtocol;
 
 use super::{Registry, wire};
@@ -19,36 +19,20 @@ pub(crate) fn protocol(network: &str) -> StreamProtocol {
         .expect("network names are protocol-safe")
 }
 
-/// Writes one frame: a 4-byte big-endian length, then the payload.
 async fn write_frame<S: futures::AsyncWrite + Unpin>(
     stream: &mut S,
     payload: &[u8],
 ) -> std::io::Result<()> {
-    let len = u32::try_from(payload.len())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too large"))?;
-    stream.write_all(&len.to_be_bytes()).await?;
-    stream.write_all(payload).await?;
-    stream.flush().await
+    crate::transport::frame::write(stream, payload).await
 }
 
-/// Reads one frame of at most `max` bytes; a larger announced length is an error before any
-/// payload is read or allocated.
 async fn read_frame<S: futures::AsyncRead + Unpin>(
     stream: &mut S,
     max: usize,
 ) -> std::io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > max {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes exceeds the limit of {max}"),
-        ));
-    }
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).await?;
-    Ok(payload)
+    crate::transport::frame::read(stream, max)
+        .await
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
 }
 
 /// Serves sync requests until the node stops.
@@ -131,31 +115,5 @@ pub(crate) async fn fetch(registry: &Registry, peer: PeerId, service: Option<Str
         }
         Ok(Err(e)) => tracing::debug!(%peer, "registry sync failed: {e}"),
         Err(_) => tracing::debug!(%peer, "registry sync timed out"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn frames_round_trip_and_oversized_lengths_are_refused() {
-        let mut buf = Vec::new();
-        write_frame(&mut buf, b"hello").await.unwrap();
-        assert_eq!(buf, b"\x00\x00\x00\x05hello");
-        let mut reader = &buf[..];
-        assert_eq!(read_frame(&mut reader, 5).await.unwrap(), b"hello");
-        let mut reader = &buf[..];
-        assert!(read_frame(&mut reader, 4).await.is_err());
-        // A 4 GiB length with a 3-byte body: refused without allocating.
-        let mut reader: &[u8] = b"\xff\xff\xff\xffabc";
-        assert!(
-            read_frame(&mut reader, wire::MAX_SYNC_RESPONSE)
-                .await
-                .is_err()
-        );
-        // A truncated payload is an error, not a short read.
-        let mut reader: &[u8] = b"\x00\x00\x00\x09abc";
-        assert!(read_frame(&mut reader, 100).await.is_err());
     }
 }

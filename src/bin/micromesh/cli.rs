@@ -49,6 +49,10 @@ pub(crate) enum Command {
     Services(crate::services_cmd::ServicesArgs),
     /// Show one service: versions, endpoints and nodes.
     Describe(crate::services_cmd::DescribeArgs),
+    /// Call an endpoint with a JSON body and print the JSON reply.
+    Call(crate::call_cmd::CallArgs),
+    /// Call a streaming endpoint; print each reply as one JSON line.
+    Stream(crate::call_cmd::StreamArgs),
 }
 
 /// How a short-lived client joins the mesh.

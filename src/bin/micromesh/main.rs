@@ -4,6 +4,7 @@
 //! `--bootstrap ADDR` (or `MICROMESH_BOOTSTRAP`), prints readable output, or one JSON document
 //! with `--json`, and exits non-zero with a message on failure.
 
+mod call_cmd;
 mod cli;
 mod node_cmd;
 mod peers_cmd;
@@ -32,6 +33,8 @@ fn main() -> ExitCode {
             cli::Command::Peers(cmd) => peers_cmd::run(&args.global, cmd).await,
             cli::Command::Services(cmd) => services_cmd::services(&args.global, cmd).await,
             cli::Command::Describe(cmd) => services_cmd::describe(&args.global, cmd).await,
+            cli::Command::Call(cmd) => call_cmd::call(&args.global, cmd).await,
+            cli::Command::Stream(cmd) => call_cmd::stream(&args.global, cmd).await,
         }
     });
     match result {

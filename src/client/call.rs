@@ -1,0 +1,360 @@
+//! Unary calls, and the steps every call shares: resolve, select, connect.
+
+use std::time::{Duration, Instant};
+
+use futures::AsyncWriteExt as _;
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::{CallOptions, Client, Error};
+use crate::{
+    Multiaddr, PeerId,
+    codec::Codec as _,
+    registry,
+    selector::{Outcome, Selected},
+    status::Code,
+    transport::{
+        self,
+        frame::{self, ReadError},
+        wire::{CallKind, Frame, Head},
+    },
+};
+
+impl Client {
+    /// Calls `endpoint` of `service` with the default options and decodes the response.
+    ///
+    /// # Errors
+    ///
+    /// An [`Error`] naming the phase that failed and the peer tried; a handler's own error
+    /// is [`Error::Remote`] with its status.
+    pub async fn call<Req, Resp>(
+        &self,
+        service: &str,
+        endpoint: &str,
+        request: &Req,
+    ) -> Result<Resp, Error>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
+        self.call_with(service, endpoint, request, CallOptions::default())
+            .await
+    }
+
+    /// Calls `endpoint` of `service` with these options.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::call`].
+    pub async fn call_with<Req, Resp>(
+        &self,
+        service: &str,
+        endpoint: &str,
+        request: &Req,
+        options: CallOptions,
+    ) -> Result<Resp, Error>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
+        let codec = options.content_type;
+        let body = codec
+            .encode(request)
+            .map_err(|e| Error::Encode(e.to_string()))?;
+        let bytes = self.call_bytes(service, endpoint, body, &options).await?;
+        codec.decode(&bytes).map_err(|e| Error::Receive {
+            peer: options.peer.unwrap_or_else(|| self.inner.node.peer_id()),
+            reason: format!("cannot decode the response: {e}"),
+        })
+    }
+
+    /// Calls with an encoded body (in `options`' content type) and returns the encoded
+    /// response: for gateways and tools that relay bodies they do not decode.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::call`].
+    pub async fn call_bytes(
+        &self,
+        service: &str,
+        endpoint: &str,
+        body: Vec<u8>,
+        options: &CallOptions,
+    ) -> Result<Vec<u8>, Error> {
+        let max = self.inner.config.max_message;
+        if body.len() > max {
+            return Err(Error::Encode(format!(
+                "the request is {} bytes, the limit is {max} bytes",
+                body.len()
+            )));
+        }
+        let started = Instant::now();
+        let deadline = options.deadline_from(started);
+        let mut tried = Vec::new();
+        let mut attempt = 0;
+        loop {
+            let outcome = tokio::time::timeout_at(
+                deadline.into(),
+                self.attempt(service, endpoint, &body, options, &mut tried, deadline),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Timeout {
+                    peer: tried.last().copied(),
+                    after: deadline.saturating_duration_since(started),
+                })
+            });
+            match outcome {
+                Err(e) if attempt < options.retries && (options.retry)(&e) => {
+                    let wait = options.backoff.saturating_mul(1 << attempt.min(16));
+                    if Instant::now() + wait >= deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!(%service, %endpoint, "retrying after: {e}");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        service: &str,
+        endpoint: &str,
+        body: &[u8],
+        options: &CallOptions,
+        tried: &mut Vec<PeerId>,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, Error> {
+        let selected = self.pick(service, options, tried).await?;
+        let peer = selected.peer_id();
+        tried.push(peer);
+        let started = Instant::now();
+        let result = async {
+            let mut stream = self.open(&selected, options).await?;
+            let head = head(service, endpoint, CallKind::Unary, options, deadline);
+            send_all(
+                &mut stream,
+                peer,
+                &[head, Frame::Data(body.to_vec()), Frame::End],
+            )
+            .await?;
+            receive_unary(&mut stream, peer, self.inner.config.max_message).await
+        }
+        .await;
+        selected.finish(outcome_of(&result, started));
+        result
+    }
+
+    /// Resolves `service` and picks a node: the pinned peer, or the selector's choice among
+    /// those not tried yet (or among all, when every one has been tried).
+    pub(crate) async fn pick(
+        &self,
+        service: &str,
+        options: &CallOptions,
+        tried: &[PeerId],
+    ) -> Result<Selected, Error> {
+        let registry = &self.inner.registry;
+        let resolved = registry.get_service(service).await;
+        let mut select = options.select.clone();
+        let candidates = match (options.peer, resolved) {
+            (Some(peer), resolved) => {
+                // The pinned peer, with the addresses the registry has for it, if any.
+                let mut known = resolved.unwrap_or_default();
+                for s in &mut known {
+                    s.nodes.retain(|n| n.peer_id == peer);
+                }
+                known.retain(|s| !s.nodes.is_empty());
+                if known.is_empty() {
+                    known.push(pinned(service, peer));
+                }
+                known
+            }
+            (None, Ok(found)) => {
+                let untried = found
+                    .iter()
+                    .flat_map(|s| &s.nodes)
+                    .any(|n| !tried.contains(&n.peer_id));
+                if untried {
+                    select.exclude.extend(tried.iter().copied());
+                }
+                found
+            }
+            (None, Err(source)) => {
+                return Err(Error::Resolve {
+                    service: service.to_owned(),
+                    source,
+                });
+            }
+        };
+        Ok(self.inner.selector.select(service, &candidates, &select)?)
+    }
+
+    /// Connects to the selected node and opens a call stream.
+    pub(crate) async fn open(
+        &self,
+        selected: &Selected,
+        options: &CallOptions,
+    ) -> Result<libp2p::Stream, Error> {
+        let peer = selected.peer_id();
+        let node = &self.inner.node;
+        let addrs: Vec<Multiaddr> = selected
+            .addresses()
+            .iter()
+            .map(|a| a.clone().with_p2p(peer).unwrap_or_else(|a| a))
+            .collect();
+        let connect = async {
+            if peer != node.peer_id() {
+                node.probe(peer, addrs).await.map_err(|e| Error::Dial {
+                    peer,
+                    reason: e.to_string(),
+                })?;
+            }
+            let mut control = node.stream_control();
+            control
+                .open_stream(peer, transport::protocol(node.network()))
+                .await
+                .map_err(|e| Error::Dial {
+                    peer,
+                    reason: match e {
+                        libp2p_stream::OpenStreamError::UnsupportedProtocol(_) => {
+                            "the peer serves no RPC on this network".into()
+                        }
+                        other => other.to_string(),
+                    },
+                })
+        };
+        tokio::time::timeout(options.connect_timeout, connect)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Dial {
+                    peer,
+                    reason: format!("no connection within {:?}", options.connect_timeout),
+                })
+            })
+    }
+}
+
+fn pinned(service: &str, peer: PeerId) -> registry::Service {
+    registry::Service {
+        name: service.to_owned(),
+        version: String::new(),
+        metadata: Default::default(),
+        endpoints: Vec::new(),
+        nodes: vec![registry::Node {
+            peer_id: peer,
+            addresses: Vec::new(),
+            metadata: Default::default(),
+        }],
+    }
+}
+
+pub(crate) fn head(
+    service: &str,
+    endpoint: &str,
+    kind: CallKind,
+    options: &CallOptions,
+    deadline: Instant,
+) -> Frame {
+    let left = deadline.saturating_duration_since(Instant::now());
+    Frame::Head(Head {
+        service: service.to_owned(),
+        endpoint: endpoint.to_owned(),
+        content_type: options.content_type.content_type().to_owned(),
+        metadata: options.metadata.clone(),
+        timeout_ms: Some(left.as_millis().min(u128::from(u64::MAX)) as u64),
+        kind,
+    })
+}
+
+/// Writes frames in one go and flushes.
+pub(crate) async fn send_all<W: futures::AsyncWrite + Unpin>(
+    writer: &mut W,
+    peer: PeerId,
+    frames: &[Frame],
+) -> Result<(), Error> {
+    let mut buf = Vec::new();
+    for f in frames {
+        let payload = f.encode();
+        buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        buf.extend_from_slice(&payload);
+    }
+    let send = async {
+        writer.write_all(&buf).await?;
+        writer.flush().await
+    };
+    send.await.map_err(|e| Error::Send {
+        peer,
+        reason: e.to_string(),
+    })
+}
+
+/// Reads one frame from the server.
+pub(crate) async fn receive<R: futures::AsyncRead + Unpin>(
+    reader: &mut R,
+    peer: PeerId,
+    max: usize,
+) -> Result<Frame, Error> {
+    let bytes = frame::read(reader, max).await.map_err(|e| Error::Receive {
+        peer,
+        reason: match e {
+            ReadError::Eof => "the stream ended before the call's trailer".into(),
+            ReadError::TooLarge { size, max } => {
+                format!("a response of {size} bytes exceeds this client's limit of {max} bytes")
+            }
+            ReadError::Io(e) => e.to_string(),
+        },
+    })?;
+    Frame::decode(&bytes).map_err(|e| Error::Receive {
+        peer,
+        reason: format!("malformed frame: {e}"),
+    })
+}
+
+async fn receive_unary(
+    stream: &mut libp2p::Stream,
+    peer: PeerId,
+    max: usize,
+) -> Result<Vec<u8>, Error> {
+    let mut body = None;
+    loop {
+        match receive(stream, peer, max).await? {
+            Frame::Data(data) if body.is_none() => body = Some(data),
+            Frame::Trailer(trailer) => {
+                let status = trailer.status();
+                if !status.is_ok() {
+                    return Err(Error::Remote {
+                        peer,
+                        status: Box::new(status),
+                    });
+                }
+                return body.ok_or_else(|| Error::Receive {
+                    peer,
+                    reason: "the call succeeded without a response body".into(),
+                });
+            }
+            _ => {
+                return Err(Error::Receive {
+                    peer,
+                    reason: "unexpected frame in a unary response".into(),
+                });
+            }
+        }
+    }
+}
+
+/// What the selector learns from an attempt.
+pub(crate) fn outcome_of<T>(result: &Result<T, Error>, started: Instant) -> Outcome {
+    let elapsed: Duration = started.elapsed();
+    match result {
+        Ok(_) => Outcome::Success(elapsed),
+        // The node answered: it is alive, and its answer took this long.
+        Err(Error::Remote { status, .. })
+            if !matches!(status.code(), Code::Unavailable | Code::TooManyRequests) =>
+        {
+            Outcome::Success(elapsed)
+        }
+        Err(_) => Outcome::Failure,
+    }
+}

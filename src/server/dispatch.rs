@@ -1,0 +1,514 @@
+//! Serving calls: accept streams, read the head, run the handler, write the answer.
+
+use std::{
+    collections::HashMap,
+    panic::AssertUnwindSafe,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::{AsyncReadExt as _, AsyncWriteExt as _, FutureExt as _, StreamExt as _};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::{Notify, mpsc};
+use tower::ServiceExt as _;
+use tracing::Instrument as _;
+
+use super::{Context, Endpoint, Request, SharedRouter, status_of};
+use crate::{
+    Metadata, PeerId, Status,
+    codec::ContentType,
+    node::Node,
+    transport::{
+        self,
+        frame::{self, ReadError},
+        wire::{Frame, Head, Trailer},
+    },
+};
+
+/// The id of statuses the server itself produces (not a handler).
+const SERVER_ID: &str = "micromesh.server";
+
+#[derive(Clone, Default)]
+struct Metrics {
+    calls: Counter,
+    failed: Counter,
+    refused: Counter,
+}
+
+struct Inner {
+    name: String,
+    router: SharedRouter,
+    config: transport::Config,
+    in_flight: AtomicUsize,
+    idle: Notify,
+    draining: AtomicBool,
+    per_peer: Mutex<HashMap<PeerId, usize>>,
+    metrics: Metrics,
+}
+
+/// Counts a call in flight (in total and per peer) until dropped.
+struct CallGuard {
+    inner: Arc<Inner>,
+    peer: PeerId,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let mut per_peer = self
+            .inner
+            .per_peer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                per_peer.remove(&self.peer);
+            }
+        }
+        drop(per_peer);
+        if self.inner.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.idle.notify_waiters();
+        }
+    }
+}
+
+/// The serving side of a service. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Server {
+    inner: Arc<Inner>,
+}
+
+impl Server {
+    /// Starts accepting calls on the node's RPC protocol.
+    pub(crate) fn start(
+        node: &Node,
+        name: String,
+        router: SharedRouter,
+        config: transport::Config,
+    ) -> Self {
+        let metrics = Metrics::default();
+        {
+            let registry = node.metrics_registry();
+            let mut registry = registry.lock().unwrap_or_else(|e| e.into_inner());
+            let registry = registry.sub_registry_with_prefix("micromesh_server");
+            registry.register("calls", "Calls received", metrics.calls.clone());
+            registry.register(
+                "calls_failed",
+                "Calls answered with an error status",
+                metrics.failed.clone(),
+            );
+            registry.register(
+                "calls_refused",
+                "Calls refused before a handler ran (limits, draining, unknown endpoint, bad input)",
+                metrics.refused.clone(),
+            );
+        }
+        let server = Self {
+            inner: Arc::new(Inner {
+                name,
+                router,
+                config,
+                in_flight: AtomicUsize::new(0),
+                idle: Notify::new(),
+                draining: AtomicBool::new(false),
+                per_peer: Mutex::new(HashMap::new()),
+                metrics,
+            }),
+        };
+        let mut control = node.stream_control();
+        match control.accept(transport::protocol(node.network())) {
+            Ok(mut incoming) => {
+                let server = server.clone();
+                let node = node.clone();
+                tokio::spawn(async move {
+                    let accept = async {
+                        while let Some((peer, stream)) = incoming.next().await {
+                            server.spawn_call(peer, stream);
+                        }
+                    };
+                    tokio::select! {
+                        () = accept => {}
+                        _ = node.stopped() => {}
+                    }
+                });
+            }
+            Err(e) => tracing::error!("cannot serve RPC: {e}"),
+        }
+        server
+    }
+
+    fn spawn_call(&self, peer: PeerId, stream: libp2p::Stream) {
+        let inner = self.inner.clone();
+        inner.in_flight.fetch_add(1, Ordering::AcqRel);
+        let over_peer_limit = {
+            let mut per_peer = inner.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+            let n = per_peer.entry(peer).or_default();
+            *n += 1;
+            *n > inner.config.max_calls_per_peer
+        };
+        let guard = CallGuard {
+            inner: inner.clone(),
+            peer,
+        };
+        let over_total = inner.in_flight.load(Ordering::Acquire) > inner.config.max_calls;
+        let span = tracing::debug_span!("call", %peer);
+        tokio::spawn(
+            async move {
+                let _guard = guard;
+                let refusal = if inner.draining.load(Ordering::Acquire) {
+                    Some(Status::unavailable("the service is shutting down"))
+                } else if over_peer_limit {
+                    Some(Status::too_many_requests(format!(
+                        "more than {} calls in flight from this peer",
+                        inner.config.max_calls_per_peer
+                    )))
+                } else if over_total {
+                    Some(Status::unavailable("the server is at its call limit"))
+                } else {
+                    None
+                };
+                serve(&inner, peer, stream, refusal).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Refuses new calls (with 503, so callers retry elsewhere) and waits until the calls in
+    /// flight have finished, or `timeout` has passed. Returns whether every call finished.
+    pub(crate) async fn drain(&self, timeout: Duration) -> bool {
+        self.inner.draining.store(true, Ordering::Release);
+        let wait = async {
+            loop {
+                let idle = self.inner.idle.notified();
+                if self.inner.in_flight.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+}
+
+async fn write_frame<W: futures::AsyncWrite + Unpin>(
+    writer: &mut W,
+    frame: &Frame,
+) -> std::io::Result<()> {
+    frame::write(writer, &frame.encode()).await
+}
+
+/// Writes the trailer and closes. A status without an id gets `id`: the service's name for
+/// a handler's status, the server's for a refusal.
+async fn write_trailer<W: futures::AsyncWrite + Unpin>(writer: &mut W, status: &Status, id: &str) {
+    let status = if status.id().is_empty() && !status.is_ok() {
+        status.clone().with_id(id)
+    } else {
+        status.clone()
+    };
+    let _ = write_frame(
+        writer,
+        &Frame::Trailer(Trailer::from_status(&status, Metadata::new())),
+    )
+    .await;
+    let _ = writer.close().await;
+}
+
+/// Reads the head of a call, or says why it cannot.
+async fn read_head(inner: &Inner, stream: &mut libp2p::Stream) -> Result<Head, Option<Status>> {
+    let read = tokio::time::timeout(
+        inner.config.head_timeout,
+        frame::read(stream, inner.config.max_message),
+    )
+    .await;
+    match read {
+        Err(_) => Err(Some(Status::timeout("no call head arrived in time"))),
+        Ok(Err(ReadError::TooLarge { size, max })) => Err(Some(Status::payload_too_large(
+            format!("the call head of {size} bytes exceeds the server's limit of {max} bytes"),
+        ))),
+        // The caller went away before saying anything: nothing to answer.
+        Ok(Err(ReadError::Eof | ReadError::Io(_))) => Err(None),
+        Ok(Ok(bytes)) => match Frame::decode(&bytes) {
+            Ok(Frame::Head(head)) => Ok(head),
+            Ok(_) => Err(Some(Status::bad_request(
+                "a call must begin with a head frame",
+            ))),
+            Err(e) => Err(Some(Status::bad_request(format!("malformed frame: {e}")))),
+        },
+    }
+}
+
+async fn serve(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    mut stream: libp2p::Stream,
+    refusal: Option<Status>,
+) {
+    inner.metrics.calls.inc();
+    if let Some(status) = refusal {
+        inner.metrics.refused.inc();
+        write_trailer(&mut stream, &status, SERVER_ID).await;
+        return;
+    }
+    let head = match read_head(inner, &mut stream).await {
+        Ok(head) => head,
+        Err(status) => {
+            inner.metrics.refused.inc();
+            if let Some(status) = status {
+                write_trailer(&mut stream, &status, SERVER_ID).await;
+            }
+            return;
+        }
+    };
+    let received = Instant::now();
+    let endpoint = match prepare(inner, &head) {
+        Ok(endpoint) => endpoint,
+        Err(status) => {
+            inner.metrics.refused.inc();
+            write_trailer(&mut stream, &status, SERVER_ID).await;
+            return;
+        }
+    };
+    let codec = ContentType::from_mime(&head.content_type).expect("checked by prepare");
+    let deadline = head
+        .timeout_ms
+        .map(|ms| received + Duration::from_millis(ms));
+    let context = Context::new(
+        inner.name.clone(),
+        head.endpoint.clone(),
+        peer,
+        head.metadata,
+        deadline,
+    );
+    tracing::trace!(endpoint = %head.endpoint, "call");
+    let status = match endpoint {
+        Endpoint::Unary { service, .. } => {
+            serve_unary(inner, &mut stream, service, context, codec, deadline).await
+        }
+        Endpoint::Stream { handler, .. } => {
+            let (reader, writer) = stream.split();
+            serve_stream(inner, reader, writer, handler, context, codec, deadline).await;
+            return;
+        }
+    };
+    if let Some(status) = status {
+        if !status.is_ok() {
+            inner.metrics.failed.inc();
+        }
+        write_trailer(&mut stream, &status, &inner.name).await;
+    }
+}
+
+/// Checks a head against the router: the endpoint, its shape, the codec.
+fn prepare(inner: &Inner, head: &Head) -> Result<Endpoint, Status> {
+    if head.service != inner.name {
+        return Err(Status::not_found(format!(
+            "service {:?} is not served here (this node serves {:?})",
+            head.service, inner.name
+        )));
+    }
+    let Some(endpoint) = inner.router.endpoints.get(&head.endpoint) else {
+        return Err(Status::not_found(format!(
+            "service {:?} has no endpoint {:?}",
+            inner.name, head.endpoint
+        )));
+    };
+    if endpoint.kind() != head.kind {
+        return Err(Status::bad_request(format!(
+            "endpoint {:?} is {:?}, but was called as {:?}",
+            head.endpoint,
+            endpoint.kind(),
+            head.kind
+        )));
+    }
+    ContentType::from_mime(&head.content_type).map_err(|e| Status::bad_request(e.to_string()))?;
+    Ok(endpoint.clone())
+}
+
+fn time_left(deadline: Option<Instant>) -> Duration {
+    deadline.map_or(Duration::MAX, |d| {
+        d.saturating_duration_since(Instant::now())
+    })
+}
+
+/// Serves a unary call. Returns the status to send as trailer, or `None` when the response
+/// (data and trailer) was already written or the caller is gone.
+async fn serve_unary(
+    inner: &Inner,
+    stream: &mut libp2p::Stream,
+    service: super::BoxedUnary,
+    context: Context,
+    codec: ContentType,
+    deadline: Option<Instant>,
+) -> Option<Status> {
+    let max = inner.config.max_message;
+    let body = match read_body(stream, max).await {
+        Ok(body) => body,
+        Err(status) => return status,
+    };
+    let call = AssertUnwindSafe(service.oneshot(Request {
+        context,
+        content_type: codec,
+        body,
+    }))
+    .catch_unwind();
+    let outcome = match tokio::time::timeout(time_left(deadline), call).await {
+        Err(_) => Err(Status::timeout("the deadline passed while the handler ran")),
+        Ok(Err(panic)) => Err(panicked(panic)),
+        Ok(Ok(result)) => result.map_err(status_of),
+    };
+    let response = match outcome {
+        Ok(response) => response,
+        Err(status) => return Some(status),
+    };
+    if response.body.len() > max {
+        return Some(Status::internal(format!(
+            "the response of {} bytes exceeds the limit of {max} bytes",
+            response.body.len()
+        )));
+    }
+    if write_frame(stream, &Frame::Data(response.body))
+        .await
+        .is_err()
+    {
+        return None;
+    }
+    let trailer = Frame::Trailer(Trailer::from_status(
+        &Status::new(crate::status::Code::Ok, ""),
+        response.metadata,
+    ));
+    let _ = write_frame(stream, &trailer).await;
+    let _ = stream.close().await;
+    None
+}
+
+/// Reads the single data frame and the end frame of a unary request.
+async fn read_body(stream: &mut libp2p::Stream, max: usize) -> Result<Vec<u8>, Option<Status>> {
+    let mut body = None;
+    loop {
+        match frame::read(stream, max).await {
+            Ok(bytes) => match Frame::decode(&bytes) {
+                Ok(Frame::Data(data)) if body.is_none() => body = Some(data),
+                Ok(Frame::End) => {
+                    return body.ok_or_else(|| {
+                        Some(Status::bad_request("a unary call needs a request body"))
+                    });
+                }
+                Ok(_) => {
+                    return Err(Some(Status::bad_request(
+                        "a unary call sends one data frame, then end",
+                    )));
+                }
+                Err(e) => return Err(Some(Status::bad_request(format!("malformed frame: {e}")))),
+            },
+            Err(ReadError::TooLarge { size, max }) => {
+                return Err(Some(Status::payload_too_large(format!(
+                    "the request of {size} bytes exceeds the server's limit of {max} bytes"
+                ))));
+            }
+            Err(_) => return Err(None),
+        }
+    }
+}
+
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> Status {
+    let msg = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    tracing::error!("a handler panicked: {msg}");
+    Status::internal("the handler panicked")
+}
+
+async fn serve_stream(
+    inner: &Inner,
+    mut reader: futures::io::ReadHalf<libp2p::Stream>,
+    mut writer: futures::io::WriteHalf<libp2p::Stream>,
+    handler: super::StreamHandler,
+    context: Context,
+    codec: ContentType,
+    deadline: Option<Instant>,
+) {
+    let max = inner.config.max_message;
+    let buffer = inner.config.stream_buffer.max(1);
+    let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(buffer);
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(buffer);
+    // Requests: frames in, bodies to the handler, until the caller's end frame.
+    let read = async move {
+        loop {
+            match frame::read(&mut reader, max).await {
+                Ok(bytes) => match Frame::decode(&bytes) {
+                    Ok(Frame::Data(data)) => {
+                        if in_tx.send(data).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Ok(Frame::End) => return Ok(()),
+                    Ok(_) => {
+                        return Err(Status::bad_request("unexpected frame in a request stream"));
+                    }
+                    Err(e) => return Err(Status::bad_request(format!("malformed frame: {e}"))),
+                },
+                Err(ReadError::TooLarge { size, max }) => {
+                    return Err(Status::payload_too_large(format!(
+                        "a request message of {size} bytes exceeds the server's limit of {max} bytes"
+                    )));
+                }
+                Err(_) => {
+                    return Err(Status::bad_request(
+                        "the caller's stream ended without an end frame",
+                    ));
+                }
+            }
+        }
+    };
+    let run = AssertUnwindSafe(handler(context, codec, in_rx, out_tx)).catch_unwind();
+    // Responses: bodies from the handler out as data frames, as they come.
+    let write = async {
+        while let Some(body) = out_rx.recv().await {
+            if body.len() > max {
+                return Err(Status::internal(format!(
+                    "a response message of {} bytes exceeds the limit of {max} bytes",
+                    body.len()
+                )));
+            }
+            if write_frame(&mut writer, &Frame::Data(body)).await.is_err() {
+                return Err(Status::unavailable("the caller went away"));
+            }
+        }
+        Ok(())
+    };
+    let respond = async {
+        let (run, write) = tokio::join!(run, write);
+        let run = match run {
+            Ok(result) => result,
+            Err(panic) => Err(panicked(panic)),
+        };
+        run.and(write)
+    };
+    let all = async {
+        let mut read = std::pin::pin!(read);
+        let mut respond = std::pin::pin!(respond);
+        // The handler may finish before the caller ends its side: then the call is over. A
+        // broken request stream ends the call at once (the handler is dropped).
+        tokio::select! {
+            result = &mut respond => result,
+            read = &mut read => match read {
+                Ok(()) => respond.await,
+                Err(status) => Err(status),
+            },
+        }
+    };
+    let status = match tokio::time::timeout(time_left(deadline), all).await {
+        Ok(Ok(())) => Status::new(crate::status::Code::Ok, ""),
+        Ok(Err(status)) => status,
+        Err(_) => Status::timeout("the deadline passed during the stream"),
+    };
+    if !status.is_ok() {
+        inner.metrics.failed.inc();
+    }
+    write_trailer(&mut writer, &status, &inner.name).await;
+}

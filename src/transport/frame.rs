@@ -1,0 +1,90 @@
+//! Length-prefixed frames: a 4-byte big-endian length, then the payload.
+
+use futures::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    /// The stream ended cleanly before a new frame began.
+    #[error("the stream ended")]
+    Eof,
+    /// The announced length is above the limit; the payload was not read.
+    #[error("a frame of {size} bytes exceeds the limit of {max} bytes")]
+    TooLarge { size: usize, max: usize },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Writes one frame and flushes.
+pub(crate) async fn write<S: futures::AsyncWrite + Unpin>(
+    stream: &mut S,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame over 4 GiB"))?;
+    let mut buf = Vec::with_capacity(4 + payload.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(payload);
+    stream.write_all(&buf).await?;
+    stream.flush().await
+}
+
+/// Reads one frame of at most `max` bytes. A larger announced length is an error before any
+/// payload is read or allocated; a stream that ends inside a frame is an I/O error.
+pub(crate) async fn read<S: futures::AsyncRead + Unpin>(
+    stream: &mut S,
+    max: usize,
+) -> Result<Vec<u8>, ReadError> {
+    let mut len = [0u8; 4];
+    let mut filled = 0;
+    while filled < 4 {
+        match stream.read(&mut len[filled..]).await? {
+            0 if filled == 0 => return Err(ReadError::Eof),
+            0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            n => filled += n,
+        }
+    }
+    let size = u32::from_be_bytes(len) as usize;
+    if size > max {
+        return Err(ReadError::TooLarge { size, max });
+    }
+    let mut payload = vec![0u8; size];
+    stream.read_exact(&mut payload).await?;
+    Ok(payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_bad_lengths_are_refused() {
+        let mut buf = Vec::new();
+        write(&mut buf, b"hello").await.unwrap();
+        assert_eq!(buf, b"\x00\x00\x00\x05hello");
+        assert_eq!(read(&mut &buf[..], 5).await.unwrap(), b"hello");
+        assert!(matches!(
+            read(&mut &buf[..], 4).await,
+            Err(ReadError::TooLarge { size: 5, max: 4 })
+        ));
+        // A 4 GiB length with a 3-byte body: refused without allocating.
+        assert!(matches!(
+            read(&mut &b"\xff\xff\xff\xffabc"[..], 1 << 20).await,
+            Err(ReadError::TooLarge { .. })
+        ));
+        // Truncated inside the payload, and inside the length: I/O errors, not a short frame.
+        assert!(matches!(
+            read(&mut &b"\x00\x00\x00\x09abc"[..], 100).await,
+            Err(ReadError::Io(_))
+        ));
+        assert!(matches!(
+            read(&mut &b"\x00\x00"[..], 100).await,
+            Err(ReadError::Io(_))
+        ));
+        // Nothing at all: a clean end.
+        assert!(matches!(
+            read(&mut &b""[..], 100).await,
+            Err(ReadError::Eof)
+        ));
+    }
+}

@@ -1,0 +1,585 @@
+//! Calls between services, through the public API: unary and streaming, errors, limits,
+//! deadlines, failover, middleware.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use micromesh::{
+    Context, Multiaddr, Service, Status,
+    client::{CallOptions, Error, Phase},
+    codec::ContentType,
+    node::Preset,
+    server::Streaming,
+    status::Code,
+    testing::wait_until,
+    transport,
+};
+use serde::{Deserialize, Serialize};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Serialize, Deserialize)]
+struct HelloRequest {
+    name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct HelloReply {
+    msg: String,
+}
+
+async fn hello(ctx: Context, req: HelloRequest) -> Result<HelloReply, Status> {
+    if req.name.is_empty() {
+        return Err(Status::new(Code::Conflict, "a name is required"));
+    }
+    Ok(HelloReply {
+        msg: format!("Hello, {}! (from {})", req.name, ctx.service()),
+    })
+}
+
+async fn panics(_: Context, _: HelloRequest) -> Result<HelloReply, Status> {
+    panic!("this handler is broken");
+}
+
+/// A small mesh: a bootstrap node (no service) and services joined through it.
+struct Mesh {
+    network: String,
+    bootstrap: Service,
+    addr: Multiaddr,
+}
+
+impl Mesh {
+    async fn new(network: &str) -> Self {
+        let bootstrap = Service::builder("bootstrap")
+            .preset(Preset::Local)
+            .network(network)
+            .register(false)
+            .build()
+            .await
+            .unwrap();
+        let addr = bootstrap.node().listen_addrs().await.unwrap().remove(0);
+        Self {
+            network: network.into(),
+            bootstrap,
+            addr,
+        }
+    }
+
+    fn service(&self, name: &str) -> micromesh::service::Builder {
+        Service::builder(name)
+            .preset(Preset::Local)
+            .network(self.network.clone())
+            .bootstrap(self.addr.clone())
+    }
+
+    async fn client(&self) -> Service {
+        self.service("client")
+            .register(false)
+            .build()
+            .await
+            .unwrap()
+    }
+}
+
+async fn resolvable(client: &Service, name: &str, nodes: usize) {
+    let registry = client.registry().clone();
+    wait_until(WAIT, || async {
+        registry
+            .get_service(name)
+            .await
+            .map(|v| v.iter().map(|s| s.nodes.len()).sum::<usize>() >= nodes)
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{name} never had {nodes} nodes"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greeter_round_trip_by_name_with_cbor_and_json_callers() {
+    let mesh = Mesh::new("rpc-greet").await;
+    let server = mesh
+        .service("greeter")
+        .handle("Greeter.Hello", hello)
+        .build()
+        .await
+        .unwrap();
+    let client = mesh.client().await;
+    resolvable(&client, "greeter", 1).await;
+
+    let reply: HelloReply = client
+        .client()
+        .call(
+            "greeter",
+            "Greeter.Hello",
+            &HelloRequest { name: "Ada".into() },
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.msg, "Hello, Ada! (from greeter)");
+    // A JSON caller, with an untyped body, is served by the same handler in JSON.
+    let reply: serde_json::Value = client
+        .client()
+        .call_with(
+            "greeter",
+            "Greeter.Hello",
+            &serde_json::json!({ "name": "Bob" }),
+            CallOptions::default().content_type(ContentType::Json),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply["msg"], "Hello, Bob! (from greeter)");
+    let raw = client
+        .client()
+        .call_bytes(
+            "greeter",
+            "Greeter.Hello",
+            br#"{"name":"Cy"}"#.to_vec(),
+            &CallOptions::default().content_type(ContentType::Json),
+        )
+        .await
+        .unwrap();
+    assert_eq!(raw, br#"{"msg":"Hello, Cy! (from greeter)"}"#);
+    // The registry announces the endpoint with its type names.
+    let described = client.registry().get_service("greeter").await.unwrap();
+    let endpoint = &described[0].endpoints[0];
+    assert_eq!(
+        (
+            endpoint.name.as_str(),
+            endpoint.request.as_str(),
+            endpoint.response.as_str()
+        ),
+        ("Greeter.Hello", "HelloRequest", "HelloReply")
+    );
+    for s in [client, server, mesh.bootstrap] {
+        s.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_case_yields_its_status_and_the_server_keeps_serving() {
+    let mesh = Mesh::new("rpc-errors").await;
+    let server = mesh
+        .service("greeter")
+        .handle("Greeter.Hello", hello)
+        .handle("Greeter.Panic", panics)
+        .build()
+        .await
+        .unwrap();
+    let client = mesh.client().await;
+    resolvable(&client, "greeter", 1).await;
+    let c = client.client();
+    let ada = HelloRequest { name: "Ada".into() };
+
+    let err = c
+        .call::<_, HelloReply>("nobody", "X.Y", &ada)
+        .await
+        .unwrap_err();
+    assert_eq!(err.phase(), Phase::Resolve, "{err}");
+    assert_eq!(err.status().code(), Code::NotFound);
+
+    let err = c
+        .call::<_, HelloReply>("greeter", "Greeter.Bye", &ada)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.phase(), err.status().code()),
+        (Phase::Remote, Code::NotFound),
+        "{err}"
+    );
+    assert_eq!(err.peer(), Some(server.peer_id()));
+    assert!(err.to_string().contains("Greeter.Bye"), "{err}");
+
+    // A body of the wrong shape cannot be decoded: 400.
+    let err = c
+        .call::<_, HelloReply>("greeter", "Greeter.Hello", &42u32)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().code(), Code::BadRequest, "{err}");
+
+    // The handler's own status passes through, detail and all.
+    let err = c
+        .call::<_, HelloReply>(
+            "greeter",
+            "Greeter.Hello",
+            &HelloRequest {
+                name: String::new(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().code(), Code::Conflict);
+    assert_eq!(err.status().detail(), "a name is required");
+
+    // A panic is a 500, and the next call is served.
+    let err = c
+        .call::<_, HelloReply>("greeter", "Greeter.Panic", &ada)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().code(), Code::Internal, "{err}");
+    let ok: HelloReply = c.call("greeter", "Greeter.Hello", &ada).await.unwrap();
+    assert!(ok.msg.starts_with("Hello, Ada"));
+
+    // Calling a unary endpoint as a stream is refused with 400.
+    let mut stream = c
+        .stream::<HelloRequest, HelloReply>("greeter", "Greeter.Hello", CallOptions::default())
+        .await
+        .unwrap();
+    let err = stream.recv().await.unwrap().unwrap_err();
+    assert_eq!(err.status().code(), Code::BadRequest, "{err}");
+    for s in [client, server, mesh.bootstrap] {
+        s.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_gets_a_clear_error_and_the_connection_keeps_serving() {
+    let mesh = Mesh::new("rpc-size").await;
+    let small = transport::Config::default().max_message(64 * 1024);
+    let server = mesh
+        .service("echo")
+        .transport_config(small)
+        .handle(
+            "Echo.Bytes",
+            |_: Context, b: serde_bytes::ByteBuf| async move { Ok::<_, Status>(b) },
+        )
+        .build()
+        .await
+        .unwrap();
+    let client = mesh.client().await;
+    resolvable(&client, "echo", 1).await;
+    let c = client.client();
+    let big = serde_bytes::ByteBuf::from(vec![7u8; 100 * 1024]);
+    let err = c
+        .call::<_, serde_bytes::ByteBuf>("echo", "Echo.Bytes", &big)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().code(), Code::PayloadTooLarge, "{err}");
+    assert!(
+        err.to_string()
+            .contains("exceeds the server's limit of 65536 bytes"),
+        "{err}"
+    );
+    // Larger than the client's own limit: refused before anything is sent.
+    let huge = serde_bytes::ByteBuf::from(vec![1u8; 5 * 1024 * 1024]);
+    let err = c
+        .call::<_, serde_bytes::ByteBuf>("echo", "Echo.Bytes", &huge)
+        .await
+        .unwrap_err();
+    assert_eq!(err.phase(), Phase::Encode, "{err}");
+    // The same connection serves the next call.
+    let ok: serde_bytes::ByteBuf = c
+        .call(
+            "echo",
+            "Echo.Bytes",
+            &serde_bytes::ByteBuf::from(vec![1u8; 1000]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.len(), 1000);
+    for s in [client, server, mesh.bootstrap] {
+        s.stop().await.unwrap();
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Seen {
+    remaining_ms: u64,
+    trace_id: String,
+    caller: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_and_trace_ids_cascade_across_two_hops() {
+    let mesh = Mesh::new("rpc-hops").await;
+    let last = mesh
+        .service("last")
+        .handle("Last.Inspect", |ctx: Context, _: ()| async move {
+            Ok::<_, Status>(Seen {
+                remaining_ms: ctx.remaining().map_or(u64::MAX, |d| d.as_millis() as u64),
+                trace_id: ctx.trace_id().to_owned(),
+                caller: ctx.peer_id().to_string(),
+            })
+        })
+        .handle("Last.Slow", |_: Context, _: ()| async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok::<_, Status>(())
+        })
+        .build()
+        .await
+        .unwrap();
+    let middle_client: Arc<std::sync::OnceLock<micromesh::Client>> = Arc::default();
+    let relay_client = middle_client.clone();
+    let middle = mesh
+        .service("middle")
+        .handle("Middle.Relay", move |ctx: Context, endpoint: String| {
+            let client = relay_client.get().cloned().expect("set after build");
+            async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let seen: Result<Seen, _> = client
+                    .call_with("last", &endpoint, &(), ctx.call_options())
+                    .await;
+                seen.map(|s| (s, ctx.trace_id().to_owned()))
+                    .map_err(|e| e.status())
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    middle_client.set(middle.client().clone()).unwrap();
+    let client = mesh.client().await;
+    resolvable(&client, "middle", 1).await;
+    resolvable(&middle, "last", 1).await;
+
+    let options = CallOptions::default().timeout(Duration::from_secs(3));
+    let (seen, middle_trace): (Seen, String) = client
+        .client()
+        .call_with("middle", "Middle.Relay", &"Last.Inspect", options.clone())
+        .await
+        .unwrap();
+    assert!(
+        seen.remaining_ms < 2_900,
+        "the deadline did not shrink across hops: {seen:?}"
+    );
+    assert!(seen.remaining_ms > 1_000, "{seen:?}");
+    assert_eq!(seen.trace_id, middle_trace, "one trace id across the chain");
+    assert_eq!(
+        seen.caller,
+        middle.peer_id().to_string(),
+        "the callee sees its verified caller"
+    );
+
+    // The last hop is slow: the caller's deadline ends the whole chain.
+    let started = std::time::Instant::now();
+    let err = client
+        .client()
+        .call_with::<_, (Seen, String)>(
+            "middle",
+            "Middle.Relay",
+            &"Last.Slow",
+            options.timeout(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(err.status().code(), Code::Timeout), "{err}");
+    for s in [client, middle, last, mesh.bootstrap] {
+        s.stop().await.unwrap();
+    }
+}
+
+fn counting(
+    counter: Arc<AtomicUsize>,
+) -> impl Fn(Context, u64) -> futures::future::Ready<Result<u64, Status>> + Clone {
+    move |_, n| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        futures::future::ready(Ok(n))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_load_and_a_killed_replica_fails_over() {
+    let mesh = Mesh::new("rpc-replicas").await;
+    let counters: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::default()).collect();
+    let mut replicas = Vec::new();
+    for counter in &counters {
+        replicas.push(
+            mesh.service("work")
+                .handle("Work.Do", counting(counter.clone()))
+                .build()
+                .await
+                .unwrap(),
+        );
+    }
+    let client = mesh.client().await;
+    resolvable(&client, "work", 3).await;
+    // The endpoint is idempotent: any failure may be retried elsewhere.
+    let options = CallOptions::default().retries(4).retry_if(|e: &Error| {
+        matches!(e.phase(), Phase::Dial | Phase::Send | Phase::Receive) || e.is_safe_to_retry()
+    });
+    let c = client.client().clone();
+    let run = |from: u64, count: u64| {
+        let c = c.clone();
+        let options = options.clone();
+        futures::stream::iter(from..from + count)
+            .map(move |n| {
+                let c = c.clone();
+                let options = options.clone();
+                async move {
+                    c.call_with::<_, u64>("work", "Work.Do", &n, options)
+                        .await
+                        .map(|r| (n, r))
+                }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+    };
+    for result in run(0, 600).await {
+        let (n, r) = result.unwrap();
+        assert_eq!(n, r);
+    }
+    for (i, counter) in counters.iter().enumerate() {
+        let share = counter.load(Ordering::Relaxed);
+        assert!(share >= 60, "replica {i} served only {share} of 600 calls");
+    }
+    // Kill one replica while calls are in flight: every call still succeeds.
+    let victim = replicas.remove(0);
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        micromesh::testing::crash(&victim);
+    });
+    for result in run(1000, 600).await {
+        let (n, r) = result.expect("a call failed during failover");
+        assert_eq!(n, r);
+    }
+    killer.await.unwrap();
+    for s in replicas.into_iter().chain([client, mesh.bootstrap]) {
+        s.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_streaming_shape_moves_ten_thousand_messages_in_order() {
+    const N: u64 = 10_000;
+    let mesh = Mesh::new("rpc-streams").await;
+    let server = mesh
+        .service("numbers")
+        .server_stream("Numbers.Count", |_: Context, n: u64| async move {
+            Ok::<_, Status>(futures::stream::iter((0..n).map(Ok)))
+        })
+        .client_stream(
+            "Numbers.Sum",
+            |_: Context, mut numbers: Streaming<u64>| async move {
+                let (mut sum, mut count, mut expected) = (0u64, 0u64, 0u64);
+                while let Some(n) = numbers.message().await {
+                    let n = n?;
+                    if n != expected {
+                        return Err(Status::bad_request(format!(
+                            "out of order: {n} after {}",
+                            expected - 1
+                        )));
+                    }
+                    expected += 1;
+                    sum += n;
+                    count += 1;
+                }
+                Ok((count, sum))
+            },
+        )
+        .bidi_stream(
+            "Numbers.Echo",
+            |_: Context, numbers: Streaming<u64>| async move {
+                Ok::<_, Status>(numbers.map(|n| n.map(|n| n * 2)))
+            },
+        )
+        .build()
+        .await
+        .unwrap();
+    let client = mesh.client().await;
+    resolvable(&client, "numbers", 1).await;
+    let c = client.client();
+    let options = || CallOptions::default().timeout(Duration::from_secs(60));
+
+    let mut count = c
+        .server_stream::<u64, u64>("numbers", "Numbers.Count", &N, options())
+        .await
+        .unwrap();
+    let mut next = 0;
+    while let Some(n) = count.recv().await {
+        assert_eq!(n.unwrap(), next);
+        next += 1;
+    }
+    assert_eq!(next, N, "server stream ended early");
+    assert!(count.recv().await.is_none(), "end of stream is final");
+
+    let mut sum = c
+        .client_stream::<u64, (u64, u64)>("numbers", "Numbers.Sum", options())
+        .await
+        .unwrap();
+    for n in 0..N {
+        sum.send(&n).await.unwrap();
+    }
+    assert_eq!(sum.finish().await.unwrap(), (N, N * (N - 1) / 2));
+
+    // Bidirectional: send in batches of 16 and read the answers in between, so both
+    // directions carry messages at once.
+    let mut echo = c
+        .stream::<u64, u64>("numbers", "Numbers.Echo", options())
+        .await
+        .unwrap();
+    let mut received = 0;
+    for n in 0..N {
+        echo.send(&n).await.unwrap();
+        if n % 16 == 15 {
+            for _ in 0..16 {
+                assert_eq!(echo.recv().await.unwrap().unwrap(), received * 2);
+                received += 1;
+            }
+        }
+    }
+    echo.close_send().await.unwrap();
+    while let Some(m) = echo.recv().await {
+        assert_eq!(m.unwrap(), received * 2);
+        received += 1;
+    }
+    assert_eq!(received, N);
+    for s in [client, server, mesh.bootstrap] {
+        s.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tower_layers_work_unchanged() {
+    let mesh = Mesh::new("rpc-tower").await;
+    let server = mesh
+        .service("slow")
+        .layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(
+            100,
+        )))
+        .layer(tower::load_shed::LoadShedLayer::new())
+        .layer(tower::limit::ConcurrencyLimitLayer::new(1))
+        .handle("Slow.Sleep", |_: Context, ms: u64| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, Status>(ms)
+        })
+        .build()
+        .await
+        .unwrap();
+    let client = mesh.client().await;
+    resolvable(&client, "slow", 1).await;
+    let c = client.client();
+    assert_eq!(
+        c.call::<_, u64>("slow", "Slow.Sleep", &1u64).await.unwrap(),
+        1
+    );
+    // tower's timeout: 408.
+    let err = c
+        .call::<_, u64>("slow", "Slow.Sleep", &500u64)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().code(), Code::Timeout, "{err}");
+    // One call at a time, the rest shed: 503 (no retries, to see it).
+    let no_retry = CallOptions::default().retries(0);
+    let calls =
+        (0..4).map(|_| c.call_with::<_, u64>("slow", "Slow.Sleep", &80u64, no_retry.clone()));
+    let results = futures::future::join_all(calls).await;
+    assert!(results.iter().any(Result::is_ok));
+    assert!(
+        results
+            .iter()
+            .any(|r| matches!(r, Err(e) if e.status().code() == Code::Unavailable)),
+        "{results:?}"
+    );
+    for s in [client, server, mesh.bootstrap] {
+        s.stop().await.unwrap();
+    }
+}
