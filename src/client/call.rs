@@ -205,20 +205,18 @@ impl Client {
             .map(|a| a.clone().with_p2p(peer).unwrap_or_else(|a| a))
             .collect();
         let connect = async {
-            if peer != node.peer_id() {
+            if peer != node.peer_id() && !node.is_connected(&peer) {
                 node.probe(peer, addrs).await.map_err(|e| Error::Dial {
                     peer,
                     reason: e.to_string(),
                 })?;
             }
-            let mut control = node.stream_control();
-            control
-                .open_stream(peer, transport::protocol(node.network()))
+            node.open_stream(peer, transport::protocol(node.network()))
                 .await
                 .map_err(|e| Error::Dial {
                     peer,
                     reason: match e {
-                        libp2p_stream::OpenStreamError::UnsupportedProtocol(_) => {
+                        crate::node::OpenError::Unsupported(_) => {
                             "the peer serves no RPC on this network".into()
                         }
                         other => other.to_string(),

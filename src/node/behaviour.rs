@@ -17,7 +17,7 @@ use libp2p::{
 };
 use prometheus_client::registry::Registry;
 
-use super::{Error, config::Config, gossip, keep_alive};
+use super::{Error, config::Config, gossip, keep_alive, streams};
 
 /// The version string of micromesh's protocol family, sent in identify.
 pub(crate) const PROTOCOL_VERSION: &str = "/micromesh/1.0.0";
@@ -49,7 +49,7 @@ pub(crate) struct Behaviour {
     pub(crate) ping: ping::Behaviour,
     pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
     pub(crate) gossipsub: gossipsub::Behaviour<gossipsub::IdentityTransform, gossip::Filter>,
-    pub(crate) stream: libp2p_stream::Behaviour,
+    pub(crate) streams: streams::Behaviour,
     pub(crate) autonat: Toggle<autonat::Behaviour>,
     pub(crate) relay_client: relay::client::Behaviour,
     pub(crate) relay_server: Toggle<relay::Behaviour>,
@@ -64,6 +64,7 @@ impl Behaviour {
         relay_client: relay::client::Behaviour,
         config: &Config,
         registry: &mut Registry,
+        streams: streams::Behaviour,
     ) -> Result<Self, Error> {
         let peer_id = key.public().to_peer_id();
         let network = &config.network;
@@ -165,7 +166,7 @@ impl Behaviour {
             ping,
             kad,
             gossipsub,
-            stream: libp2p_stream::Behaviour::new(),
+            streams,
             autonat,
             relay_client,
             relay_server,
@@ -232,8 +233,10 @@ pub(crate) fn build_swarm(
     key: Keypair,
     config: &Config,
     registry: &mut Registry,
+    streams: streams::Behaviour,
 ) -> Result<Swarm<Behaviour>, Error> {
     let idle_timeout = config.idle_timeout;
+    let mut streams = Some(streams);
     // The tail of the builder chain is the same for both transport stacks, but the stacks are
     // different types, so it is spelled out by a macro rather than a function.
     macro_rules! finish {
@@ -242,7 +245,8 @@ pub(crate) fn build_swarm(
             let swarm = $builder
                 .with_bandwidth_metrics(registry)
                 .with_behaviour(|key, relay_client| {
-                    match Behaviour::new(key, relay_client, config, registry) {
+                    let streams = streams.take().expect("the behaviour is built once");
+                    match Behaviour::new(key, relay_client, config, registry, streams) {
                         Ok(behaviour) => Ok(behaviour),
                         Err(e) => {
                             built = Some(e);

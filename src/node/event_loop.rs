@@ -6,6 +6,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
@@ -113,6 +114,7 @@ pub(crate) struct EventLoop {
     high_water: usize,
     connection_grace: Duration,
     metrics_local: NodeMetrics,
+    connected: Arc<RwLock<HashSet<PeerId>>>,
 }
 
 impl EventLoop {
@@ -123,6 +125,7 @@ impl EventLoop {
         events: broadcast::Sender<Event>,
         metrics: libp2p::metrics::Metrics,
         metrics_local: NodeMetrics,
+        connected: Arc<RwLock<HashSet<PeerId>>>,
     ) -> Self {
         Self {
             swarm,
@@ -151,6 +154,7 @@ impl EventLoop {
             high_water: config.high_water,
             connection_grace: config.connection_grace,
             metrics_local,
+            connected,
         }
     }
 
@@ -289,6 +293,8 @@ impl EventLoop {
     }
 
     fn dial_bootstrap_peers(&mut self) {
+        // The next redial (when every connection is lost) waits for the backoff.
+        self.next_bootstrap_dial = Instant::now() + self.bootstrap_backoff;
         for addr in self.bootstrap_addrs.clone() {
             if let Some(peer) = peer_of(&addr)
                 && self.peers.contains_key(&peer)
@@ -309,6 +315,8 @@ impl EventLoop {
                         },
                     );
                 }
+                // A dial to it is already under way.
+                Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {}
                 Err(e) => tracing::warn!(%addr, "cannot dial bootstrap peer: {e}"),
             }
         }
@@ -344,7 +352,6 @@ impl EventLoop {
             && now >= self.next_bootstrap_dial
         {
             self.dial_bootstrap_peers();
-            self.next_bootstrap_dial = now + self.bootstrap_backoff;
             self.bootstrap_backoff = (self.bootstrap_backoff * 2).min(MAX_BOOTSTRAP_BACKOFF);
         }
         // Subscriptions dropped while the command queue was full.
@@ -684,6 +691,10 @@ impl EventLoop {
                     }
                 }
                 if num_established.get() == 1 {
+                    self.connected
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(peer_id);
                     self.emit(Event::PeerConnected { peer_id, address });
                 }
             }
@@ -699,6 +710,10 @@ impl EventLoop {
                     state.connections.remove(&connection_id);
                 }
                 if num_established == 0 {
+                    self.connected
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&peer_id);
                     self.peers.remove(&peer_id);
                     self.emit(Event::PeerDisconnected { peer_id });
                 }

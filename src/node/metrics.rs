@@ -8,6 +8,7 @@ pub(crate) struct NodeMetrics {
     pub(crate) connections_pruned: Counter,
     pub(crate) gossip_delivered: Counter,
     pub(crate) gossip_dropped: Counter,
+    pub(crate) inbound_streams_dropped: Counter,
 }
 
 impl NodeMetrics {
@@ -27,6 +28,11 @@ impl NodeMetrics {
             "gossip_dropped",
             "Gossip messages dropped because a subscription's queue was full",
             metrics.gossip_dropped.clone(),
+        );
+        registry.register(
+            "inbound_streams_dropped",
+            "Inbound RPC or sync streams refused because their queue was full",
+            metrics.inbound_streams_dropped.clone(),
         );
         metrics
     }

@@ -31,8 +31,10 @@ mod event_loop;
 pub mod gossip;
 mod keep_alive;
 mod metrics;
+mod streams;
 
 use std::{
+    collections::HashMap,
     fmt,
     sync::{
         Arc, Mutex,
@@ -41,6 +43,7 @@ use std::{
     time::Duration,
 };
 
+use libp2p::StreamProtocol;
 use prometheus_client::registry::Registry;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::Instrument as _;
@@ -316,7 +319,10 @@ pub(crate) struct Inner {
     next_subscription: AtomicU64,
     subscription_queue: usize,
     abort: tokio::task::AbortHandle,
-    stream: libp2p_stream::Control,
+    opener: streams::Opener,
+    inbound: Mutex<HashMap<StreamProtocol, mpsc::Receiver<(PeerId, libp2p::Stream)>>>,
+    /// The peers with an open connection, kept by the event loop, read without asking it.
+    connected: Arc<std::sync::RwLock<std::collections::HashSet<PeerId>>>,
 }
 
 /// A handle to a running node. Cheap to clone; every clone drives the same node.
@@ -355,18 +361,27 @@ impl Node {
         };
         let peer_id = identity.peer_id();
         let mut registry = Registry::default();
-        let libp2p_registry = registry.sub_registry_with_prefix("libp2p");
-        let swarm = behaviour::build_swarm(identity.keypair().clone(), &config, libp2p_registry)?;
-        let libp2p_metrics = libp2p::metrics::Metrics::new(libp2p_registry);
         let node_metrics =
             metrics::NodeMetrics::register(registry.sub_registry_with_prefix("micromesh"));
+        let (streams, opener, inbound_queues) = streams::Behaviour::new(
+            &served_protocols(&config.network),
+            node_metrics.inbound_streams_dropped.clone(),
+        );
+        let libp2p_registry = registry.sub_registry_with_prefix("libp2p");
+        let swarm = behaviour::build_swarm(
+            identity.keypair().clone(),
+            &config,
+            libp2p_registry,
+            streams,
+        )?;
+        let libp2p_metrics = libp2p::metrics::Metrics::new(libp2p_registry);
 
         let (commands, command_rx) = mpsc::channel(config.command_queue);
         let (events_tx, events) = broadcast::channel(config.event_queue);
         let (exit_tx, exit) = watch::channel(None);
         let metrics = Arc::new(Mutex::new(registry));
 
-        let stream = swarm.behaviour().stream.new_control();
+        let connected = Arc::new(std::sync::RwLock::new(std::collections::HashSet::new()));
         let mut event_loop = event_loop::EventLoop::new(
             swarm,
             &config,
@@ -374,6 +389,7 @@ impl Node {
             events_tx,
             libp2p_metrics,
             node_metrics,
+            connected.clone(),
         );
         event_loop.start(&config).await?;
 
@@ -411,7 +427,9 @@ impl Node {
                 next_subscription: AtomicU64::new(0),
                 subscription_queue: config.subscription_queue,
                 abort,
-                stream,
+                opener,
+                inbound: Mutex::new(inbound_queues),
+                connected,
             }),
         })
     }
@@ -494,9 +512,37 @@ impl Node {
             .map(drop)
     }
 
-    /// A handle to open and accept raw streams of custom protocols.
-    pub(crate) fn stream_control(&self) -> libp2p_stream::Control {
-        self.inner.stream.clone()
+    /// Whether the node has an open connection to `peer`, without a round trip to the event
+    /// loop.
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        self.inner
+            .connected
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(peer)
+    }
+
+    /// Opens a stream of one of micromesh's protocols on the best connection to `peer` (direct
+    /// before relayed, newest first). The node must be connected to the peer.
+    pub(crate) async fn open_stream(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<libp2p::Stream, streams::OpenError> {
+        self.inner.opener.open(peer, protocol).await
+    }
+
+    /// The queue of inbound streams of one of micromesh's own protocols (see
+    /// [`served_protocols`]); each can be taken once.
+    pub(crate) fn take_inbound(
+        &self,
+        protocol: &StreamProtocol,
+    ) -> Option<mpsc::Receiver<(PeerId, libp2p::Stream)>> {
+        self.inner
+            .inbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(protocol)
     }
 
     /// The connected peers, with their addresses and last ping round trip.
@@ -717,6 +763,16 @@ impl Node {
 
 #[cfg(feature = "testing")]
 pub(crate) use self::event_loop::peer_of;
+
+pub(crate) use self::streams::OpenError;
+
+/// The stream protocols the node accepts for its components.
+fn served_protocols(network: &str) -> Vec<StreamProtocol> {
+    vec![
+        crate::transport::protocol(network),
+        crate::registry::sync_protocol(network),
+    ]
+}
 
 /// The last 6 characters of a peer id: enough to tell nodes apart in logs.
 pub(crate) fn short_id(peer: &PeerId) -> String {

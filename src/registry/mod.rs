@@ -40,6 +40,8 @@
 //! ```
 
 mod sync;
+
+pub(crate) use self::sync::protocol as sync_protocol;
 mod task;
 mod view;
 pub(crate) mod wire;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use futures::{AsyncWriteExt as _, StreamExt as _};
+use futures::AsyncWriteExt as _;
 use libp2p::StreamProtocol;
 
 use super::{Registry, wire};
@@ -37,18 +37,17 @@ async fn read_frame<S: futures::AsyncRead + Unpin>(
 
 /// Serves sync requests until the node stops.
 pub(crate) async fn serve(registry: Registry) {
-    let mut control = registry.node().stream_control();
-    let mut incoming = match control.accept(protocol(registry.node().network())) {
-        Ok(incoming) => incoming,
-        Err(e) => {
-            tracing::error!("cannot serve the registry sync protocol: {e}");
-            return;
-        }
+    let Some(mut incoming) = registry
+        .node()
+        .take_inbound(&protocol(registry.node().network()))
+    else {
+        tracing::error!("the registry sync protocol is already served");
+        return;
     };
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_SERVED));
     let stopped = registry.node().clone();
     let serving = async {
-        while let Some((peer, mut stream)) = incoming.next().await {
+        while let Some((peer, mut stream)) = incoming.recv().await {
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 break;
             };
@@ -92,11 +91,16 @@ pub(crate) async fn serve(registry: Registry) {
 /// a sync is an optimisation, the gossip announcements are the source of truth.
 pub(crate) async fn fetch(registry: &Registry, peer: PeerId, service: Option<String>) {
     let timeout = registry.config().lookup_timeout;
-    let network = registry.node().network().to_owned();
-    let mut control = registry.node().stream_control();
+    let node = registry.node().clone();
     let result = tokio::time::timeout(timeout, async {
-        let mut stream = control
-            .open_stream(peer, protocol(&network))
+        if !node.is_connected(&peer) {
+            // The DHT knows where providers are: dial with whatever addresses the node has.
+            node.probe(peer, Vec::new())
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        }
+        let mut stream = node
+            .open_stream(peer, protocol(node.network()))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let request = wire::encode_sync_request(&wire::SyncRequest { service });

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{AsyncReadExt as _, AsyncWriteExt as _, FutureExt as _, StreamExt as _};
+use futures::{AsyncReadExt as _, AsyncWriteExt as _, FutureExt as _};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{Notify, mpsc};
 use tower::ServiceExt as _;
@@ -118,24 +118,17 @@ impl Server {
                 metrics,
             }),
         };
-        let mut control = node.stream_control();
-        match control.accept(transport::protocol(node.network())) {
-            Ok(mut incoming) => {
+        match node.take_inbound(&transport::protocol(node.network())) {
+            Some(mut incoming) => {
                 let server = server.clone();
-                let node = node.clone();
                 tokio::spawn(async move {
-                    let accept = async {
-                        while let Some((peer, stream)) = incoming.next().await {
-                            server.spawn_call(peer, stream);
-                        }
-                    };
-                    tokio::select! {
-                        () = accept => {}
-                        _ = node.stopped() => {}
+                    // Ends when the node stops and drops the queue's sender.
+                    while let Some((peer, stream)) = incoming.recv().await {
+                        server.spawn_call(peer, stream);
                     }
                 });
             }
-            Err(e) => tracing::error!("cannot serve RPC: {e}"),
+            None => tracing::error!("RPC is already served on this node"),
         }
         server
     }

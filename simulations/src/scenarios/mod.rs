@@ -2,6 +2,7 @@
 
 mod idle;
 mod registry;
+mod rpc_bench;
 
 use crate::measure::Options;
 
@@ -10,6 +11,10 @@ pub(crate) const LIST: &[(&str, &str)] = &[
     (
         "idle",
         "start N nodes through one bootstrap; time to a full DHT view, memory per idle node",
+    ),
+    (
+        "rpc-bench",
+        "micromesh calls and streams against raw libp2p request-response and streams, loopback TCP",
     ),
     (
         "registry",
@@ -21,6 +26,7 @@ pub(crate) async fn run(name: &str, options: &Options) -> Result<serde_json::Val
     match name {
         "idle" => idle::run(options).await,
         "registry" => registry::run(options).await,
+        "rpc-bench" => rpc_bench::run(options).await,
         other => Err(format!("unknown scenario {other:?}")),
     }
 }

@@ -1,0 +1,362 @@
+//! `rpc-bench`: micromesh unary calls and streams against raw libp2p request-response and a
+//! raw libp2p stream, on the same loopback TCP transport (Noise, yamux), in one run.
+//!
+//! Figures: latency p50/p99 at concurrency 1, calls/s with 64 in flight, both with small
+//! (64 B) and 64 KiB payloads; stream throughput in MiB/s. Each pair is measured twice,
+//! baseline and micromesh alternating, to even out a noisy machine.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _, future::BoxFuture};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, noise,
+    request_response::{self, ProtocolSupport},
+    swarm::{NetworkBehaviour, SwarmEvent},
+    tcp, yamux,
+};
+use micromesh::{
+    Context, Service, Status, client::CallOptions, server::Streaming, testing::wait_until,
+};
+use serde_bytes::ByteBuf;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::measure::{Options, percentiles};
+
+const STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/bench/stream/1.0.0");
+
+#[derive(NetworkBehaviour)]
+struct Raw {
+    rr: request_response::cbor::Behaviour<ByteBuf, ByteBuf>,
+    stream: libp2p_stream::Behaviour,
+}
+
+fn raw_swarm() -> Result<Swarm<Raw>, String> {
+    let codec = request_response::cbor::codec::Codec::<ByteBuf, ByteBuf>::default()
+        .set_request_size_maximum(8 << 20)
+        .set_response_size_maximum(8 << 20);
+    Ok(SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| e.to_string())?
+        .with_behaviour(|_| Raw {
+            rr: request_response::Behaviour::with_codec(
+                codec,
+                [(
+                    StreamProtocol::new("/bench/rr/1.0.0"),
+                    ProtocolSupport::Full,
+                )],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(60))
+                    .with_max_concurrent_streams(1024),
+            ),
+            stream: libp2p_stream::Behaviour::new(),
+        })
+        .map_err(|e| e.to_string())?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build())
+}
+
+type Request = (ByteBuf, oneshot::Sender<ByteBuf>);
+
+/// A raw request-response pair: the server echoes; calls go through `calls`.
+struct RawPair {
+    calls: mpsc::Sender<Request>,
+    control: libp2p_stream::Control,
+    server: PeerId,
+    _tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn raw_pair() -> Result<RawPair, String> {
+    let mut server = raw_swarm()?;
+    let mut sink = server
+        .behaviour()
+        .stream
+        .new_control()
+        .accept(STREAM_PROTOCOL)
+        .map_err(|e| e.to_string())?;
+    server
+        .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("valid"))
+        .map_err(|e| e.to_string())?;
+    let addr: Multiaddr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = server.select_next_some().await {
+            break address;
+        }
+    };
+    let server_id = *server.local_peer_id();
+    let server_task = tokio::spawn(async move {
+        loop {
+            if let SwarmEvent::Behaviour(RawEvent::Rr(request_response::Event::Message {
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            })) = server.select_next_some().await
+            {
+                let _ = server.behaviour_mut().rr.send_response(channel, request);
+            }
+        }
+    });
+    let sink_task = tokio::spawn(async move {
+        while let Some((_, mut stream)) = sink.next().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = stream.write_all(b"k").await;
+                let _ = stream.close().await;
+            });
+        }
+    });
+    let mut client = raw_swarm()?;
+    let control = client.behaviour().stream.new_control();
+    client.dial(addr).map_err(|e| e.to_string())?;
+    loop {
+        if let SwarmEvent::ConnectionEstablished { .. } = client.select_next_some().await {
+            break;
+        }
+    }
+    let (calls, mut rx) = mpsc::channel::<Request>(1024);
+    let client_task = tokio::spawn(async move {
+        let mut pending = HashMap::new();
+        loop {
+            tokio::select! {
+                call = rx.recv() => match call {
+                    Some((body, reply)) => {
+                        let id = client.behaviour_mut().rr.send_request(&server_id, body);
+                        pending.insert(id, reply);
+                    }
+                    None => break,
+                },
+                event = client.select_next_some() => {
+                    if let SwarmEvent::Behaviour(RawEvent::Rr(request_response::Event::Message {
+                        message: request_response::Message::Response { request_id, response },
+                        ..
+                    })) = event
+                        && let Some(reply) = pending.remove(&request_id)
+                    {
+                        let _ = reply.send(response);
+                    }
+                }
+            }
+        }
+    });
+    Ok(RawPair {
+        calls,
+        control,
+        server: server_id,
+        _tasks: vec![server_task, sink_task, client_task],
+    })
+}
+
+type Call = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+
+async fn latencies(call: &Call, n: usize) -> Vec<Duration> {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        call().await;
+        samples.push(started.elapsed());
+    }
+    samples
+}
+
+async fn calls_per_second(call: &Call, in_flight: usize, duration: Duration) -> f64 {
+    let started = Instant::now();
+    let mut done = 0u64;
+    let mut running = futures::stream::FuturesUnordered::new();
+    for _ in 0..in_flight {
+        running.push(call());
+    }
+    while running.next().await.is_some() {
+        done += 1;
+        if started.elapsed() < duration {
+            running.push(call());
+        }
+    }
+    done as f64 / started.elapsed().as_secs_f64()
+}
+
+fn p50(samples: &[Duration]) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort();
+    s[s.len() / 2].as_secs_f64() * 1000.0
+}
+
+pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> {
+    let rounds = options.rounds.clamp(1, 4);
+    let raw = raw_pair().await?;
+
+    let server = Service::builder("bench")
+        .network("bench")
+        .listen("/ip4/127.0.0.1/tcp/0".parse().expect("valid"))
+        .configure_node(|n| n.mdns(false).upnp(false).autonat(false).memory_limit(None))
+        .handle("Bench.Echo", |_: Context, body: ByteBuf| async move {
+            Ok::<_, Status>(body)
+        })
+        .client_stream(
+            "Bench.Sink",
+            |_: Context, mut chunks: Streaming<ByteBuf>| async move {
+                let mut total = 0u64;
+                while let Some(chunk) = chunks.message().await {
+                    total += chunk?.len() as u64;
+                }
+                Ok::<_, Status>(total)
+            },
+        )
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = server
+        .node()
+        .listen_addrs()
+        .await
+        .map_err(|e| e.to_string())?
+        .remove(0);
+    let client = Service::builder("bench-client")
+        .network("bench")
+        .register(false)
+        .listen("/ip4/127.0.0.1/tcp/0".parse().expect("valid"))
+        .bootstrap(addr)
+        .configure_node(|n| n.mdns(false).upnp(false).autonat(false).memory_limit(None))
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+    let registry = client.registry().clone();
+    wait_until(Duration::from_secs(20), || async {
+        registry.get_service("bench").await.is_ok()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+
+    let mut report = serde_json::Map::new();
+    for (label, size) in [("small", 64usize), ("64KiB", 64 * 1024)] {
+        let payload = ByteBuf::from(vec![0x5au8; size]);
+        let raw_call: Call = {
+            let calls = raw.calls.clone();
+            let payload = payload.clone();
+            Arc::new(move || {
+                let calls = calls.clone();
+                let payload = payload.clone();
+                Box::pin(async move {
+                    let (tx, rx) = oneshot::channel();
+                    calls.send((payload, tx)).await.expect("raw client runs");
+                    rx.await.expect("raw response");
+                })
+            })
+        };
+        let mm_call: Call = {
+            let c = client.client().clone();
+            let payload = payload.clone();
+            Arc::new(move || {
+                let c = c.clone();
+                let payload = payload.clone();
+                Box::pin(async move {
+                    let options = CallOptions::default().timeout(Duration::from_secs(60));
+                    let reply: Result<ByteBuf, _> =
+                        c.call_with("bench", "Bench.Echo", &payload, options).await;
+                    if let Err(e) = reply {
+                        panic!("micromesh call of {} bytes failed: {e:?}", payload.len());
+                    }
+                })
+            })
+        };
+        // Warm up both paths.
+        eprintln!("{label}: warm-up");
+        latencies(&raw_call, 200).await;
+        latencies(&mm_call, 200).await;
+        let (mut raw_lat, mut mm_lat, mut raw_tput, mut mm_tput) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            raw_lat.extend(latencies(&raw_call, 1000).await);
+            mm_lat.extend(latencies(&mm_call, 1000).await);
+            eprintln!("{label}: throughput");
+            raw_tput.push(calls_per_second(&raw_call, 64, Duration::from_secs(3)).await);
+            mm_tput.push(calls_per_second(&mm_call, 64, Duration::from_secs(3)).await);
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        report.insert(
+            label.into(),
+            serde_json::json!({
+                "payload_bytes": size,
+                "latency_c1": { "raw": percentiles(raw_lat.clone()), "micromesh": percentiles(mm_lat.clone()) },
+                "latency_p50_ratio": p50(&mm_lat) / p50(&raw_lat),
+                "calls_per_second_64_in_flight": { "raw": raw_tput, "micromesh": mm_tput },
+                "throughput_ratio": mean(&mm_tput) / mean(&raw_tput),
+            }),
+        );
+    }
+
+    // Streams: 64 KiB messages for 3 s, one stream.
+    let chunk = vec![0x33u8; 64 * 1024];
+    let (mut raw_mib, mut mm_mib) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let mut control = raw.control.clone();
+        let mut stream = control
+            .open_stream(raw.server, STREAM_PROTOCOL)
+            .await
+            .map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while started.elapsed() < Duration::from_secs(3) {
+            stream.write_all(&chunk).await.map_err(|e| e.to_string())?;
+            sent += chunk.len() as u64;
+        }
+        stream.close().await.map_err(|e| e.to_string())?;
+        let mut ack = [0u8; 1];
+        stream
+            .read_exact(&mut ack)
+            .await
+            .map_err(|e| e.to_string())?;
+        raw_mib.push(sent as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64());
+
+        let options = CallOptions::default().timeout(Duration::from_secs(60));
+        let mut call = client
+            .client()
+            .client_stream::<ByteBuf, u64>("bench", "Bench.Sink", options)
+            .await
+            .map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        let mut sent = 0u64;
+        let body = ByteBuf::from(chunk.clone());
+        while started.elapsed() < Duration::from_secs(3) {
+            call.send(&body).await.map_err(|e| e.to_string())?;
+            sent += chunk.len() as u64;
+        }
+        let received = call.finish().await.map_err(|e| e.to_string())?;
+        if received != sent {
+            return Err(format!(
+                "the stream lost data: sent {sent}, received {received}"
+            ));
+        }
+        mm_mib.push(sent as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64());
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    report.insert(
+        "stream_64KiB_messages".into(),
+        serde_json::json!({
+            "mib_per_second": { "raw": raw_mib, "micromesh": mm_mib },
+            "throughput_ratio": mean(&mm_mib) / mean(&raw_mib),
+        }),
+    );
+    client.stop().await.map_err(|e| e.to_string())?;
+    server.stop().await.map_err(|e| e.to_string())?;
+    report.insert("scenario".into(), "rpc-bench".into());
+    report.insert(
+        "transport".into(),
+        "TCP loopback, Noise, yamux (raw side: libp2p request-response cbor and libp2p-stream)"
+            .into(),
+    );
+    Ok(serde_json::Value::Object(report))
+}

@@ -1,0 +1,337 @@
+//! Streams of micromesh's own protocols (RPC, registry sync), in and out.
+//!
+//! Inbound streams are queued per protocol for the tasks that serve them, in a bounded queue;
+//! a stream is refused only when its queue is full (the node is overloaded), and every such
+//! refusal is counted. (libp2p-stream hands them over through a single slot and drops the
+//! rest, which loses calls whenever several arrive at once.)
+//!
+//! Outbound streams are opened on the connection that suits them best: a direct connection
+//! before a relayed one, and the newest before older ones (an old QUIC connection to a peer
+//! that restarted may linger, dead, until its idle timeout). Any number of streams may be
+//! negotiating at once on one connection. (libp2p-stream picks a connection at random and
+//! negotiates one stream at a time per connection, which caps calls per second at one per
+//! round trip.)
+//!
+//! Opening a stream takes no trip through the swarm's event loop: the caller talks to the
+//! connection's handler directly.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    future::{Ready, ready},
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use libp2p::{
+    Multiaddr, PeerId, Stream, StreamProtocol,
+    core::{
+        Endpoint, InboundUpgrade, OutboundUpgrade, UpgradeInfo, multiaddr::Protocol,
+        transport::PortUse,
+    },
+    swarm::{
+        ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
+        NetworkBehaviour, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+        handler::{
+            ConnectionEvent, DialUpgradeError, FullyNegotiatedInbound, FullyNegotiatedOutbound,
+        },
+    },
+};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::{mpsc, oneshot};
+
+/// How many inbound streams of one protocol wait for their server before new ones are refused.
+pub(crate) const INBOUND_QUEUE: usize = 1024;
+/// How many stream requests wait for one connection's handler.
+const OUTBOUND_QUEUE: usize = 1024;
+
+/// Why a stream could not be opened.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum OpenError {
+    #[error("not connected")]
+    NotConnected,
+    #[error("the peer does not support {0}")]
+    Unsupported(StreamProtocol),
+    #[error("the connection closed while the stream was negotiated")]
+    Closed,
+    #[error("{0}")]
+    Failed(String),
+}
+
+type Reply = oneshot::Sender<Result<Stream, OpenError>>;
+
+struct Request {
+    protocol: StreamProtocol,
+    reply: Reply,
+}
+
+struct Connection {
+    id: ConnectionId,
+    relayed: bool,
+    established: Instant,
+    requests: mpsc::Sender<Request>,
+}
+
+#[derive(Default)]
+struct Shared {
+    connections: HashMap<PeerId, Vec<Connection>>,
+}
+
+/// Opens outbound streams. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Opener {
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Opener {
+    /// Opens a stream of `protocol` to `peer` on its best connection.
+    pub(crate) async fn open(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<Stream, OpenError> {
+        let requests = {
+            let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            let best = shared.connections.get(&peer).and_then(|connections| {
+                connections
+                    .iter()
+                    .max_by_key(|c| (!c.relayed, c.established))
+            });
+            match best {
+                Some(connection) => connection.requests.clone(),
+                None => return Err(OpenError::NotConnected),
+            }
+        };
+        let (reply, response) = oneshot::channel();
+        requests
+            .send(Request { protocol, reply })
+            .await
+            .map_err(|_| OpenError::Closed)?;
+        response.await.map_err(|_| OpenError::Closed)?
+    }
+}
+
+type Queues = Arc<HashMap<StreamProtocol, mpsc::Sender<(PeerId, Stream)>>>;
+
+/// The behaviour: accepts streams of a fixed set of protocols and opens streams on request.
+pub(crate) struct Behaviour {
+    queues: Queues,
+    shared: Arc<Mutex<Shared>>,
+    dropped: Counter,
+}
+
+/// The receiving ends of the inbound queues, one per protocol.
+pub(crate) type Inbound = HashMap<StreamProtocol, mpsc::Receiver<(PeerId, Stream)>>;
+
+impl Behaviour {
+    /// A behaviour accepting `protocols`.
+    pub(crate) fn new(protocols: &[StreamProtocol], dropped: Counter) -> (Self, Opener, Inbound) {
+        let mut senders = HashMap::new();
+        let mut receivers = HashMap::new();
+        for protocol in protocols {
+            let (tx, rx) = mpsc::channel(INBOUND_QUEUE);
+            senders.insert(protocol.clone(), tx);
+            receivers.insert(protocol.clone(), rx);
+        }
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        (
+            Self {
+                queues: Arc::new(senders),
+                shared: shared.clone(),
+                dropped,
+            },
+            Opener { shared },
+            receivers,
+        )
+    }
+
+    fn handler(&self, peer: PeerId, id: ConnectionId, remote: &Multiaddr) -> Handler {
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let relayed = remote.iter().any(|p| matches!(p, Protocol::P2pCircuit));
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .connections
+            .entry(peer)
+            .or_default()
+            .push(Connection {
+                id,
+                relayed,
+                established: Instant::now(),
+                requests: tx,
+            });
+        Handler {
+            peer,
+            queues: self.queues.clone(),
+            dropped: self.dropped.clone(),
+            requests: rx,
+        }
+    }
+}
+
+impl NetworkBehaviour for Behaviour {
+    type ConnectionHandler = Handler;
+    type ToSwarm = Infallible;
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        id: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        remote: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(self.handler(peer, id, remote))
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        id: ConnectionId,
+        peer: PeerId,
+        remote: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(self.handler(peer, id, remote))
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
+        if let FromSwarm::ConnectionClosed(closed) = event {
+            let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(connections) = shared.connections.get_mut(&closed.peer_id) {
+                connections.retain(|c| c.id != closed.connection_id);
+                if connections.is_empty() {
+                    shared.connections.remove(&closed.peer_id);
+                }
+            }
+        }
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        _: PeerId,
+        _: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        libp2p::core::util::unreachable(event)
+    }
+
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        Poll::Pending
+    }
+}
+
+/// A set of protocols offered, or the one requested.
+#[derive(Clone)]
+pub(crate) struct Protocols(Vec<StreamProtocol>);
+
+impl UpgradeInfo for Protocols {
+    type Info = StreamProtocol;
+    type InfoIter = std::vec::IntoIter<StreamProtocol>;
+
+    fn protocol_info(&self) -> Self::InfoIter {
+        self.0.clone().into_iter()
+    }
+}
+
+impl InboundUpgrade<Stream> for Protocols {
+    type Output = (Stream, StreamProtocol);
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Output, Infallible>>;
+
+    fn upgrade_inbound(self, stream: Stream, protocol: StreamProtocol) -> Self::Future {
+        ready(Ok((stream, protocol)))
+    }
+}
+
+impl OutboundUpgrade<Stream> for Protocols {
+    type Output = Stream;
+    type Error = Infallible;
+    type Future = Ready<Result<Stream, Infallible>>;
+
+    fn upgrade_outbound(self, stream: Stream, _: StreamProtocol) -> Self::Future {
+        ready(Ok(stream))
+    }
+}
+
+/// The per-connection half of [`Behaviour`]. It never keeps a connection alive by itself: the
+/// streams it hands out do, while they are open.
+pub(crate) struct Handler {
+    peer: PeerId,
+    queues: Queues,
+    dropped: Counter,
+    requests: mpsc::Receiver<Request>,
+}
+
+impl ConnectionHandler for Handler {
+    type FromBehaviour = Infallible;
+    type ToBehaviour = Infallible;
+    type InboundProtocol = Protocols;
+    type OutboundProtocol = Protocols;
+    type InboundOpenInfo = ();
+    type OutboundOpenInfo = (StreamProtocol, Reply);
+
+    fn listen_protocol(&self) -> SubstreamProtocol<Protocols> {
+        SubstreamProtocol::new(Protocols(self.queues.keys().cloned().collect()), ())
+    }
+
+    fn on_behaviour_event(&mut self, event: Infallible) {
+        libp2p::core::util::unreachable(event)
+    }
+
+    fn on_connection_event(
+        &mut self,
+        event: ConnectionEvent<'_, Protocols, Protocols, (), (StreamProtocol, Reply)>,
+    ) {
+        match event {
+            ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound {
+                protocol: (stream, protocol),
+                ..
+            }) => {
+                if let Some(queue) = self.queues.get(&protocol)
+                    && queue.try_send((self.peer, stream)).is_err()
+                {
+                    // Dropping the stream resets it: the caller sees a failed call, not a hang.
+                    self.dropped.inc();
+                    tracing::warn!(peer = %self.peer, %protocol, "inbound stream queue full; stream refused");
+                }
+            }
+            ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound {
+                protocol: stream,
+                info: (_, reply),
+            }) => {
+                let _ = reply.send(Ok(stream));
+            }
+            ConnectionEvent::DialUpgradeError(DialUpgradeError {
+                info: (protocol, reply),
+                error,
+            }) => {
+                let error = match error {
+                    libp2p::swarm::StreamUpgradeError::NegotiationFailed => {
+                        OpenError::Unsupported(protocol)
+                    }
+                    other => OpenError::Failed(other.to_string()),
+                };
+                let _ = reply.send(Err(error));
+            }
+            _ => {}
+        }
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<ConnectionHandlerEvent<Protocols, (StreamProtocol, Reply), Infallible>> {
+        match self.requests.poll_recv(cx) {
+            Poll::Ready(Some(Request { protocol, reply })) => {
+                Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
+                    protocol: SubstreamProtocol::new(
+                        Protocols(vec![protocol.clone()]),
+                        (protocol, reply),
+                    ),
+                })
+            }
+            _ => Poll::Pending,
+        }
+    }
+}
