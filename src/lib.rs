@@ -75,6 +75,8 @@ pub mod selector;
 pub mod server;
 pub mod service;
 pub mod status;
+#[cfg(test)]
+mod test_vectors;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod transport;

@@ -272,17 +272,15 @@ pub(crate) async fn send_all<W: futures::AsyncWrite + Unpin>(
     peer: PeerId,
     frames: &[Frame],
 ) -> Result<(), Error> {
-    let mut buf = Vec::new();
-    for f in frames {
-        let payload = f.encode();
-        buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        buf.extend_from_slice(&payload);
-    }
     let send = async {
+        let mut buf = Vec::new();
+        for f in frames {
+            frame::append(&mut buf, &f.encode())?;
+        }
         writer.write_all(&buf).await?;
         writer.flush().await
     };
-    send.await.map_err(|e| Error::Send {
+    send.await.map_err(|e: std::io::Error| Error::Send {
         peer,
         reason: e.to_string(),
     })

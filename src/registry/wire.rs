@@ -295,18 +295,7 @@ pub(crate) fn decode_sync_response(bytes: &[u8]) -> Result<Vec<serde_bytes::Byte
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    fn unhex(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::test_vectors::{hex, vector_after};
 
     fn vector_identity() -> Identity {
         Identity::from_secret_bytes([1; 32])
@@ -339,15 +328,8 @@ mod tests {
         }
     }
 
-    /// Reads a fenced hex block that follows `marker` in `protocols/registry.md`.
     fn spec_vector(marker: &str) -> Vec<u8> {
-        let spec = include_str!("../../protocols/registry.md");
-        let after = spec
-            .split(marker)
-            .nth(1)
-            .unwrap_or_else(|| panic!("no {marker} in spec"));
-        let block = after.split("```").nth(1).expect("a fenced block");
-        unhex(block.trim_start_matches("hex"))
+        vector_after(include_str!("../../protocols/registry.md"), marker)
     }
 
     #[test]

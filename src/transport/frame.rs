@@ -15,16 +15,23 @@ pub(crate) enum ReadError {
     Io(#[from] std::io::Error),
 }
 
+/// Appends one frame (length, then payload) to `buf`.
+pub(crate) fn append(buf: &mut Vec<u8>, payload: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame over 4 GiB"))?;
+    buf.reserve(4 + payload.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(payload);
+    Ok(())
+}
+
 /// Writes one frame and flushes.
 pub(crate) async fn write<S: futures::AsyncWrite + Unpin>(
     stream: &mut S,
     payload: &[u8],
 ) -> std::io::Result<()> {
-    let len = u32::try_from(payload.len())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame over 4 GiB"))?;
-    let mut buf = Vec::with_capacity(4 + payload.len());
-    buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(payload);
+    let mut buf = Vec::new();
+    append(&mut buf, payload)?;
     stream.write_all(&buf).await?;
     stream.flush().await
 }

@@ -76,17 +76,7 @@ impl Frame {
 mod tests {
     use super::*;
 
-    fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    fn unhex(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::test_vectors::{hex, vector_after};
 
     fn vectors() -> Vec<(&'static str, Frame)> {
         vec![
@@ -119,12 +109,7 @@ mod tests {
     fn the_spec_vectors_decode_and_reencode() {
         let spec = include_str!("../../protocols/rpc.md");
         for (name, frame) in vectors() {
-            let marker = format!("Vector: {name}");
-            let after = spec
-                .split(&marker)
-                .nth(1)
-                .unwrap_or_else(|| panic!("no {marker} in spec"));
-            let bytes = unhex(after.split("```").nth(1).unwrap().trim_start_matches("hex"));
+            let bytes = vector_after(spec, &format!("Vector: {name}"));
             assert_eq!(
                 hex(&frame.encode()),
                 hex(&bytes),
