@@ -460,3 +460,25 @@ async fn call_and_stream_any_endpoint_with_json() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "\"A\"\n\"BC\"\n");
     service.stop().await.unwrap();
 }
+
+#[test]
+fn sigterm_stops_a_node_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = NodeProcess::start(dir.path(), &["/ip4/127.0.0.1/tcp/0"], None);
+    node.addr("/tcp/");
+    let pid = node.child.id().to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(sent.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = node.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "a graceful stop exits 0, got {status}");
+}
