@@ -188,7 +188,15 @@ impl Client {
                 });
             }
         };
-        Ok(self.inner.selector.select(service, &candidates, &select)?)
+        match self.inner.selector.select(service, &candidates, &select) {
+            // Every remaining node is ejected: rather than fail without trying, try them anyway
+            // (as Envoy does below its panic threshold); a success brings a node back.
+            Err(crate::selector::Error::NoneAvailable(_)) if !select.include_unhealthy => {
+                select.include_unhealthy = true;
+                Ok(self.inner.selector.select(service, &candidates, &select)?)
+            }
+            result => Ok(result?),
+        }
     }
 
     /// Connects to the selected node and opens a call stream.

@@ -63,7 +63,6 @@ impl PeerState {
 
 struct PendingDial {
     addr: Multiaddr,
-    keep: bool,
     deadline: Instant,
     reply: Option<oneshot::Sender<Result<PeerId, Error>>>,
 }
@@ -115,7 +114,11 @@ pub(crate) struct EventLoop {
     connection_grace: Duration,
     metrics_local: NodeMetrics,
     connected: Arc<RwLock<HashSet<PeerId>>>,
+    /// Probes waiting for a connection to a peer: deadline, the address shown in errors, reply.
+    probes: HashMap<PeerId, Vec<Probe>>,
 }
+
+type Probe = (Instant, Multiaddr, oneshot::Sender<Result<PeerId, Error>>);
 
 impl EventLoop {
     pub(crate) fn new(
@@ -155,6 +158,7 @@ impl EventLoop {
             connection_grace: config.connection_grace,
             metrics_local,
             connected,
+            probes: HashMap::new(),
         }
     }
 
@@ -309,7 +313,6 @@ impl EventLoop {
                         id,
                         PendingDial {
                             addr,
-                            keep: true,
                             deadline: Instant::now() + self.dial_timeout,
                             reply: None,
                         },
@@ -340,6 +343,19 @@ impl EventLoop {
                 }));
             }
         }
+        for waiters in self.probes.values_mut() {
+            let (late, on_time): (Vec<_>, Vec<_>) = std::mem::take(waiters)
+                .into_iter()
+                .partition(|(d, _, _)| *d <= now);
+            *waiters = on_time;
+            for (_, addr, reply) in late {
+                let _ = reply.send(Err(Error::DialTimeout {
+                    addr,
+                    timeout: self.dial_timeout,
+                }));
+            }
+        }
+        self.probes.retain(|_, waiters| !waiters.is_empty());
         let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_for_dht)
             .into_iter()
             .partition(|(deadline, _)| *deadline <= now);
@@ -425,29 +441,21 @@ impl EventLoop {
                     let _ = reply.send(Ok(peer));
                     return;
                 }
+                // Every probe of a peer waits for the same dial: the first starts it, the
+                // others (and probes during a dial started elsewhere) join.
                 let shown = addrs
                     .first()
                     .cloned()
                     .unwrap_or_else(|| Multiaddr::empty().with(Protocol::P2p(peer)));
-                let opts = DialOpts::peer_id(peer).addresses(addrs).build();
-                let id = opts.connection_id();
-                match self.swarm.dial(opts) {
-                    Ok(()) => {
-                        self.dials.insert(
-                            id,
-                            PendingDial {
-                                addr: shown,
-                                keep: false,
-                                deadline: Instant::now() + self.dial_timeout,
-                                reply: Some(reply),
-                            },
-                        );
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(Error::Dial {
-                            addr: shown,
-                            reason: e.to_string(),
-                        }));
+                let deadline = Instant::now() + self.dial_timeout;
+                let waiters = self.probes.entry(peer).or_default();
+                let first = waiters.is_empty();
+                waiters.push((deadline, shown.clone(), reply));
+                if first {
+                    let opts = DialOpts::peer_id(peer).addresses(addrs).build();
+                    match self.swarm.dial(opts) {
+                        Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {}
+                        Err(e) => self.finish_probes(peer, Err(e.to_string())),
                     }
                 }
             }
@@ -595,6 +603,19 @@ impl EventLoop {
         }
     }
 
+    /// Answers every probe of `peer`: connected, or why not.
+    fn finish_probes(&mut self, peer: PeerId, outcome: Result<(), String>) {
+        for (_, addr, reply) in self.probes.remove(&peer).unwrap_or_default() {
+            let _ = reply.send(match &outcome {
+                Ok(()) => Ok(peer),
+                Err(reason) => Err(Error::Dial {
+                    addr,
+                    reason: reason.clone(),
+                }),
+            });
+        }
+    }
+
     fn no_dht_peers(&mut self) -> bool {
         self.swarm
             .behaviour_mut()
@@ -625,7 +646,6 @@ impl EventLoop {
                     id,
                     PendingDial {
                         addr,
-                        keep: true,
                         deadline: Instant::now() + self.dial_timeout,
                         reply: Some(reply),
                     },
@@ -676,9 +696,7 @@ impl EventLoop {
                     .connections
                     .insert(connection_id, address.clone());
                 if let Some(dial) = self.dials.remove(&connection_id) {
-                    if dial.keep {
-                        self.swarm.behaviour_mut().keep_alive.set(peer_id, true);
-                    }
+                    self.swarm.behaviour_mut().keep_alive.set(peer_id, true);
                     match dial.reply {
                         Some(reply) => {
                             let _ = reply.send(Ok(peer_id));
@@ -690,6 +708,7 @@ impl EventLoop {
                         }
                     }
                 }
+                self.finish_probes(peer_id, Ok(()));
                 if num_established.get() == 1 {
                     self.connected
                         .write()
@@ -720,9 +739,15 @@ impl EventLoop {
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
+                peer_id,
                 error,
                 ..
             } => {
+                if let Some(peer) = peer_id
+                    && !self.peers.contains_key(&peer)
+                {
+                    self.finish_probes(peer, Err(error.to_string()));
+                }
                 if let Some(dial) = self.dials.remove(&connection_id) {
                     match dial.reply {
                         Some(reply) => {
