@@ -729,6 +729,16 @@ impl Node {
         self.inner.metrics.clone()
     }
 
+    /// Registers a component's metrics under `micromesh_<component>_` in the node's registry.
+    pub(crate) fn register_metrics<R>(
+        &self,
+        component: &str,
+        f: impl FnOnce(&mut Registry) -> R,
+    ) -> R {
+        let mut registry = self.inner.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        f(registry.sub_registry_with_prefix(format!("micromesh_{component}")))
+    }
+
     /// All metrics in the OpenMetrics text format (what a Prometheus scrape returns).
     pub fn encode_metrics(&self) -> String {
         let mut out = String::new();

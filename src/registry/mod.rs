@@ -325,40 +325,41 @@ struct Metrics {
 impl Metrics {
     fn register(node: &node::Node) -> Self {
         let metrics = Self::default();
-        let registry = node.metrics_registry();
-        let mut registry = registry.lock().unwrap_or_else(|e| e.into_inner());
-        let registry = registry.sub_registry_with_prefix("micromesh_registry");
+        node.register_metrics("registry", |registry| metrics.add_to(registry));
+        metrics
+    }
+
+    fn add_to(&self, registry: &mut prometheus_client::registry::Registry) {
         registry.register(
             "messages_received",
             "Registry messages accepted",
-            metrics.received.clone(),
+            self.received.clone(),
         );
         registry.register(
             "messages_rejected",
             "Registry messages dropped: too large, malformed, badly signed or out of limits",
-            metrics.rejected.clone(),
+            self.rejected.clone(),
         );
         registry.register(
             "peers_marked_down",
             "Peers dropped after a failed liveness check",
-            metrics.marked_down.clone(),
+            self.marked_down.clone(),
         );
         registry.register(
             "syncs",
             "Registry views fetched from peers",
-            metrics.syncs.clone(),
+            self.syncs.clone(),
         );
         registry.register(
             "dht_lookups",
             "DHT lookups of service names missing from the view",
-            metrics.lookups.clone(),
+            self.lookups.clone(),
         );
         registry.register(
             "services",
             "Service names in this node's view",
-            metrics.services.clone(),
+            self.services.clone(),
         );
-        metrics
     }
 }
 

@@ -8,6 +8,7 @@ use libp2p::StreamProtocol;
 
 use super::{Registry, wire};
 use crate::PeerId;
+use crate::transport::frame;
 
 /// How many sync requests one node serves at a time; more wait.
 const MAX_CONCURRENT_SERVED: usize = 16;
@@ -19,20 +20,8 @@ pub(crate) fn protocol(network: &str) -> StreamProtocol {
         .expect("network names are protocol-safe")
 }
 
-async fn write_frame<S: futures::AsyncWrite + Unpin>(
-    stream: &mut S,
-    payload: &[u8],
-) -> std::io::Result<()> {
-    crate::transport::frame::write(stream, payload).await
-}
-
-async fn read_frame<S: futures::AsyncRead + Unpin>(
-    stream: &mut S,
-    max: usize,
-) -> std::io::Result<Vec<u8>> {
-    crate::transport::frame::read(stream, max)
-        .await
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+fn invalid(e: frame::ReadError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
 }
 
 /// Serves sync requests until the node stops.
@@ -55,7 +44,9 @@ pub(crate) async fn serve(registry: Registry) {
             tokio::spawn(async move {
                 let _slot = slot;
                 let result = tokio::time::timeout(SERVE_TIMEOUT, async {
-                    let request = read_frame(&mut stream, wire::MAX_SYNC_REQUEST).await?;
+                    let request = frame::read(&mut stream, wire::MAX_SYNC_REQUEST)
+                        .await
+                        .map_err(invalid)?;
                     let request = wire::decode_sync_request(&request)
                         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
                     let messages = registry.signed_messages(request.service.as_deref());
@@ -69,7 +60,7 @@ pub(crate) async fn serve(registry: Registry) {
                         }
                         refs.push(m);
                     }
-                    write_frame(&mut stream, &wire::encode_sync_response(&refs)).await?;
+                    frame::write(&mut stream, &wire::encode_sync_response(&refs)).await?;
                     stream.close().await
                 })
                 .await;
@@ -104,8 +95,10 @@ pub(crate) async fn fetch(registry: &Registry, peer: PeerId, service: Option<Str
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let request = wire::encode_sync_request(&wire::SyncRequest { service });
-        write_frame(&mut stream, &request).await?;
-        let response = read_frame(&mut stream, wire::MAX_SYNC_RESPONSE).await?;
+        frame::write(&mut stream, &request).await?;
+        let response = frame::read(&mut stream, wire::MAX_SYNC_RESPONSE)
+            .await
+            .map_err(invalid)?;
         wire::decode_sync_response(&response)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     })

@@ -90,10 +90,7 @@ impl Server {
         config: transport::Config,
     ) -> Self {
         let metrics = Metrics::default();
-        {
-            let registry = node.metrics_registry();
-            let mut registry = registry.lock().unwrap_or_else(|e| e.into_inner());
-            let registry = registry.sub_registry_with_prefix("micromesh_server");
+        node.register_metrics("server", |registry| {
             registry.register("calls", "Calls received", metrics.calls.clone());
             registry.register(
                 "calls_failed",
@@ -105,7 +102,7 @@ impl Server {
                 "Calls refused before a handler ran (limits, draining, unknown endpoint, bad input)",
                 metrics.refused.clone(),
             );
-        }
+        });
         let server = Self {
             inner: Arc::new(Inner {
                 name,
