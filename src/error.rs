@@ -13,6 +13,9 @@ pub enum Error {
     /// From the registry.
     #[error(transparent)]
     Registry(#[from] crate::registry::Error),
+    /// From the broker.
+    #[error(transparent)]
+    Broker(#[from] crate::broker::Error),
     /// From a call.
     #[error(transparent)]
     Call(#[from] crate::client::Error),

@@ -50,6 +50,9 @@
 //! - [`server`]: handlers as plain async functions over serde types, unary and streaming,
 //!   with tower middleware; [`Context`] carries the verified caller, metadata, deadline and
 //!   trace ids.
+//! - [`broker`]: typed publish/subscribe on gossipsub, in publish order per publisher, with
+//!   validation hooks feeding peer scoring, and queue groups with acknowledgements and
+//!   redelivery.
 //! - [`client`]: calls by service name, with timeouts, safe retries on other nodes, a pinned
 //!   peer, selector strategy and filters; errors name the phase and the peer.
 //! - [`transport`] and [`codec`]: one libp2p stream per call with length-prefixed CBOR
@@ -64,6 +67,7 @@
 //! a bootstrap peer, never exchange records or messages. A [`node::PreSharedKey`] closes a
 //! network to everyone without the key.
 
+pub mod broker;
 pub mod client;
 pub mod codec;
 pub mod error;

@@ -30,6 +30,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     Context, Error, Identity, Metadata, Multiaddr, PeerId, Status,
+    broker::{self, Broker},
     client::Client,
     error::BoxError,
     node::{self, Node, Preset},
@@ -74,6 +75,7 @@ pub struct Builder {
     endpoints: Vec<registry::Endpoint>,
     registry: registry::Config,
     selector: selector::Config,
+    broker: broker::Config,
     transport: transport::Config,
     router: Router,
     layers: Vec<LayerFn>,
@@ -103,6 +105,7 @@ impl Builder {
             endpoints: Vec::new(),
             registry: registry::Config::default(),
             selector: selector::Config::default(),
+            broker: broker::Config::default(),
             transport: transport::Config::default(),
             router: Router::default(),
             layers: Vec::new(),
@@ -238,6 +241,12 @@ impl Builder {
     /// Selector settings. Default is [`selector::Config::default`].
     pub fn selector_config(mut self, config: selector::Config) -> Self {
         self.selector = config;
+        self
+    }
+
+    /// Broker settings. Default is [`broker::Config::default`].
+    pub fn broker_config(mut self, config: broker::Config) -> Self {
+        self.broker = config;
         self
     }
 
@@ -390,6 +399,7 @@ impl Builder {
             selector.follow(&node);
             let server = server::Server::start(&node, name, Arc::new(router), transport.clone());
             let client = Client::new(node.clone(), registry.clone(), selector.clone(), transport);
+            let broker = Broker::start(node.clone(), self.broker)?;
             if self.register {
                 let mut registration = Registration::new(self.name.clone())
                     .version(self.version.clone())
@@ -399,9 +409,9 @@ impl Builder {
                 }
                 registry.register(registration).await?;
             }
-            Ok::<_, Error>((registry, selector, server, client))
+            Ok::<_, Error>((registry, selector, server, client, broker))
         };
-        let (registry, selector, server, client) = match started.await {
+        let (registry, selector, server, client, broker) = match started.await {
             Ok(parts) => parts,
             Err(e) => {
                 node.shutdown().await;
@@ -418,6 +428,7 @@ impl Builder {
                 selector,
                 server,
                 client,
+                broker,
                 hooks: self.hooks,
                 shutdown_timeout: self.shutdown_timeout,
                 stopped: Mutex::new(false),
@@ -448,6 +459,7 @@ struct Inner {
     selector: Selector,
     server: server::Server,
     client: Client,
+    broker: Broker,
     hooks: Hooks,
     shutdown_timeout: Duration,
     stopped: Mutex<bool>,
@@ -510,6 +522,11 @@ impl Service {
         &self.inner.client
     }
 
+    /// The broker: publish and subscribe, broadcast or in queue groups.
+    pub fn broker(&self) -> &Broker {
+        &self.inner.broker
+    }
+
     /// The peer id of this service's node.
     pub fn peer_id(&self) -> PeerId {
         self.inner.node.peer_id()
@@ -568,6 +585,13 @@ impl Service {
             }
             if !self.inner.server.drain(deadline).await {
                 tracing::warn!(service = %self.inner.name, "calls still in flight at the shutdown deadline");
+            }
+            if !self.inner.broker.flush(deadline).await {
+                tracing::warn!(
+                    service = %self.inner.name,
+                    pending = self.inner.broker.pending(),
+                    "queue-group messages still unacknowledged at the shutdown deadline"
+                );
             }
             self.inner.node.shutdown().await;
             let after = run_hooks("after_stop", &self.inner.hooks.after_stop).await;

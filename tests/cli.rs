@@ -482,3 +482,105 @@ fn sigterm_stops_a_node_gracefully() {
     };
     assert!(status.success(), "a graceful stop exits 0, got {status}");
 }
+
+/// Runs the binary to completion with `args` (plus the test network).
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .args(["--network", "clitest"])
+        .output()
+        .expect("run micromesh")
+}
+
+#[test]
+fn publish_and_subscribe_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), &["/ip4/127.0.0.1/tcp/0"], None);
+    let addr = node.addr("/tcp/");
+
+    for group in [None, Some("workers")] {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "--network",
+            "clitest",
+            "--json",
+            "subscribe",
+            "events",
+            "--count",
+            "2",
+        ])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        if let Some(group) = group {
+            cmd.args(["--group", group]);
+        }
+        let mut subscriber = cmd.spawn().expect("start micromesh subscribe");
+        // The subscriber says on stderr when it is subscribed.
+        let stderr = subscriber.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let said = lines.next().expect("a line on stderr").unwrap();
+        assert!(said.starts_with("subscribed to events"), "{said}");
+        std::thread::spawn(move || lines.for_each(drop));
+
+        for n in 1..=2 {
+            let body = format!(r#"{{"n":{n}}}"#);
+            let out = run(&[
+                "publish",
+                "events",
+                &body,
+                "-H",
+                "kind=test",
+                "--bootstrap",
+                &addr,
+            ]);
+            assert!(
+                out.status.success(),
+                "publish failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(said.starts_with("published on events: "), "{said}");
+        }
+        let out = subscriber.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "the subscriber exits 0 after --count messages"
+        );
+        let messages: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON value per line"))
+            .collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        for (message, n) in messages.iter().zip(1..) {
+            assert_eq!(message["body"]["n"], n);
+            assert_eq!(message["headers"]["kind"], "test");
+            assert_eq!(message["content_type"], "application/json");
+            assert_eq!(message["group"].as_str(), group);
+        }
+    }
+
+    let out = run(&[
+        "publish",
+        "nobody",
+        "{}",
+        "--wait",
+        "500ms",
+        "--bootstrap",
+        &addr,
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no subscribers of topic \"nobody\""),
+        "{stderr}"
+    );
+    let out = run(&["publish", "events", "not json", "--bootstrap", &addr]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not valid JSON"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

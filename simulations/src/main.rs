@@ -13,8 +13,9 @@ mod scenarios;
 use std::process::ExitCode;
 
 fn usage() -> String {
-    let mut text =
-        String::from("usage: micromesh-simulations <scenario> [--nodes N]\n\nscenarios:\n");
+    let mut text = String::from(
+        "usage: micromesh-simulations <scenario> [--nodes N] [--rounds N] [--rate PER_SECOND]\n\nscenarios:\n",
+    );
     for (name, about) in scenarios::LIST {
         text.push_str(&format!("  {name:<12} {about}\n"));
     }

@@ -7,6 +7,8 @@ use std::time::Duration;
 pub(crate) struct Options {
     pub(crate) nodes: usize,
     pub(crate) rounds: usize,
+    /// Messages (or calls) per second, for scenarios that pace their load.
+    pub(crate) rate: usize,
 }
 
 impl Options {
@@ -14,6 +16,7 @@ impl Options {
         let mut options = Options {
             nodes: 100,
             rounds: 5,
+            rate: 20,
         };
         while let Some(arg) = args.next() {
             let mut value = |name: &str| {
@@ -25,6 +28,7 @@ impl Options {
             match arg.as_str() {
                 "--nodes" => options.nodes = value("--nodes")?,
                 "--rounds" => options.rounds = value("--rounds")?,
+                "--rate" => options.rate = value("--rate")?.max(1),
                 other => return Err(format!("unknown option {other:?}")),
             }
         }
@@ -47,6 +51,26 @@ pub(crate) fn rss_bytes() -> u64 {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// CPU time this process has used (user and system), from `/proc/self/stat` (Linux; zero
+/// elsewhere).
+pub(crate) fn cpu_time() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // The kernel's USER_HZ is 100 on every Linux this runs on.
+    Duration::from_millis(ticks * 10)
 }
 
 /// Percentiles of a set of durations, in milliseconds.

@@ -17,7 +17,7 @@ use libp2p::{
 };
 use prometheus_client::registry::Registry;
 
-use super::{Error, config::Config, gossip, keep_alive, streams};
+use super::{Error, config::Config, gossip, keep_alive, scoring, streams};
 
 /// The version string of micromesh's protocol family, sent in identify.
 pub(crate) const PROTOCOL_VERSION: &str = "/micromesh/1.0.0";
@@ -115,15 +115,25 @@ impl Behaviour {
             .heartbeat_interval(config.gossip_heartbeat)
             .heartbeat_initial_delay(Duration::from_millis(100))
             .max_transmit_size(config.max_gossip_size)
+            // Messages are forwarded only once the topic's validation hook accepted them.
+            .validate_messages()
+            // A burst may queue messages for a while on a loaded node: deliver them late rather
+            // than drop them (gossipsub drops forwards after 1 s by default), and keep them for
+            // gossip repair (IWANT) for 5 s instead of 2.5 s.
+            .forward_queue_duration(Duration::from_secs(3))
+            .history_length(10)
             .build()
             .map_err(|e| Error::InvalidConfig(format!("gossipsub: {e}")))?;
-        let gossipsub = gossipsub::Behaviour::new_with_subscription_filter(
+        let mut gossipsub = gossipsub::Behaviour::new_with_subscription_filter(
             gossipsub::MessageAuthenticity::Signed(key.clone()),
             gossip_config,
             gossip::filter(network),
         )
         .map_err(|e| Error::InvalidConfig(format!("gossipsub: {e}")))?
         .with_metrics(registry, gossipsub::MetricsConfig::default());
+        gossipsub
+            .with_peer_score(scoring::params(), scoring::thresholds())
+            .map_err(|e| Error::InvalidConfig(format!("gossipsub scoring: {e}")))?;
 
         let autonat = Toggle::from(config.autonat.then(|| {
             autonat::Behaviour::new(

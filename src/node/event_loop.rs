@@ -25,10 +25,11 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
     Command, DhtMode, DhtPeer, Error, Event, ExitReason, PeerInfo, PublishError,
-    behaviour::{Behaviour, BehaviourEvent, kad_protocol},
+    behaviour::{Behaviour, BehaviourEvent, kad_protocol, keep_alive_protocol},
     config::Config,
-    gossip::{self, Delivery, Subscriber},
+    gossip::{self, Delivery, Subscriber, Validation},
     metrics::NodeMetrics,
+    scoring, streams,
 };
 
 /// How long a shutdown waits for connections to close gracefully.
@@ -37,6 +38,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Redials of bootstrap peers back off from 1 s to this.
 const MAX_BOOTSTRAP_BACKOFF: Duration = Duration::from_secs(30);
+/// How long an older connection has to answer a liveness probe when its peer connects again.
+const STALE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a graceful stop lets the last published gossip message leave.
+const PUBLISH_LINGER: Duration = Duration::from_millis(500);
+/// How many stale-connection reports wait for the event loop.
+const STALE_QUEUE: usize = 64;
 
 struct PeerState {
     connections: HashMap<ConnectionId, Multiaddr>,
@@ -116,6 +123,19 @@ pub(crate) struct EventLoop {
     connected: Arc<RwLock<HashSet<PeerId>>>,
     /// Probes waiting for a connection to a peer: deadline, the address shown in errors, reply.
     probes: HashMap<PeerId, Vec<Probe>>,
+    /// Opens liveness probes on older connections when a peer connects again.
+    opener: streams::Opener,
+    keep_alive_protocol: StreamProtocol,
+    /// Older connections found dead by a liveness probe, reported by the probe tasks.
+    stale_tx: mpsc::Sender<(PeerId, ConnectionId)>,
+    stale_rx: mpsc::Receiver<(PeerId, ConnectionId)>,
+    /// Peers disconnected because a connection to them was stale: dialled again once every
+    /// connection to them has closed, so that every protocol starts afresh with them.
+    redial_after_close: HashSet<PeerId>,
+    /// Validation hooks of gossip topics (user topic name → hook).
+    validators: HashMap<String, gossip::Validator>,
+    /// When this node last published a gossip message.
+    last_publish: Option<Instant>,
 }
 
 type Probe = (Instant, Multiaddr, oneshot::Sender<Result<PeerId, Error>>);
@@ -129,7 +149,9 @@ impl EventLoop {
         metrics: libp2p::metrics::Metrics,
         metrics_local: NodeMetrics,
         connected: Arc<RwLock<HashSet<PeerId>>>,
+        opener: streams::Opener,
     ) -> Self {
+        let (stale_tx, stale_rx) = mpsc::channel(STALE_QUEUE);
         Self {
             swarm,
             commands,
@@ -159,6 +181,13 @@ impl EventLoop {
             metrics_local,
             connected,
             probes: HashMap::new(),
+            opener,
+            keep_alive_protocol: keep_alive_protocol(&config.network),
+            stale_tx,
+            stale_rx,
+            redial_after_close: HashSet::new(),
+            validators: HashMap::new(),
+            last_publish: None,
         }
     }
 
@@ -260,13 +289,75 @@ impl EventLoop {
                     }
                 },
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some((peer, connection)) = self.stale_rx.recv() => self.on_stale(peer, connection),
                 _ = tick.tick() => self.on_tick(),
             }
         }
     }
 
+    /// A peer connected again while older connections to it were open. When it restarted
+    /// (same identity, new process), those older connections are dead but linger until their
+    /// idle timeout, and protocols that pick one connection per peer (gossipsub, for one) keep
+    /// sending into them. Each older connection must answer a stream negotiation within
+    /// [`STALE_PROBE_TIMEOUT`].
+    fn probe_older_connections(&mut self, peer: PeerId, newest: ConnectionId) {
+        let Some(state) = self.peers.get(&peer) else {
+            return;
+        };
+        for &connection in state.connections.keys().filter(|&&c| c != newest) {
+            let opener = self.opener.clone();
+            let protocol = self.keep_alive_protocol.clone();
+            let stale = self.stale_tx.clone();
+            tokio::spawn(async move {
+                let probe = opener.open_on(peer, connection, protocol);
+                match tokio::time::timeout(STALE_PROBE_TIMEOUT, probe).await {
+                    Ok(Ok(_stream)) => {}
+                    // Closed meanwhile: nothing to do.
+                    Ok(Err(streams::OpenError::NotConnected | streams::OpenError::Closed)) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, "liveness probe of an older connection failed: {e}");
+                        let _ = stale.send((peer, connection)).await;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "older connection did not answer a liveness probe");
+                        let _ = stale.send((peer, connection)).await;
+                    }
+                }
+            });
+        }
+    }
+
+    /// An older connection to `peer` is dead: the peer restarted. Every connection to it is
+    /// closed and the peer dialled again once they are gone, so that gossipsub, which greets a
+    /// peer only on its first connection, exchanges subscriptions with the new process.
+    fn on_stale(&mut self, peer: PeerId, connection: ConnectionId) {
+        let still_open = self
+            .peers
+            .get(&peer)
+            .is_some_and(|state| state.connections.contains_key(&connection));
+        if !still_open {
+            return;
+        }
+        tracing::info!(%peer, "peer restarted: reconnecting");
+        self.metrics_local.stale_connections.inc();
+        self.redial_after_close.insert(peer);
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
     /// Closes every connection and waits (briefly) for them to close.
     async fn drain(&mut self) {
+        // Gossipsub cannot say when its send queues are empty: give messages published just
+        // before the stop a moment to leave before the connections close under them.
+        if let Some(last) = self.last_publish {
+            let linger = tokio::time::sleep_until((last + PUBLISH_LINGER).into());
+            tokio::pin!(linger);
+            loop {
+                tokio::select! {
+                    event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                    _ = &mut linger => break,
+                }
+            }
+        }
         let peers: Vec<PeerId> = self.peers.keys().copied().collect();
         for peer in peers {
             let _ = self.swarm.disconnect_peer_id(peer);
@@ -535,8 +626,11 @@ impl EventLoop {
                 reply,
             } => {
                 let wire = gossipsub::IdentTopic::new(gossip::wire_topic(&self.network, &topic));
-                let result = match self.swarm.behaviour_mut().gossipsub.subscribe(&wire) {
+                let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
+                let result = match gossipsub.subscribe(&wire) {
                     Ok(_) => {
+                        // Invalid messages on the topic then count against their senders.
+                        let _ = gossipsub.set_topic_params(wire, scoring::topic_params());
                         self.topics.entry(topic).or_default().push(subscriber);
                         Ok(())
                     }
@@ -558,6 +652,7 @@ impl EventLoop {
             Command::Publish { topic, data, reply } => {
                 let wire = gossipsub::IdentTopic::new(gossip::wire_topic(&self.network, &topic));
                 let size = data.len();
+                self.last_publish = Some(Instant::now());
                 let result = self
                     .swarm
                     .behaviour_mut()
@@ -593,6 +688,34 @@ impl EventLoop {
                     .map(|(peer, _)| *peer)
                     .collect();
                 let _ = reply.send(peers);
+            }
+            Command::TopicsWithPrefix { prefix, reply } => {
+                let wire_prefix = format!("{}{prefix}", self.gossip_prefix);
+                let prefix_len = self.gossip_prefix.len();
+                let found = self
+                    .swarm
+                    .behaviour()
+                    .gossipsub
+                    .all_peers()
+                    .flat_map(|(peer, topics)| {
+                        topics
+                            .into_iter()
+                            .filter(|t| t.as_str().starts_with(&wire_prefix))
+                            .map(|t| (t.as_str()[prefix_len..].to_owned(), *peer))
+                    })
+                    .collect();
+                let _ = reply.send(found);
+            }
+            Command::SetValidator { topic, validator } => match validator {
+                Some(validator) => {
+                    self.validators.insert(topic, validator);
+                }
+                None => {
+                    self.validators.remove(&topic);
+                }
+            },
+            Command::GossipScore { peer, reply } => {
+                let _ = reply.send(self.swarm.behaviour().gossipsub.peer_score(&peer));
             }
             Command::KeepAlive { peer, keep } => {
                 // Bootstrap peers stay kept whatever a component says.
@@ -651,6 +774,23 @@ impl EventLoop {
                     },
                 );
             }
+            Err(e @ libp2p::swarm::DialError::DialPeerConditionFalse(_)) => match peer_of(&addr) {
+                // A dial to this peer is already under way (the DHT's, say): wait for it.
+                Some(peer) => {
+                    self.swarm.behaviour_mut().keep_alive.set(peer, true);
+                    let deadline = Instant::now() + self.dial_timeout;
+                    self.probes
+                        .entry(peer)
+                        .or_default()
+                        .push((deadline, addr, reply));
+                }
+                None => {
+                    let _ = reply.send(Err(Error::Dial {
+                        addr,
+                        reason: e.to_string(),
+                    }));
+                }
+            },
             Err(e) => {
                 let _ = reply.send(Err(Error::Dial {
                     addr,
@@ -709,6 +849,9 @@ impl EventLoop {
                     }
                 }
                 self.finish_probes(peer_id, Ok(()));
+                if num_established.get() > 1 && !self.redial_after_close.contains(&peer_id) {
+                    self.probe_older_connections(peer_id, connection_id);
+                }
                 if num_established.get() == 1 {
                     self.connected
                         .write()
@@ -735,6 +878,12 @@ impl EventLoop {
                         .remove(&peer_id);
                     self.peers.remove(&peer_id);
                     self.emit(Event::PeerDisconnected { peer_id });
+                    if self.redial_after_close.remove(&peer_id) {
+                        let opts = DialOpts::peer_id(peer_id).build();
+                        if let Err(e) = self.swarm.dial(opts) {
+                            tracing::debug!(peer = %peer_id, "cannot redial restarted peer: {e}");
+                        }
+                    }
                 }
             }
             SwarmEvent::OutgoingConnectionError {
@@ -816,13 +965,23 @@ impl EventLoop {
             }
             BehaviourEvent::Gossipsub(event) => {
                 self.metrics.record(&event);
-                if let gossipsub::Event::Message {
-                    propagation_source,
-                    message,
-                    ..
-                } = event
-                {
-                    self.on_gossip_message(propagation_source, message);
+                match event {
+                    gossipsub::Event::Message {
+                        propagation_source,
+                        message,
+                        message_id,
+                    } => self.on_gossip_message(propagation_source, message_id, message),
+                    gossipsub::Event::SlowPeer {
+                        peer_id,
+                        failed_messages,
+                    } => {
+                        let dropped = failed_messages.priority + failed_messages.non_priority;
+                        tracing::debug!(peer = %peer_id, ?failed_messages, "gossip messages to a slow peer dropped");
+                        self.metrics_local
+                            .gossip_send_dropped
+                            .inc_by(dropped as u64);
+                    }
+                    _ => {}
                 }
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
@@ -909,20 +1068,42 @@ impl EventLoop {
         });
     }
 
-    fn on_gossip_message(&mut self, via: PeerId, message: gossipsub::Message) {
+    fn on_gossip_message(
+        &mut self,
+        via: PeerId,
+        id: gossipsub::MessageId,
+        message: gossipsub::Message,
+    ) {
+        let verdict = self.check_gossip_message(via, message);
+        let acceptance = match verdict {
+            Validation::Accept => gossipsub::MessageAcceptance::Accept,
+            Validation::Reject => {
+                self.metrics_local.gossip_rejected.inc();
+                gossipsub::MessageAcceptance::Reject
+            }
+            Validation::Ignore => gossipsub::MessageAcceptance::Ignore,
+        };
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(&id, &via, acceptance);
+    }
+
+    /// Validates a message and, when it is accepted, queues it to the topic's subscribers.
+    fn check_gossip_message(&mut self, via: PeerId, message: gossipsub::Message) -> Validation {
         let Some(topic) = message.topic.as_str().strip_prefix(&self.gossip_prefix) else {
-            return;
+            return Validation::Reject;
         };
         let Some(source) = message.source else {
             // Strict validation rejects unsigned messages before they get here.
-            return;
+            return Validation::Reject;
         };
         if let Some(state) = self.peers.get_mut(&via) {
             state.last_active = Instant::now();
         }
-        let Some(subscribers) = self.topics.get_mut(topic) else {
-            return;
-        };
+        if !self.topics.contains_key(topic) {
+            return Validation::Ignore;
+        }
         let delivered = gossip::Message {
             topic: topic.to_owned(),
             source,
@@ -930,7 +1111,20 @@ impl EventLoop {
             sequence: message.sequence_number,
             data: message.data,
         };
+        if let Some(validator) = self.validators.get(topic) {
+            let verdict =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| validator(&delivered)));
+            match verdict {
+                Ok(Validation::Accept) => {}
+                Ok(other) => return other,
+                Err(_) => {
+                    tracing::error!(%topic, "a gossip validation hook panicked; message ignored");
+                    return Validation::Ignore;
+                }
+            }
+        }
         let metrics = &self.metrics_local;
+        let subscribers = self.topics.get_mut(topic).expect("checked above");
         subscribers.retain(|s| match s.deliver(delivered.clone()) {
             Delivery::Queued => {
                 metrics.gossip_delivered.inc();
@@ -946,6 +1140,7 @@ impl EventLoop {
             let topic = topic.to_owned();
             self.unsubscribe_topic(&topic);
         }
+        Validation::Accept
     }
 
     fn on_kad_event(&mut self, event: kad::Event) {

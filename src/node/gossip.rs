@@ -124,6 +124,24 @@ impl fmt::Debug for Message {
     }
 }
 
+/// What a topic's validation hook decides about a received message.
+///
+/// Gossipsub forwards a message only after it was accepted, so a rejected or ignored message
+/// goes no further than the first honest node that sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Validation {
+    /// Valid: deliver it to local subscribers and forward it to the mesh.
+    Accept,
+    /// Invalid: drop it and penalise the peer that sent it (its gossipsub score drops).
+    Reject,
+    /// Drop it without penalty (for example, a valid message this node does not want).
+    Ignore,
+}
+
+/// A validation hook of one topic. It runs on the node's event loop for every message of the
+/// topic, so it must be fast and must not block.
+pub(crate) type Validator = Arc<dyn Fn(&Message) -> Validation + Send + Sync>;
+
 /// The sending half of a subscription, held by the event loop.
 pub(crate) struct Subscriber {
     pub(crate) id: u64,

@@ -9,6 +9,9 @@ pub(crate) struct NodeMetrics {
     pub(crate) gossip_delivered: Counter,
     pub(crate) gossip_dropped: Counter,
     pub(crate) inbound_streams_dropped: Counter,
+    pub(crate) stale_connections: Counter,
+    pub(crate) gossip_rejected: Counter,
+    pub(crate) gossip_send_dropped: Counter,
 }
 
 impl NodeMetrics {
@@ -33,6 +36,21 @@ impl NodeMetrics {
             "inbound_streams_dropped",
             "Inbound RPC or sync streams refused because their queue was full",
             metrics.inbound_streams_dropped.clone(),
+        );
+        registry.register(
+            "stale_connections",
+            "Peers reconnected because an older connection to them was dead (they restarted)",
+            metrics.stale_connections.clone(),
+        );
+        registry.register(
+            "gossip_rejected",
+            "Gossip messages rejected by a topic's validation hook (not delivered, not forwarded)",
+            metrics.gossip_rejected.clone(),
+        );
+        registry.register(
+            "gossip_send_dropped",
+            "Gossip messages to slow peers dropped from send queues (full, or waited too long)",
+            metrics.gossip_send_dropped.clone(),
         );
         metrics
     }

@@ -31,6 +31,7 @@ mod event_loop;
 pub mod gossip;
 mod keep_alive;
 mod metrics;
+mod scoring;
 mod streams;
 
 use std::{
@@ -297,6 +298,18 @@ pub(crate) enum Command {
         topic: String,
         reply: oneshot::Sender<Vec<PeerId>>,
     },
+    TopicsWithPrefix {
+        prefix: String,
+        reply: oneshot::Sender<Vec<(String, PeerId)>>,
+    },
+    SetValidator {
+        topic: String,
+        validator: Option<gossip::Validator>,
+    },
+    GossipScore {
+        peer: PeerId,
+        reply: oneshot::Sender<Option<f64>>,
+    },
     KeepAlive {
         peer: PeerId,
         keep: bool,
@@ -390,6 +403,7 @@ impl Node {
             libp2p_metrics,
             node_metrics,
             connected.clone(),
+            opener.clone(),
         );
         event_loop.start(&config).await?;
 
@@ -640,7 +654,17 @@ impl Node {
     }
 
     pub(crate) async fn subscribe_unchecked(&self, topic: &str) -> Result<Subscription, Error> {
-        let (queue_tx, queue) = mpsc::channel(self.inner.subscription_queue);
+        self.subscribe_with_capacity(topic, self.inner.subscription_queue)
+            .await
+    }
+
+    /// Subscribes to any topic of the network with a queue of `capacity` messages.
+    pub(crate) async fn subscribe_with_capacity(
+        &self,
+        topic: &str,
+        capacity: usize,
+    ) -> Result<Subscription, Error> {
+        let (queue_tx, queue) = mpsc::channel(capacity.max(1));
         let id = self.inner.next_subscription.fetch_add(1, Ordering::Relaxed);
         let dropped = Arc::new(AtomicU64::new(0));
         let subscriber = gossip::Subscriber {
@@ -697,6 +721,54 @@ impl Node {
             .await
     }
 
+    /// Stops providing `key` without waiting (from a `Drop`); if the command queue is full the
+    /// record simply expires.
+    pub(crate) fn stop_providing_now(&self, key: Vec<u8>) {
+        let _ = self.inner.commands.try_send(Command::StopProviding { key });
+    }
+
+    /// Every (topic, peer) pair of connected peers subscribed to a topic starting with `prefix`
+    /// (topic names without the network prefix).
+    pub(crate) async fn topics_with_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, PeerId)>, Error> {
+        let prefix = prefix.to_owned();
+        self.request(|reply| Command::TopicsWithPrefix { prefix, reply })
+            .await
+    }
+
+    /// Sets (or, with `None`, removes) the validation hook of `topic`. Messages of a topic
+    /// without a hook are accepted.
+    pub(crate) async fn set_validator(
+        &self,
+        topic: &str,
+        validator: Option<gossip::Validator>,
+    ) -> Result<(), Error> {
+        let topic = topic.to_owned();
+        if self
+            .inner
+            .commands
+            .send(Command::SetValidator { topic, validator })
+            .await
+            .is_err()
+        {
+            return Err(self.stopped_error().await);
+        }
+        Ok(())
+    }
+
+    /// This node's gossipsub score of `peer` (see the node module's scoring parameters), or
+    /// `None` when the peer is unknown to gossipsub.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Stopped`] once the node has stopped.
+    pub async fn gossip_score(&self, peer: PeerId) -> Result<Option<f64>, Error> {
+        self.request(|reply| Command::GossipScore { peer, reply })
+            .await
+    }
+
     /// Keeps the connections to `peer` open (`true`) even when idle, or lets them close after
     /// the idle timeout again (`false`). Bootstrap peers and dialled peers are kept already.
     ///
@@ -748,8 +820,9 @@ impl Node {
         out
     }
 
-    /// Stops the node: closes every connection, ends the event loop and waits for it. Calling it
-    /// again, or on a stopped node, returns at once.
+    /// Stops the node: closes every connection, ends the event loop and waits for it. Gossip
+    /// messages published in the last half second get until half a second after their publish
+    /// to leave first. Calling it again, or on a stopped node, returns at once.
     pub async fn shutdown(&self) {
         let (reply, rx) = oneshot::channel();
         if self
@@ -781,6 +854,7 @@ fn served_protocols(network: &str) -> Vec<StreamProtocol> {
     vec![
         crate::transport::protocol(network),
         crate::registry::sync_protocol(network),
+        crate::broker::queue_protocol(network),
     ]
 }
 

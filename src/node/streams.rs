@@ -103,6 +103,34 @@ impl Opener {
                 None => return Err(OpenError::NotConnected),
             }
         };
+        Self::request(requests, protocol).await
+    }
+
+    /// Opens a stream of `protocol` on one given connection to `peer`.
+    pub(crate) async fn open_on(
+        &self,
+        peer: PeerId,
+        connection: ConnectionId,
+        protocol: StreamProtocol,
+    ) -> Result<Stream, OpenError> {
+        let requests = {
+            let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            let found = shared
+                .connections
+                .get(&peer)
+                .and_then(|connections| connections.iter().find(|c| c.id == connection));
+            match found {
+                Some(connection) => connection.requests.clone(),
+                None => return Err(OpenError::NotConnected),
+            }
+        };
+        Self::request(requests, protocol).await
+    }
+
+    async fn request(
+        requests: mpsc::Sender<Request>,
+        protocol: StreamProtocol,
+    ) -> Result<Stream, OpenError> {
         let (reply, response) = oneshot::channel();
         requests
             .send(Request { protocol, reply })
@@ -116,6 +144,7 @@ type Queues = Arc<HashMap<StreamProtocol, mpsc::Sender<(PeerId, Stream)>>>;
 
 /// The behaviour: accepts streams of a fixed set of protocols and opens streams on request.
 pub(crate) struct Behaviour {
+    offered: Protocols,
     queues: Queues,
     shared: Arc<Mutex<Shared>>,
     dropped: Counter,
@@ -137,6 +166,7 @@ impl Behaviour {
         let shared = Arc::new(Mutex::new(Shared::default()));
         (
             Self {
+                offered: Protocols(protocols.iter().cloned().collect()),
                 queues: Arc::new(senders),
                 shared: shared.clone(),
                 dropped,
@@ -163,6 +193,7 @@ impl Behaviour {
             });
         Handler {
             peer,
+            offered: self.offered.clone(),
             queues: self.queues.clone(),
             dropped: self.dropped.clone(),
             requests: rx,
@@ -221,16 +252,37 @@ impl NetworkBehaviour for Behaviour {
     }
 }
 
-/// A set of protocols offered, or the one requested.
+/// A set of protocols offered, or the one requested. Cheap to clone: the swarm asks every
+/// connection's handler for its protocols each time the connection is polled.
 #[derive(Clone)]
-pub(crate) struct Protocols(Vec<StreamProtocol>);
+pub(crate) struct Protocols(Arc<[StreamProtocol]>);
+
+/// Iterates the protocols of a [`Protocols`] without copying the set.
+#[derive(Clone)]
+pub(crate) struct ProtocolIter {
+    protocols: Arc<[StreamProtocol]>,
+    next: usize,
+}
+
+impl Iterator for ProtocolIter {
+    type Item = StreamProtocol;
+
+    fn next(&mut self) -> Option<StreamProtocol> {
+        let protocol = self.protocols.get(self.next)?.clone();
+        self.next += 1;
+        Some(protocol)
+    }
+}
 
 impl UpgradeInfo for Protocols {
     type Info = StreamProtocol;
-    type InfoIter = std::vec::IntoIter<StreamProtocol>;
+    type InfoIter = ProtocolIter;
 
     fn protocol_info(&self) -> Self::InfoIter {
-        self.0.clone().into_iter()
+        ProtocolIter {
+            protocols: self.0.clone(),
+            next: 0,
+        }
     }
 }
 
@@ -258,6 +310,7 @@ impl OutboundUpgrade<Stream> for Protocols {
 /// streams it hands out do, while they are open.
 pub(crate) struct Handler {
     peer: PeerId,
+    offered: Protocols,
     queues: Queues,
     dropped: Counter,
     requests: mpsc::Receiver<Request>,
@@ -272,7 +325,7 @@ impl ConnectionHandler for Handler {
     type OutboundOpenInfo = (StreamProtocol, Reply);
 
     fn listen_protocol(&self) -> SubstreamProtocol<Protocols> {
-        SubstreamProtocol::new(Protocols(self.queues.keys().cloned().collect()), ())
+        SubstreamProtocol::new(self.offered.clone(), ())
     }
 
     fn on_behaviour_event(&mut self, event: Infallible) {
@@ -326,7 +379,7 @@ impl ConnectionHandler for Handler {
             Poll::Ready(Some(Request { protocol, reply })) => {
                 Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
                     protocol: SubstreamProtocol::new(
-                        Protocols(vec![protocol.clone()]),
+                        Protocols(Arc::from([protocol.clone()])),
                         (protocol, reply),
                     ),
                 })

@@ -783,6 +783,14 @@ impl Registry {
         self.receive_from(bytes, None)
     }
 
+    /// Counts a rejected message under a reason label, without holding the registry.
+    pub(crate) fn rejection_counter(&self) -> impl Fn(&'static str) + Send + Sync + 'static {
+        let rejected = self.inner.metrics.rejected.clone();
+        move |reason| {
+            rejected.get_or_create(&ReasonLabel { reason }).inc();
+        }
+    }
+
     /// As [`Registry::receive`]; a gossip message must also have been published by its
     /// signer (`publisher`), so nobody can replay another node's announcements on the topic.
     pub(crate) fn receive_from(

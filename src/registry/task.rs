@@ -12,11 +12,37 @@ use tokio::sync::broadcast::error::RecvError;
 use super::{Error, Registry, TOPIC, sync, wire};
 use crate::{
     PeerId,
-    node::{Event, Subscription},
+    node::{
+        Event, Subscription,
+        gossip::{self, Validation},
+    },
 };
 
 pub(crate) async fn spawn(registry: Registry) -> Result<(), Error> {
     let node = registry.node().clone();
+    // Forged, malformed and replayed-by-another-peer messages stop at the first node that sees
+    // them (and cost their sender gossipsub score) instead of flooding the mesh. The hook runs on
+    // the node's event loop, so it holds no handle to the node.
+    let network = node.network().to_owned();
+    let rejected = registry.rejection_counter();
+    let hook = move |message: &gossip::Message| {
+        let checked = wire::verify(&network, &message.data).and_then(|v| {
+            if v.signer == message.source {
+                Ok(v)
+            } else {
+                Err(wire::Rejection::WrongPublisher)
+            }
+        });
+        match checked {
+            Ok(_) => Validation::Accept,
+            Err(rejection) => {
+                tracing::debug!("rejected a registry message: {rejection}");
+                rejected(rejection.label());
+                Validation::Reject
+            }
+        }
+    };
+    node.set_validator(TOPIC, Some(Arc::new(hook))).await?;
     let subscription = node.subscribe_unchecked(TOPIC).await?;
     let events = node.events();
     tokio::spawn(sync::serve(registry.clone()));

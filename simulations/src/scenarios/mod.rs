@@ -1,6 +1,7 @@
 //! The scenarios.
 
 mod idle;
+mod pubsub_bench;
 mod registry;
 mod rpc_bench;
 
@@ -17,6 +18,10 @@ pub(crate) const LIST: &[(&str, &str)] = &[
         "micromesh calls and streams against raw libp2p request-response and streams, loopback TCP",
     ),
     (
+        "pubsub-bench",
+        "broker publish-to-deliver latency and delivery ratio against raw gossipsub, N nodes",
+    ),
+    (
         "registry",
         "register on one node: time until every node sees it; kill it: time until every node drops it",
     ),
@@ -27,6 +32,7 @@ pub(crate) async fn run(name: &str, options: &Options) -> Result<serde_json::Val
         "idle" => idle::run(options).await,
         "registry" => registry::run(options).await,
         "rpc-bench" => rpc_bench::run(options).await,
+        "pubsub-bench" => pubsub_bench::run(options).await,
         other => Err(format!("unknown scenario {other:?}")),
     }
 }

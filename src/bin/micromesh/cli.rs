@@ -53,6 +53,10 @@ pub(crate) enum Command {
     Call(crate::call_cmd::CallArgs),
     /// Call a streaming endpoint; print each reply as one JSON line.
     Stream(crate::call_cmd::StreamArgs),
+    /// Publish a JSON message on a topic.
+    Publish(crate::pubsub_cmd::PublishArgs),
+    /// Subscribe to a topic (or join a queue group); print each message as one JSON line.
+    Subscribe(crate::pubsub_cmd::SubscribeArgs),
 }
 
 /// How a short-lived client joins the mesh.
@@ -77,8 +81,19 @@ impl Join {
     /// Starts a client (no listeners, no mDNS/UPnP/AutoNAT, not registered as a service) and
     /// connects it to every bootstrap peer. Fails when none can be reached.
     pub(crate) async fn connect(&self, global: &Global) -> Result<Service, BoxError> {
+        self.connect_listening(global, &[]).await
+    }
+
+    /// As [`Join::connect`], listening on `listen` so that peers can dial back (a subscriber
+    /// must be reachable by publishers); no addresses means no listener.
+    pub(crate) async fn connect_listening(
+        &self,
+        global: &Global,
+        listen: &[Multiaddr],
+    ) -> Result<Service, BoxError> {
         let key = global.pre_shared_key()?;
         let timeout = self.timeout;
+        let listen = listen.to_vec();
         let service = Service::builder("micromesh-cli")
             .network(global.network.clone())
             .register(false)
@@ -86,8 +101,11 @@ impl Join {
                 if let Some(key) = key {
                     node = node.pre_shared_key(key);
                 }
-                node.no_listen()
-                    .mdns(false)
+                node = node.no_listen();
+                for addr in listen {
+                    node = node.listen(addr);
+                }
+                node.mdns(false)
                     .upnp(false)
                     .autonat(false)
                     .memory_limit(None)

@@ -8,6 +8,7 @@ mod call_cmd;
 mod cli;
 mod node_cmd;
 mod peers_cmd;
+mod pubsub_cmd;
 mod services_cmd;
 
 use std::process::ExitCode;
@@ -35,6 +36,8 @@ fn main() -> ExitCode {
             cli::Command::Describe(cmd) => services_cmd::describe(&args.global, cmd).await,
             cli::Command::Call(cmd) => call_cmd::call(&args.global, cmd).await,
             cli::Command::Stream(cmd) => call_cmd::stream(&args.global, cmd).await,
+            cli::Command::Publish(cmd) => pubsub_cmd::publish(&args.global, cmd).await,
+            cli::Command::Subscribe(cmd) => pubsub_cmd::subscribe(&args.global, cmd).await,
         }
     });
     match result {

@@ -1,0 +1,406 @@
+//! `pubsub-bench`: publish-to-deliver latency and delivery ratio of the micromesh broker against
+//! raw gossipsub, on N in-process nodes (memory transport, Noise, yamux), in one run.
+//!
+//! Three series: raw gossipsub on a bare libp2p swarm (the baseline), micromesh's node-level
+//! gossip (the same gossipsub inside micromesh's full libp2p stack, without the broker), and
+//! the broker. The first two differ by the stack (identify, ping, Kademlia, relay, hole
+//! punching, keep-alive, streams, metrics on every connection); the last two by the broker.
+//!
+//! Both meshes get the same shape: every node connected to every other, every node but the
+//! publisher subscribed, gossipsub's heartbeat at 500 ms and strict signing. One node publishes
+//! `MESSAGES` small messages at a steady rate (`--rate`, default 20 per second); each subscriber
+//! notes when each arrives. Rounds
+//! alternate baseline and micromesh to even out a noisy machine.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt as _;
+use libp2p::{
+    Multiaddr, Swarm, SwarmBuilder,
+    core::{Transport as _, transport::MemoryTransport, upgrade::Version},
+    gossipsub, noise,
+    swarm::SwarmEvent,
+    yamux,
+};
+use micromesh::{
+    Status,
+    broker::Event,
+    testing::{Cluster, wait_until},
+};
+use tokio::sync::mpsc;
+
+use crate::measure::{Options, cpu_time, percentiles};
+
+const TOPIC: &str = "bench";
+const MESSAGES: u64 = 200;
+/// How long a mesh settles before the measurement, and the last part of that in which its idle
+/// CPU use is measured.
+const SETTLE: Duration = Duration::from_secs(10);
+const IDLE_WINDOW: Duration = Duration::from_secs(3);
+/// How long deliveries may take after the last publish.
+const DRAIN: Duration = Duration::from_secs(3);
+
+/// When each (message, subscriber) arrived, and when each message was published.
+#[derive(Default)]
+struct Log {
+    sent: HashMap<u64, Instant>,
+    received: Vec<(u64, Instant)>,
+}
+
+type SharedLog = Arc<Mutex<Log>>;
+
+/// What one round measured.
+struct Round {
+    latencies: Vec<Duration>,
+    delivery_ratio: f64,
+    /// CPU used per second while the mesh was idle, in percent of one core.
+    idle_cpu_percent: f64,
+    /// CPU used while publishing and delivering, per message, in milliseconds.
+    cpu_ms_per_message: f64,
+}
+
+fn round(log: &Log, subscribers: usize, idle: f64, busy: Duration) -> Round {
+    let latencies: Vec<Duration> = log
+        .received
+        .iter()
+        .filter_map(|(n, at)| {
+            log.sent
+                .get(n)
+                .map(|sent| at.saturating_duration_since(*sent))
+        })
+        .collect();
+    Round {
+        latencies,
+        delivery_ratio: log.received.len() as f64 / (MESSAGES as f64 * subscribers as f64),
+        idle_cpu_percent: idle,
+        cpu_ms_per_message: busy.as_secs_f64() * 1000.0 / MESSAGES as f64,
+    }
+}
+
+/// Waits for the mesh to settle; returns the CPU it used in the last seconds of the wait, in
+/// percent of one core.
+async fn settle() -> f64 {
+    tokio::time::sleep(SETTLE - IDLE_WINDOW).await;
+    let before = cpu_time();
+    tokio::time::sleep(IDLE_WINDOW).await;
+    cpu_time().saturating_sub(before).as_secs_f64() * 100.0 / IDLE_WINDOW.as_secs_f64()
+}
+
+fn raw_swarm() -> Result<Swarm<gossipsub::Behaviour>, String> {
+    Ok(SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_other_transport(|key| {
+            Ok(MemoryTransport::default()
+                .upgrade(Version::V1)
+                .authenticate(noise::Config::new(key)?)
+                .multiplex(yamux::Config::default()))
+        })
+        .map_err(|e| e.to_string())?
+        .with_behaviour(|key| {
+            let config = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_millis(500))
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .build()?;
+            let behaviour = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                config,
+            )?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(behaviour)
+        })
+        .map_err(|e| e.to_string())?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build())
+}
+
+/// Raw gossipsub on `nodes` swarms: node 0 publishes, the others subscribe.
+async fn raw_round(nodes: usize, interval: Duration) -> Result<Round, String> {
+    let topic = gossipsub::IdentTopic::new(TOPIC);
+    let mut swarms = Vec::new();
+    let mut addrs: Vec<Multiaddr> = Vec::new();
+    for _ in 0..nodes {
+        let mut swarm = raw_swarm()?;
+        swarm
+            .listen_on("/memory/0".parse().expect("valid"))
+            .map_err(|e| e.to_string())?;
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                break address;
+            }
+        };
+        for earlier in &addrs {
+            swarm.dial(earlier.clone()).map_err(|e| e.to_string())?;
+        }
+        addrs.push(addr);
+        swarms.push(swarm);
+    }
+    let log: SharedLog = Arc::default();
+    let (publish_tx, publish_rx) = mpsc::channel::<Vec<u8>>(16);
+    let mut publish_rx = Some(publish_rx);
+    let (ready_tx, mut ready_rx) = mpsc::channel::<usize>(1);
+    let mut tasks = Vec::new();
+    for (i, mut swarm) in swarms.into_iter().enumerate() {
+        let log = log.clone();
+        let topic = topic.clone();
+        if let (0, Some(mut publish_rx)) = (i, publish_rx.take()) {
+            let ready = ready_tx.clone();
+            let expected = nodes - 1;
+            tasks.push(tokio::spawn(async move {
+                let mut reported = false;
+                let mut check = tokio::time::interval(Duration::from_millis(50));
+                loop {
+                    tokio::select! {
+                        data = publish_rx.recv() => match data {
+                            Some(data) => {
+                                if let Err(e) = swarm.behaviour_mut().publish(topic.clone(), data) {
+                                    eprintln!("raw publish failed: {e}");
+                                }
+                            }
+                            None => break,
+                        },
+                        _ = swarm.select_next_some() => {}
+                        _ = check.tick(), if !reported => {
+                            let known = swarm
+                                .behaviour()
+                                .all_peers()
+                                .filter(|(_, topics)| topics.iter().any(|t| **t == topic.hash()))
+                                .count();
+                            if known >= expected {
+                                reported = true;
+                                let _ = ready.send(known).await;
+                            }
+                        }
+                    }
+                }
+            }));
+        } else {
+            swarm
+                .behaviour_mut()
+                .subscribe(&topic)
+                .map_err(|e| e.to_string())?;
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    if let SwarmEvent::Behaviour(gossipsub::Event::Message { message, .. }) =
+                        swarm.select_next_some().await
+                        && let Ok(bytes) = <[u8; 8]>::try_from(message.data.as_slice())
+                    {
+                        let at = Instant::now();
+                        log.lock()
+                            .expect("not poisoned")
+                            .received
+                            .push((u64::from_be_bytes(bytes), at));
+                    }
+                }
+            }));
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(60), ready_rx.recv())
+        .await
+        .map_err(|_| "raw gossipsub: subscribers not known in time".to_owned())?;
+    // Let the mesh form, as in the micromesh round.
+    let idle = settle().await;
+    let cpu_before = cpu_time();
+    let mut pace = tokio::time::interval(interval);
+    for n in 0..MESSAGES {
+        pace.tick().await;
+        log.lock()
+            .expect("not poisoned")
+            .sent
+            .insert(n, Instant::now());
+        publish_tx
+            .send(n.to_be_bytes().to_vec())
+            .await
+            .map_err(|_| "raw publisher stopped")?;
+    }
+    tokio::time::sleep(DRAIN).await;
+    let busy = cpu_time().saturating_sub(cpu_before);
+    for task in tasks {
+        task.abort();
+    }
+    let log = log.lock().expect("not poisoned");
+    Ok(round(&log, nodes - 1, idle, busy))
+}
+
+/// What a micromesh round publishes and subscribes through.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layer {
+    /// The node's raw gossip (`Node::publish`, `Node::subscribe`): micromesh's libp2p stack.
+    Node,
+    /// The broker on top: envelopes, validation, ordering, handlers.
+    Broker,
+}
+
+/// A micromesh cluster of `nodes`: member 0 publishes, the others subscribe.
+async fn micromesh_round(nodes: usize, interval: Duration, layer: Layer) -> Result<Round, String> {
+    let cluster = Cluster::builder()
+        .size(nodes)
+        .network("pubsub-bench")
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+    // The same shape as the baseline: everyone connected to everyone.
+    let mut addrs = Vec::new();
+    for i in 0..nodes {
+        addrs.push(
+            cluster
+                .node(i)
+                .listen_addrs()
+                .await
+                .map_err(|e| e.to_string())?
+                .remove(0),
+        );
+    }
+    for i in 0..nodes {
+        let node = cluster.node(i).clone();
+        let dials = addrs[..i].iter().map(|a| node.dial(a.clone()));
+        for result in futures::future::join_all(dials).await {
+            result.map_err(|e| e.to_string())?;
+        }
+    }
+    let log: SharedLog = Arc::default();
+    let mut subscriptions = Vec::new();
+    let mut readers = Vec::new();
+    for i in 1..nodes {
+        let log = log.clone();
+        if layer == Layer::Node {
+            let mut sub = cluster
+                .node(i)
+                .subscribe(TOPIC)
+                .await
+                .map_err(|e| e.to_string())?;
+            readers.push(tokio::spawn(async move {
+                while let Some(message) = sub.recv().await {
+                    let at = Instant::now();
+                    if let Ok(bytes) = <[u8; 8]>::try_from(message.data.as_slice()) {
+                        log.lock()
+                            .expect("not poisoned")
+                            .received
+                            .push((u64::from_be_bytes(bytes), at));
+                    }
+                }
+            }));
+            continue;
+        }
+        let sub = cluster
+            .service(i)
+            .broker()
+            .subscribe(TOPIC, move |event: Event<u64>| {
+                let at = Instant::now();
+                let log = log.clone();
+                async move {
+                    log.lock()
+                        .expect("not poisoned")
+                        .received
+                        .push((event.body, at));
+                    Ok::<_, Status>(())
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        subscriptions.push(sub);
+    }
+    let publisher = cluster.service(0).clone();
+    let node = publisher.node().clone();
+    wait_until(Duration::from_secs(60), || async {
+        node.topic_peers(TOPIC).await.map_or(0, |p| p.len()) >= nodes - 1
+    })
+    .await
+    .map_err(|_| "micromesh: subscribers not known in time".to_owned())?;
+    let idle = settle().await;
+    let cpu_before = cpu_time();
+    let broker = publisher.broker().clone();
+    let mut pace = tokio::time::interval(interval);
+    for n in 0..MESSAGES {
+        pace.tick().await;
+        log.lock()
+            .expect("not poisoned")
+            .sent
+            .insert(n, Instant::now());
+        match layer {
+            Layer::Node => node
+                .publish(TOPIC, n.to_be_bytes().to_vec())
+                .await
+                .map_err(|e| format!("publish: {e}"))?,
+            Layer::Broker => {
+                broker
+                    .publish(TOPIC, &n)
+                    .await
+                    .map_err(|e| format!("publish: {e}"))?;
+            }
+        }
+    }
+    tokio::time::sleep(DRAIN).await;
+    let busy = cpu_time().saturating_sub(cpu_before);
+    let result = {
+        let log = log.lock().expect("not poisoned");
+        round(&log, nodes - 1, idle, busy)
+    };
+    drop(subscriptions);
+    for reader in readers {
+        reader.abort();
+    }
+    cluster.shutdown().await.map_err(|e| e.to_string())?;
+    Ok(result)
+}
+
+fn p(samples: &[Duration], q: f64) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s[((s.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1000.0
+}
+
+pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> {
+    let nodes = options.nodes;
+    let rounds = options.rounds.clamp(1, 4);
+    let interval = Duration::from_secs(1) / options.rate as u32;
+    let (mut raw, mut node, mut broker) = (Vec::new(), Vec::new(), Vec::new());
+    for n in 0..rounds {
+        eprintln!("round {}: raw gossipsub", n + 1);
+        raw.push(raw_round(nodes, interval).await?);
+        eprintln!("round {}: micromesh node gossip", n + 1);
+        node.push(micromesh_round(nodes, interval, Layer::Node).await?);
+        eprintln!("round {}: micromesh broker", n + 1);
+        broker.push(micromesh_round(nodes, interval, Layer::Broker).await?);
+    }
+    let all = |rounds: &[Round]| -> Vec<Duration> {
+        rounds
+            .iter()
+            .flat_map(|r| r.latencies.iter().copied())
+            .collect()
+    };
+    let (raw_all, node_all, broker_all) = (all(&raw), all(&node), all(&broker));
+    let report = |rounds: &[Round], latencies: &[Duration]| {
+        serde_json::json!({
+            "latency": percentiles(latencies.to_vec()),
+            "delivery_ratio": rounds.iter().map(|r| r.delivery_ratio).collect::<Vec<_>>(),
+            "idle_cpu_percent": rounds.iter().map(|r| r.idle_cpu_percent).collect::<Vec<_>>(),
+            "cpu_ms_per_message": rounds.iter().map(|r| r.cpu_ms_per_message).collect::<Vec<_>>(),
+        })
+    };
+    let ratio = |a: &[Duration], b: &[Duration], q: f64| p(a, q) / p(b, q);
+    Ok(serde_json::json!({
+        "scenario": "pubsub-bench",
+        "nodes": nodes,
+        "messages_per_round": MESSAGES,
+        "rate_per_second": options.rate,
+        "rounds": rounds,
+        "raw_gossipsub": report(&raw, &raw_all),
+        "micromesh_node_gossip": report(&node, &node_all),
+        "micromesh_broker": report(&broker, &broker_all),
+        "broker_vs_raw_gossipsub": {
+            "latency_ratio_p50": ratio(&broker_all, &raw_all, 0.5),
+            "latency_ratio_p99": ratio(&broker_all, &raw_all, 0.99),
+        },
+        "broker_vs_node_gossip": {
+            "latency_ratio_p50": ratio(&broker_all, &node_all, 0.5),
+            "latency_ratio_p99": ratio(&broker_all, &node_all, 0.99),
+        },
+        "target": "broker latency <= 1.1x raw gossipsub",
+    }))
+}
