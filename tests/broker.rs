@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// What one subscriber received.
+type Log<T> = Arc<Mutex<Vec<T>>>;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct Tick {
     n: u64,
@@ -41,8 +44,7 @@ async fn broadcast_reaches_every_subscriber_once_in_publish_order() {
     const PUBLISHERS: usize = 4;
     const PER_PUBLISHER: u64 = 250;
     let cluster = Cluster::builder().size(NODES).build().await.unwrap();
-    let received: Vec<Arc<Mutex<Vec<(String, u64)>>>> =
-        (0..NODES).map(|_| Arc::default()).collect();
+    let received: Vec<Log<(String, u64)>> = (0..NODES).map(|_| Arc::default()).collect();
     let mut subscriptions = Vec::new();
     for (i, service) in cluster.services().enumerate() {
         let log = received[i].clone();
@@ -142,10 +144,10 @@ async fn broadcast_reaches_every_subscriber_once_in_publish_order() {
 async fn a_queue_group_takes_each_message_once_and_survives_a_killed_member() {
     const MESSAGES: u64 = 1000;
     let mut cluster = Cluster::new(5).await.unwrap();
-    let handled: Vec<Arc<Mutex<Vec<u64>>>> = (0..5).map(|_| Arc::default()).collect();
+    let handled: Vec<Log<u64>> = (0..5).map(|_| Arc::default()).collect();
     let mut members = Vec::new();
-    for i in 2..5 {
-        let log = handled[i].clone();
+    for (i, log) in handled.iter().enumerate().skip(2) {
+        let log = log.clone();
         let sub = cluster
             .service(i)
             .broker()

@@ -536,7 +536,7 @@ fn publish_and_subscribe_from_the_command_line() {
             ]);
             assert!(
                 out.status.success(),
-                "publish failed: {}",
+                "publish {n} to {group:?} failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
             let said = String::from_utf8_lossy(&out.stdout);

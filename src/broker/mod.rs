@@ -497,11 +497,16 @@ pub(crate) struct QueueItem {
     ack: oneshot::Sender<Result<(), Status>>,
 }
 
+/// A topic and one of its queue groups.
+type GroupKey = (String, String);
+/// Local subscriptions (by id) and their queues.
+type Queues<T> = Vec<(u64, mpsc::Sender<T>)>;
+
 #[derive(Default)]
 struct Local {
     next_id: u64,
-    broadcast: HashMap<String, Vec<(u64, mpsc::Sender<Message>)>>,
-    groups: HashMap<(String, String), Vec<(u64, mpsc::Sender<QueueItem>)>>,
+    broadcast: HashMap<String, Queues<Message>>,
+    groups: HashMap<GroupKey, Queues<QueueItem>>,
     /// Local subscriptions per topic, for providing the topic in the DHT once.
     provided: HashMap<String, usize>,
 }
@@ -587,6 +592,8 @@ pub(crate) struct Inner {
     membership: tokio::sync::Mutex<(Option<Instant>, Membership)>,
     round_robin: Mutex<HashMap<(String, String), usize>>,
     outbox: queue::Outbox,
+    /// Deliveries to this node's members whose acknowledgement is not written yet.
+    serving: std::sync::atomic::AtomicUsize,
     discovered: Mutex<HashMap<String, Instant>>,
     metrics: Metrics,
 }
@@ -630,6 +637,7 @@ impl Broker {
             validated_topics: Mutex::new(HashSet::new()),
             membership: tokio::sync::Mutex::new((None, HashMap::new())),
             round_robin: Mutex::new(HashMap::new()),
+            serving: std::sync::atomic::AtomicUsize::new(0),
             discovered: Mutex::new(HashMap::new()),
             metrics,
         });
@@ -947,10 +955,23 @@ impl Broker {
         Ok(Subscribers { broadcast, groups })
     }
 
-    /// Waits until every queue-group message published so far was acknowledged or given up, or
-    /// `timeout` passed. Returns whether the outbox is empty.
+    /// Waits until every queue-group message published so far was acknowledged or given up,
+    /// and every delivery to this node's members was answered, or `timeout` passed. Returns
+    /// whether both are done. [`Service::stop`](crate::Service::stop) calls it.
     pub async fn flush(&self, timeout: Duration) -> bool {
-        self.inner.outbox.wait_empty(timeout).await
+        let deadline = Instant::now() + timeout;
+        if !self.inner.outbox.wait_empty(timeout).await {
+            return false;
+        }
+        loop {
+            if self.inner.serving.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// How many queue-group deliveries are pending.
@@ -1097,8 +1118,8 @@ impl Broker {
                     .await
             }
         };
-        let task = match registered {
-            Ok(task) => task,
+        let close = match registered {
+            Ok(close) => close,
             Err(e) => {
                 self.inner.forget(id, topic, options.group.as_deref());
                 return Err(e);
@@ -1119,7 +1140,7 @@ impl Broker {
             group: options.group,
             id,
             stats,
-            task,
+            close: Some(close),
             broker: self.inner.clone(),
         })
     }
@@ -1131,7 +1152,7 @@ impl Broker {
         capacity: usize,
         handler: DynHandler,
         stats: &Arc<Counters>,
-    ) -> Result<tokio::task::AbortHandle, Error> {
+    ) -> Result<oneshot::Sender<()>, Error> {
         let inner = &self.inner;
         let first = inner
             .validated_topics
@@ -1163,7 +1184,9 @@ impl Broker {
                 MAX_TRACKED_PUBLISHERS,
             ),
         };
-        Ok(tokio::spawn(worker.run(gossip, local_rx)).abort_handle())
+        let (close, closed) = oneshot::channel();
+        tokio::spawn(worker.run(gossip, local_rx, closed));
+        Ok(close)
     }
 
     async fn join_group(
@@ -1174,7 +1197,7 @@ impl Broker {
         capacity: usize,
         handler: DynHandler,
         stats: &Arc<Counters>,
-    ) -> Result<tokio::task::AbortHandle, Error> {
+    ) -> Result<oneshot::Sender<()>, Error> {
         let inner = &self.inner;
         let membership = membership_topic(group, topic);
         // Nothing is ever published on a membership topic: anything that is, is an attack.
@@ -1197,11 +1220,20 @@ impl Broker {
             .push((id, queue_tx));
         let stats = stats.clone();
         let metrics = inner.metrics.clone();
-        let task = tokio::spawn(async move {
+        let (close, mut closed) = oneshot::channel::<()>();
+        tokio::spawn(async move {
             // Held for the subscription's life: it announces the membership.
-            let _announcement = announcement;
+            let announcement = announcement;
             let mut queue = queue_rx;
-            while let Some(item) = queue.recv().await {
+            loop {
+                let item = tokio::select! {
+                    biased;
+                    _ = &mut closed => break,
+                    item = queue.recv() => match item {
+                        Some(item) => item,
+                        None => break,
+                    },
+                };
                 let result = run_handler(&handler, item.message).await;
                 match &result {
                     Ok(()) => {
@@ -1215,8 +1247,11 @@ impl Broker {
                 }
                 let _ = item.ack.send(result);
             }
+            // Deliveries still queued are refused (503): their publishers redeliver them to
+            // another member.
+            drop(announcement);
         });
-        Ok(task.abort_handle())
+        Ok(close)
     }
 
     /// The node-level hook of a broadcast topic: envelope checks, size limit, then the user's
@@ -1359,7 +1394,8 @@ pub struct Subscription {
     group: Option<String>,
     id: u64,
     stats: Arc<Counters>,
-    task: tokio::task::AbortHandle,
+    /// Dropped to stop the worker: it finishes the message in hand, then exits.
+    close: Option<oneshot::Sender<()>>,
     broker: Arc<Inner>,
 }
 
@@ -1400,7 +1436,7 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.task.abort();
+        drop(self.close.take());
         self.broker
             .forget(self.id, &self.topic, self.group.as_deref());
     }
@@ -1427,7 +1463,12 @@ struct BroadcastWorker {
 }
 
 impl BroadcastWorker {
-    async fn run(mut self, mut gossip: gossip::Subscription, mut local: mpsc::Receiver<Message>) {
+    async fn run(
+        mut self,
+        mut gossip: gossip::Subscription,
+        mut local: mpsc::Receiver<Message>,
+        mut closed: oneshot::Receiver<()>,
+    ) {
         *self
             .stats
             .gossip_dropped
@@ -1436,6 +1477,8 @@ impl BroadcastWorker {
         loop {
             let deadline = self.reorder.next_deadline();
             let ready = tokio::select! {
+                biased;
+                _ = &mut closed => return,
                 received = gossip.recv() => match received {
                     Some(raw) => match Envelope::decode(&raw.data) {
                         Ok(envelope) => self.push(raw.source, envelope),

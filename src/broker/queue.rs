@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashSet,
-    sync::{Arc, Weak},
+    sync::{Arc, Weak, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -247,10 +247,12 @@ pub(crate) async fn serve(
         let Some(inner) = broker.upgrade() else {
             return;
         };
+        inner.serving.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
             if let Err(e) = serve_one(&inner, peer, stream).await {
                 tracing::debug!(%peer, "queue delivery stream failed: {e}");
             }
+            inner.serving.fetch_sub(1, Ordering::AcqRel);
         });
     }
 }

@@ -140,17 +140,26 @@ pub(crate) struct EventLoop {
 
 type Probe = (Instant, Multiaddr, oneshot::Sender<Result<PeerId, Error>>);
 
+/// What the event loop shares with the node's handles.
+pub(crate) struct Wiring {
+    pub(crate) commands: mpsc::Receiver<Command>,
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) metrics: libp2p::metrics::Metrics,
+    pub(crate) metrics_local: NodeMetrics,
+    pub(crate) connected: Arc<RwLock<HashSet<PeerId>>>,
+    pub(crate) opener: streams::Opener,
+}
+
 impl EventLoop {
-    pub(crate) fn new(
-        swarm: Swarm<Behaviour>,
-        config: &Config,
-        commands: mpsc::Receiver<Command>,
-        events: broadcast::Sender<Event>,
-        metrics: libp2p::metrics::Metrics,
-        metrics_local: NodeMetrics,
-        connected: Arc<RwLock<HashSet<PeerId>>>,
-        opener: streams::Opener,
-    ) -> Self {
+    pub(crate) fn new(swarm: Swarm<Behaviour>, config: &Config, wiring: Wiring) -> Self {
+        let Wiring {
+            commands,
+            events,
+            metrics,
+            metrics_local,
+            connected,
+            opener,
+        } = wiring;
         let (stale_tx, stale_rx) = mpsc::channel(STALE_QUEUE);
         Self {
             swarm,

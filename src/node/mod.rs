@@ -398,12 +398,14 @@ impl Node {
         let mut event_loop = event_loop::EventLoop::new(
             swarm,
             &config,
-            command_rx,
-            events_tx,
-            libp2p_metrics,
-            node_metrics,
-            connected.clone(),
-            opener.clone(),
+            event_loop::Wiring {
+                commands: command_rx,
+                events: events_tx,
+                metrics: libp2p_metrics,
+                metrics_local: node_metrics,
+                connected: connected.clone(),
+                opener: opener.clone(),
+            },
         );
         event_loop.start(&config).await?;
 

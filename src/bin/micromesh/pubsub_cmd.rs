@@ -75,7 +75,7 @@ pub(crate) async fn publish(global: &Global, args: &PublishArgs) -> Result<(), B
     let result = broker.publish_with(&args.topic, &message, options).await;
     let acknowledged = result.is_ok() && broker.flush(args.ack_timeout).await;
     let pending = broker.pending();
-    service.stop().await?;
+    let stopped = service.stop().await;
     let id = result?;
     if !acknowledged {
         return Err(format!(
@@ -84,6 +84,7 @@ pub(crate) async fn publish(global: &Global, args: &PublishArgs) -> Result<(), B
         )
         .into());
     }
+    stopped?;
     if global.json {
         let out = serde_json::json!({
             "topic": args.topic,
@@ -197,7 +198,10 @@ pub(crate) async fn subscribe(global: &Global, args: &SubscribeArgs) -> Result<(
         Ok(())
     }
     .await;
+    // Leave the group (or topic), and let the acknowledgements of what was printed reach their
+    // publishers before the connections close.
     drop(subscription);
+    service.broker().flush(Duration::from_secs(5)).await;
     service.stop().await?;
     outcome
 }
