@@ -561,8 +561,15 @@ async fn a_restarted_subscriber_gets_messages_again(listen: &str) {
     })
     .await
     .unwrap_or_else(|_| panic!("the restarted subscriber got nothing within 8 s on {listen}"));
+    let stale = publisher
+        .node()
+        .encode_metrics()
+        .lines()
+        .find(|l| l.starts_with("micromesh_stale_connections_total"))
+        .unwrap_or_default()
+        .to_owned();
     eprintln!(
-        "{listen}: messages again {:?} after the restart",
+        "{listen}: messages again {:?} after the restart ({stale})",
         started.elapsed()
     );
     beating.abort();

@@ -5,7 +5,8 @@
 //! publisher's epoch (chosen at its start) and a sequence number per topic, so a subscriber puts
 //! each publisher's messages back in order. A message that arrives ahead of a gap waits for the
 //! gap to fill for at most the reorder window; then the gap is given up (counted) and the waiting
-//! messages are delivered. A message arriving after its gap was given up is dropped and counted
+//! messages are delivered. The first message of a publisher that does not start at 0 (this
+//! subscriber joined late) waits only [`JOIN_WAIT`] for earlier ones. A message arriving after its gap was given up is dropped and counted
 //! as late, rather than delivered out of order.
 
 use std::{
@@ -35,6 +36,10 @@ pub(crate) struct Counts {
     /// Sequence numbers never seen: messages lost, or published before the subscription.
     pub(crate) skipped: u64,
 }
+
+/// How long the first message of a stream that does not start at 0 (a subscriber that joined
+/// while the publisher was publishing) waits for earlier ones.
+pub(crate) const JOIN_WAIT: Duration = Duration::from_millis(500);
 
 /// Reorders messages of many publishers.
 pub(crate) struct Reorder<T> {
@@ -91,7 +96,12 @@ impl<T> Reorder<T> {
                     self.counts.late += 1;
                 }
                 if stream.give_up_at.is_none() {
-                    stream.give_up_at = Some(now + self.window);
+                    let wait = if stream.next.is_none() {
+                        JOIN_WAIT.min(self.window)
+                    } else {
+                        self.window
+                    };
+                    stream.give_up_at = Some(now + wait);
                 }
                 if stream.waiting.len() > self.max_waiting {
                     Self::give_up(stream, &mut self.counts, &mut ready, now, self.window);
@@ -219,13 +229,14 @@ mod tests {
     }
 
     #[test]
-    fn a_late_joiner_waits_one_window_for_earlier_messages() {
-        let mut r = Reorder::new(Duration::from_secs(1), 100, 10);
+    fn a_late_joiner_waits_briefly_for_earlier_messages() {
+        let mut r = Reorder::new(Duration::from_secs(5), 100, 10);
         let k = key(1);
         let t0 = Instant::now();
         assert!(r.push(k, 41, 41, t0).is_empty());
         assert_eq!(r.push(k, 40, 40, t0), Vec::<u64>::new());
-        assert_eq!(r.expire(t0 + Duration::from_secs(1)), vec![40, 41]);
+        assert!(r.expire(t0 + JOIN_WAIT / 2).is_empty());
+        assert_eq!(r.expire(t0 + JOIN_WAIT), vec![40, 41]);
         assert_eq!(r.counts.skipped, 0);
         assert_eq!(r.push(k, 42, 42, t0), vec![42]);
     }
