@@ -39,7 +39,10 @@ const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Redials of bootstrap peers back off from 1 s to this.
 const MAX_BOOTSTRAP_BACKOFF: Duration = Duration::from_secs(30);
 /// How long an older connection has to answer a liveness probe when its peer connects again.
-const STALE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+const STALE_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Older connections younger than this are not probed: two peers dialling each other at once
+/// open two live connections within moments; a restart takes longer.
+const STALE_MIN_AGE: Duration = Duration::from_secs(1);
 /// How long a graceful stop lets the last published gossip message leave.
 const PUBLISH_LINGER: Duration = Duration::from_millis(500);
 /// How many stale-connection reports wait for the event loop.
@@ -313,6 +316,9 @@ impl EventLoop {
         let Some(state) = self.peers.get(&peer) else {
             return;
         };
+        if state.connected_at.elapsed() < STALE_MIN_AGE {
+            return;
+        }
         for &connection in state.connections.keys().filter(|&&c| c != newest) {
             let opener = self.opener.clone();
             let protocol = self.keep_alive_protocol.clone();
@@ -320,12 +326,11 @@ impl EventLoop {
             tokio::spawn(async move {
                 let probe = opener.open_on(peer, connection, protocol);
                 match tokio::time::timeout(STALE_PROBE_TIMEOUT, probe).await {
-                    Ok(Ok(_stream)) => {}
-                    // Closed meanwhile: nothing to do.
-                    Ok(Err(streams::OpenError::NotConnected | streams::OpenError::Closed)) => {}
+                    // Alive, closed meanwhile, or refused for a reason of its own: only a
+                    // connection that does not answer at all is dead.
+                    Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
-                        tracing::debug!(%peer, "liveness probe of an older connection failed: {e}");
-                        let _ = stale.send((peer, connection)).await;
+                        tracing::debug!(%peer, "liveness probe of an older connection: {e}");
                     }
                     Err(_) => {
                         tracing::debug!(%peer, "older connection did not answer a liveness probe");
