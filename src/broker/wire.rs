@@ -67,16 +67,22 @@ impl Envelope {
     /// Decodes and checks untrusted bytes.
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self, Invalid> {
         let envelope: Self = decode_exact(bytes).map_err(Invalid::Malformed)?;
-        if envelope.version != VERSION {
-            return Err(Invalid::Version(envelope.version));
+        envelope.check()?;
+        Ok(envelope)
+    }
+
+    /// Checks the version and the limits of a decoded envelope.
+    fn check(&self) -> Result<(), Invalid> {
+        if self.version != VERSION {
+            return Err(Invalid::Version(self.version));
         }
-        check_headers(&envelope.headers).map_err(Invalid::Limit)?;
-        if envelope.content_type.is_empty() || envelope.content_type.len() > MAX_CONTENT_TYPE {
+        check_headers(&self.headers).map_err(Invalid::Limit)?;
+        if self.content_type.is_empty() || self.content_type.len() > MAX_CONTENT_TYPE {
             return Err(Invalid::Limit(format!(
                 "a content type is 1 to {MAX_CONTENT_TYPE} bytes"
             )));
         }
-        Ok(envelope)
+        Ok(())
     }
 }
 
@@ -125,10 +131,7 @@ impl Deliver {
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self, Invalid> {
         let deliver: Self = decode_exact(bytes).map_err(Invalid::Malformed)?;
-        if deliver.message.version != VERSION {
-            return Err(Invalid::Version(deliver.message.version));
-        }
-        check_headers(&deliver.message.headers).map_err(Invalid::Limit)?;
+        deliver.message.check()?;
         Ok(deliver)
     }
 }
