@@ -16,6 +16,9 @@ pub enum Error {
     /// From the broker.
     #[error(transparent)]
     Broker(#[from] crate::broker::Error),
+    /// A store operation failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::Error),
     /// From a call.
     #[error(transparent)]
     Call(#[from] crate::client::Error),

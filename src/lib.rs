@@ -79,6 +79,7 @@ pub mod selector;
 pub mod server;
 pub mod service;
 pub mod status;
+pub mod store;
 #[cfg(test)]
 mod test_vectors;
 #[cfg(feature = "testing")]

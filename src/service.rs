@@ -37,6 +37,7 @@ use crate::{
     registry::{self, Registration, Registry},
     selector::{self, Selector},
     server::{self, BoxedUnary, Endpoint, Handler, Router, Streaming},
+    store::{self, Store},
     transport,
 };
 
@@ -76,6 +77,7 @@ pub struct Builder {
     registry: registry::Config,
     selector: selector::Config,
     broker: broker::Config,
+    store: store::Config,
     transport: transport::Config,
     router: Router,
     layers: Vec<LayerFn>,
@@ -106,6 +108,7 @@ impl Builder {
             registry: registry::Config::default(),
             selector: selector::Config::default(),
             broker: broker::Config::default(),
+            store: store::Config::default(),
             transport: transport::Config::default(),
             router: Router::default(),
             layers: Vec::new(),
@@ -247,6 +250,13 @@ impl Builder {
     /// Broker settings. Default is [`broker::Config::default`].
     pub fn broker_config(mut self, config: broker::Config) -> Self {
         self.broker = config;
+        self
+    }
+
+    /// Store settings: quorums, timeout, the default database and table. Default is
+    /// [`store::Config::default`].
+    pub fn store_config(mut self, config: store::Config) -> Self {
+        self.store = config;
         self
     }
 
@@ -400,6 +410,7 @@ impl Builder {
             let server = server::Server::start(&node, name, Arc::new(router), transport.clone());
             let client = Client::new(node.clone(), registry.clone(), selector.clone(), transport);
             let broker = Broker::start(node.clone(), self.broker)?;
+            let store = Store::new(node.clone(), self.store)?;
             if self.register {
                 let mut registration = Registration::new(self.name.clone())
                     .version(self.version.clone())
@@ -409,9 +420,9 @@ impl Builder {
                 }
                 registry.register(registration).await?;
             }
-            Ok::<_, Error>((registry, selector, server, client, broker))
+            Ok::<_, Error>((registry, selector, server, client, broker, store))
         };
-        let (registry, selector, server, client, broker) = match started.await {
+        let (registry, selector, server, client, broker, store) = match started.await {
             Ok(parts) => parts,
             Err(e) => {
                 node.shutdown().await;
@@ -429,6 +440,7 @@ impl Builder {
                 server,
                 client,
                 broker,
+                store,
                 hooks: self.hooks,
                 shutdown_timeout: self.shutdown_timeout,
                 stopped: Mutex::new(false),
@@ -460,6 +472,7 @@ struct Inner {
     server: server::Server,
     client: Client,
     broker: Broker,
+    store: Store,
     hooks: Hooks,
     shutdown_timeout: Duration,
     stopped: Mutex<bool>,
@@ -525,6 +538,12 @@ impl Service {
     /// The broker: publish and subscribe, broadcast or in queue groups.
     pub fn broker(&self) -> &Broker {
         &self.inner.broker
+    }
+
+    /// The store: the mesh's replicated key-value store, on the configured database and table
+    /// ([`Store::table`] for others).
+    pub fn store(&self) -> &Store {
+        &self.inner.store
     }
 
     /// The peer id of this service's node.

@@ -484,3 +484,74 @@ pub fn registry_leave(
         },
     )
 }
+
+/// Fault injection: a store record for `database`/`table`/`key` with `value` and `version`,
+/// signed by `signer` but naming `claimed` as its writer. Genuine when the two are the same
+/// peer, a forgery otherwise. Returns the DHT key and the record's bytes, for
+/// [`put_raw_record`].
+#[allow(clippy::too_many_arguments)]
+pub fn store_record(
+    signer: &crate::Identity,
+    claimed: crate::PeerId,
+    network: &str,
+    database: &str,
+    table: &str,
+    key: &str,
+    value: &[u8],
+    version: u64,
+) -> (Vec<u8>, Vec<u8>) {
+    use crate::store::record;
+    let header = record::Header {
+        version: record::VERSION,
+        database: database.into(),
+        table: table.into(),
+        key: key.into(),
+        revision: version,
+        expires_ms: None,
+        metadata: crate::Metadata::new(),
+        deleted: false,
+        value_len: value.len() as u64,
+        value_digest: record::digest(value),
+    };
+    let mut entry = record::sign(signer, network, &header);
+    entry.writer = claimed.to_bytes();
+    (
+        record::record_key(database, table, key),
+        record::encode_record(&entry, value),
+    )
+}
+
+/// Fault injection: puts raw bytes under a DHT key, as a misbehaving peer would, bypassing
+/// every check of the [store](crate::store) on the sending side. Returns how many peers
+/// acknowledged it; [`node::Error::Quorum`](crate::node::Error::Quorum) when fewer than
+/// `quorum` did.
+///
+/// # Errors
+///
+/// As described, and [`node::Error::Stopped`](crate::node::Error::Stopped).
+pub async fn put_raw_record(
+    node: &Node,
+    dht_key: Vec<u8>,
+    bytes: Vec<u8>,
+    quorum: usize,
+) -> Result<usize, crate::node::Error> {
+    node.put_record_unchecked(dht_key, bytes, quorum).await
+}
+
+/// The copies of a DHT record that `node` finds (its own first), as raw bytes.
+///
+/// # Errors
+///
+/// [`node::Error::Stopped`](crate::node::Error::Stopped) and DHT failures.
+pub async fn raw_records(
+    node: &Node,
+    dht_key: Vec<u8>,
+    want: usize,
+) -> Result<Vec<Vec<u8>>, crate::node::Error> {
+    Ok(node
+        .get_records(dht_key, want)
+        .await?
+        .into_iter()
+        .map(|f| f.value)
+        .collect())
+}

@@ -584,3 +584,129 @@ fn publish_and_subscribe_from_the_command_line() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn write_read_list_and_delete_store_keys_from_the_command_line() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let first = NodeProcess::start(dirs[0].path(), &["/ip4/127.0.0.1/tcp/0"], None);
+    let addr = first.addr("/tcp/");
+    let second = NodeProcess::start(dirs[1].path(), &["/ip4/127.0.0.1/tcp/0"], Some(&addr));
+    let second_addr = second.addr("/tcp/");
+    let ok = |out: &Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    let said = ok(&run(&[
+        "store",
+        "write",
+        "greeting",
+        "hello mesh",
+        "-m",
+        "lang=en",
+        "--table",
+        "cli",
+        "--bootstrap",
+        &addr,
+    ]));
+    assert!(said.starts_with("wrote greeting (version "), "{said}");
+    ok(&run(&[
+        "store",
+        "write",
+        "other",
+        "x",
+        "--ttl",
+        "1h",
+        "--table",
+        "cli",
+        "--bootstrap",
+        &addr,
+    ]));
+    // Read through the other node.
+    let said = ok(&run(&[
+        "store",
+        "read",
+        "greeting",
+        "--table",
+        "cli",
+        "--bootstrap",
+        &second_addr,
+    ]));
+    assert_eq!(said, "hello mesh\n");
+    let record = run_json(&[
+        "store",
+        "read",
+        "greeting",
+        "--table",
+        "cli",
+        "--bootstrap",
+        &second_addr,
+    ]);
+    assert_eq!(record["value"], "hello mesh");
+    assert_eq!(record["metadata"]["lang"], "en");
+    assert!(record["version"].as_u64().unwrap() > 0);
+    let keys = run_json(&[
+        "store",
+        "list",
+        "--table",
+        "cli",
+        "--bootstrap",
+        &second_addr,
+    ]);
+    assert_eq!(keys, serde_json::json!(["greeting", "other"]));
+    let said = ok(&run(&[
+        "store",
+        "list",
+        "--prefix",
+        "gr",
+        "--table",
+        "cli",
+        "--bootstrap",
+        &addr,
+    ]));
+    assert_eq!(said, "greeting\n");
+
+    ok(&run(&[
+        "store",
+        "delete",
+        "greeting",
+        "--table",
+        "cli",
+        "--bootstrap",
+        &second_addr,
+    ]));
+    let out = run(&[
+        "store",
+        "read",
+        "greeting",
+        "--table",
+        "cli",
+        "--bootstrap",
+        &addr,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found: greeting"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&[
+        "store",
+        "read",
+        "x",
+        "--table",
+        "no/slash",
+        "--bootstrap",
+        &addr,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("a table name is"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -18,6 +18,7 @@ use libp2p::{
 use prometheus_client::registry::Registry;
 
 use super::{Error, config::Config, gossip, keep_alive, scoring, streams};
+use crate::store::local::LocalStore;
 
 /// The version string of micromesh's protocol family, sent in identify.
 pub(crate) const PROTOCOL_VERSION: &str = "/micromesh/1.0.0";
@@ -47,7 +48,7 @@ pub(crate) struct Behaviour {
     pub(crate) keep_alive: keep_alive::Behaviour,
     pub(crate) identify: identify::Behaviour,
     pub(crate) ping: ping::Behaviour,
-    pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub(crate) kad: kad::Behaviour<LocalStore>,
     pub(crate) gossipsub: gossipsub::Behaviour<gossipsub::IdentityTransform, gossip::Filter>,
     pub(crate) streams: streams::Behaviour,
     pub(crate) autonat: Toggle<autonat::Behaviour>,
@@ -65,6 +66,7 @@ impl Behaviour {
         config: &Config,
         registry: &mut Registry,
         streams: streams::Behaviour,
+        store: LocalStore,
     ) -> Result<Self, Error> {
         let peer_id = key.public().to_peer_id();
         let network = &config.network;
@@ -98,16 +100,14 @@ impl Behaviour {
             // for libp2p's default of 48 hours.
             .set_provider_record_ttl(Some(Duration::from_secs(600)))
             .set_provider_publication_interval(Some(Duration::from_secs(300)))
-            .set_parallelism(NonZeroUsize::new(3).expect("3 > 0"));
-        let store = kad::store::MemoryStore::with_config(
-            peer_id,
-            kad::store::MemoryStoreConfig {
-                max_value_bytes: MAX_RECORD_SIZE,
-                max_provided_keys: 10_000,
-                max_records: 10_000,
-                max_providers_per_key: kad::K_VALUE.get(),
-            },
-        );
+            .set_parallelism(NonZeroUsize::new(3).expect("3 > 0"))
+            .set_replication_factor(config.replication)
+            // Store records carry their own signed expiry; Kademlia must not cut them short.
+            .set_record_ttl(None)
+            // Holders re-send their records to the current closest peers every 5 minutes, so
+            // that a record lost with a holder is copied again; its writer re-publishes hourly.
+            .set_replication_interval(Some(Duration::from_secs(300)))
+            .set_publication_interval(Some(Duration::from_secs(3600)));
         let kad = kad::Behaviour::with_config(peer_id, store, kad_config);
 
         let gossip_config = gossipsub::ConfigBuilder::default()
@@ -244,7 +244,9 @@ pub(crate) fn build_swarm(
     config: &Config,
     registry: &mut Registry,
     streams: streams::Behaviour,
+    store: LocalStore,
 ) -> Result<Swarm<Behaviour>, Error> {
+    let mut store = Some(store);
     let idle_timeout = config.idle_timeout;
     let mut streams = Some(streams);
     // The tail of the builder chain is the same for both transport stacks, but the stacks are
@@ -256,7 +258,8 @@ pub(crate) fn build_swarm(
                 .with_bandwidth_metrics(registry)
                 .with_behaviour(|key, relay_client| {
                     let streams = streams.take().expect("the behaviour is built once");
-                    match Behaviour::new(key, relay_client, config, registry, streams) {
+                    let store = store.take().expect("the behaviour is built once");
+                    match Behaviour::new(key, relay_client, config, registry, streams, store) {
                         Ok(behaviour) => Ok(behaviour),
                         Err(e) => {
                             built = Some(e);

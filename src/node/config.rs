@@ -139,6 +139,8 @@ pub(crate) struct Config {
     pub(crate) subscription_queue: usize,
     pub(crate) command_queue: usize,
     pub(crate) event_queue: usize,
+    pub(crate) store_capacity: u64,
+    pub(crate) replication: std::num::NonZeroUsize,
 }
 
 impl Config {
@@ -183,6 +185,8 @@ impl Config {
             subscription_queue: 1_024,
             command_queue: 1_024,
             event_queue: 1_024,
+            store_capacity: 256 * 1024 * 1024,
+            replication: std::num::NonZeroUsize::new(5).expect("5 > 0"),
         }
     }
 
@@ -450,6 +454,24 @@ impl Builder {
     /// new ones. Default is 1,024.
     pub fn subscription_queue(mut self, messages: usize) -> Self {
         self.config.subscription_queue = messages;
+        self
+    }
+
+    /// The most bytes of records (keys and values) this node keeps for the mesh's
+    /// [store](crate::store), in memory and in its data directory. A replica that is full
+    /// refuses new records, so a write fails when too few replicas can take it. Default is
+    /// 256 MiB.
+    pub fn store_capacity(mut self, bytes: u64) -> Self {
+        self.config.store_capacity = bytes;
+        self
+    }
+
+    /// How many peers closest to a key hold each [store](crate::store) record (Kademlia's
+    /// replication factor; also how many closest peers a DHT lookup returns). Every node of a
+    /// network should use the same value. Default is 5: with the store's write quorum of 3, a
+    /// record survives the loss of any two of its holders.
+    pub fn replication(mut self, peers: std::num::NonZeroUsize) -> Self {
+        self.config.replication = peers;
         self
     }
 

@@ -6,6 +6,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    num::NonZeroUsize,
     sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
@@ -14,7 +15,9 @@ use futures::StreamExt as _;
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, autonat,
     core::transport::ListenerId,
-    gossipsub, identify, kad, mdns,
+    gossipsub, identify,
+    kad::{self, store::RecordStore as _},
+    mdns,
     metrics::Recorder as _,
     multiaddr::Protocol,
     ping,
@@ -24,7 +27,7 @@ use libp2p::{
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
-    Command, DhtMode, DhtPeer, Error, Event, ExitReason, PeerInfo, PublishError,
+    Command, DhtMode, DhtPeer, Error, Event, ExitReason, FoundRecord, PeerInfo, PublishError,
     behaviour::{Behaviour, BehaviourEvent, kad_protocol, keep_alive_protocol},
     config::Config,
     gossip::{self, Delivery, Subscriber, Validation},
@@ -92,6 +95,15 @@ enum Query {
         found: HashSet<PeerId>,
         reply: oneshot::Sender<Result<Vec<PeerId>, Error>>,
     },
+    PutRecord {
+        quorum: usize,
+        reply: oneshot::Sender<Result<usize, Error>>,
+    },
+    GetRecord {
+        want: usize,
+        found: Vec<FoundRecord>,
+        reply: oneshot::Sender<Result<Vec<FoundRecord>, Error>>,
+    },
 }
 
 pub(crate) struct EventLoop {
@@ -101,6 +113,7 @@ pub(crate) struct EventLoop {
     metrics: libp2p::metrics::Metrics,
     network: String,
     kad_protocol: StreamProtocol,
+    replication: usize,
     dht_mode: DhtMode,
     dial_timeout: Duration,
     bootstrap_addrs: Vec<Multiaddr>,
@@ -171,6 +184,7 @@ impl EventLoop {
             metrics,
             network: config.network.clone(),
             kad_protocol: kad_protocol(&config.network),
+            replication: config.replication.get(),
             dht_mode: config.dht_mode,
             dial_timeout: config.dial_timeout,
             bootstrap_addrs: config.bootstrap.clone(),
@@ -524,6 +538,9 @@ impl EventLoop {
                 true
             }
             Command::Provide { .. } => !self.peers.is_empty(),
+            // A record goes to (or comes from) the DHT once the routing table knows the peers
+            // this node is connected to; a node with no connections works on its own copy.
+            Command::PutRecord { .. } | Command::GetRecord { .. } => !self.peers.is_empty(),
             _ => false,
         };
         if needs_dht && self.no_dht_peers() {
@@ -620,6 +637,54 @@ impl EventLoop {
                         ))));
                     }
                 }
+            }
+            Command::PutRecord {
+                key,
+                value,
+                quorum,
+                checked,
+                reply,
+            } => {
+                if checked {
+                    self.put_record(key, value, quorum, reply);
+                } else {
+                    self.put_record_unchecked(key, value, quorum, reply);
+                }
+            }
+            Command::GetRecord { key, want, reply } => {
+                let key = kad::RecordKey::new(&key);
+                if self.routing_table_size() == 0 {
+                    let local = self.swarm.behaviour_mut().kad.store_mut().get(&key);
+                    let found = local
+                        .map(|r| FoundRecord {
+                            peer: None,
+                            value: r.value.clone(),
+                        })
+                        .into_iter()
+                        .collect();
+                    let _ = reply.send(Ok(found));
+                } else {
+                    let id = self.swarm.behaviour_mut().kad.get_record(key);
+                    self.queries.insert(
+                        id,
+                        Query::GetRecord {
+                            want: want.max(1),
+                            found: Vec::new(),
+                            reply,
+                        },
+                    );
+                }
+            }
+            Command::LocalRecord { key, reply } => {
+                let key = kad::RecordKey::new(&key);
+                let value = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .store_mut()
+                    .get(&key)
+                    .map(|r| r.value.clone());
+                let _ = reply.send(value);
             }
             Command::StopProviding { key } => {
                 self.swarm.behaviour_mut().kad.stop_providing(&key.into());
@@ -751,6 +816,72 @@ impl EventLoop {
                 }),
             });
         }
+    }
+
+    /// The peers in Kademlia's routing table.
+    fn routing_table_size(&mut self) -> usize {
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|bucket| bucket.num_entries())
+            .sum()
+    }
+
+    fn put_record(
+        &mut self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        quorum: usize,
+        reply: oneshot::Sender<Result<usize, Error>>,
+    ) {
+        let quorum = quorum.min(self.routing_table_size());
+        let record = kad::Record::new(key, value);
+        let refused = |e: kad::store::Error| {
+            Error::Dht(format!("this node's record store refused the record: {e}"))
+        };
+        if quorum == 0 {
+            let mut record = record;
+            record.publisher = Some(*self.swarm.local_peer_id());
+            let kad = &mut self.swarm.behaviour_mut().kad;
+            let _ = reply.send(kad.store_mut().put(record).map(|()| 0).map_err(refused));
+            return;
+        }
+        let n = NonZeroUsize::new(quorum).expect("quorum > 0");
+        match self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .put_record(record, kad::Quorum::N(n))
+        {
+            Ok(id) => {
+                self.queries.insert(id, Query::PutRecord { quorum, reply });
+            }
+            Err(e) => {
+                let _ = reply.send(Err(refused(e)));
+            }
+        }
+    }
+
+    fn put_record_unchecked(
+        &mut self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        quorum: usize,
+        reply: oneshot::Sender<Result<usize, Error>>,
+    ) {
+        let record = kad::Record::new(key, value);
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let target = kad::KBucketKey::new(record.key.clone());
+        let peers: Vec<PeerId> = kad
+            .get_closest_local_peers(&target)
+            .map(|k| *k.preimage())
+            .take(self.replication)
+            .collect();
+        let quorum = quorum.clamp(1, peers.len().max(1));
+        let n = NonZeroUsize::new(quorum).expect("quorum > 0");
+        let id = kad.put_record_to(record, peers.into_iter(), kad::Quorum::N(n));
+        self.queries.insert(id, Query::PutRecord { quorum, reply });
     }
 
     fn no_dht_peers(&mut self) -> bool {
@@ -1221,6 +1352,44 @@ impl EventLoop {
                     self.queries.insert(id, Query::Providers { found, reply });
                 }
             }
+            (Query::PutRecord { quorum, reply }, kad::QueryResult::PutRecord(result)) => {
+                let result = match result {
+                    Ok(_) => Ok(quorum),
+                    Err(
+                        kad::PutRecordError::QuorumFailed { success, .. }
+                        | kad::PutRecordError::Timeout { success, .. },
+                    ) => Err(Error::Quorum {
+                        reached: success.len(),
+                        quorum,
+                    }),
+                };
+                let _ = reply.send(result);
+            }
+            (
+                Query::GetRecord {
+                    want,
+                    mut found,
+                    reply,
+                },
+                kad::QueryResult::GetRecord(result),
+            ) => {
+                if let Ok(kad::GetRecordOk::FoundRecord(peer_record)) = result {
+                    found.push(FoundRecord {
+                        peer: peer_record.peer,
+                        value: peer_record.record.value,
+                    });
+                    if found.len() < want && !step.last {
+                        self.queries
+                            .insert(id, Query::GetRecord { want, found, reply });
+                        return;
+                    }
+                    if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                        query.finish();
+                    }
+                }
+                // Not found, timed out, or finished: what was found is the answer.
+                let _ = reply.send(Ok(found));
+            }
             (query, _) => {
                 // A result of another kind for this id cannot happen; keep the query.
                 self.queries.insert(id, query);
@@ -1245,6 +1414,12 @@ fn fail_for_lack_of_peers(command: Command) {
         // Nobody to ask: nobody is known to provide it.
         Command::Providers { reply, .. } => {
             let _ = reply.send(Ok(Vec::new()));
+        }
+        Command::PutRecord { reply, .. } => {
+            let _ = reply.send(Err(Error::NoKnownPeers));
+        }
+        Command::GetRecord { reply, .. } => {
+            let _ = reply.send(Err(Error::NoKnownPeers));
         }
         _ => {}
     }

@@ -68,6 +68,17 @@ pub enum Error {
     /// The identity could not be loaded.
     #[error(transparent)]
     Identity(Arc<identity::Error>),
+    /// The record store in the data directory could not be opened.
+    #[error(transparent)]
+    RecordStore(Arc<crate::store::OpenError>),
+    /// A DHT write reached fewer peers than its quorum.
+    #[error("the record reached {reached} of the {quorum} peers it needed")]
+    Quorum {
+        /// Peers that acknowledged the record.
+        reached: usize,
+        /// Peers needed.
+        quorum: usize,
+    },
     /// The transports or a protocol could not be set up.
     #[error("cannot set up the node's transports: {0}")]
     Transport(String),
@@ -242,6 +253,13 @@ pub struct DhtPeer {
     pub addresses: Vec<Multiaddr>,
 }
 
+/// A copy of a DHT record and the peer that held it (`None`: this node).
+#[derive(Debug, Clone)]
+pub(crate) struct FoundRecord {
+    pub(crate) peer: Option<PeerId>,
+    pub(crate) value: Vec<u8>,
+}
+
 /// Commands from handles to the event loop.
 pub(crate) enum Command {
     ListenAddrs {
@@ -268,6 +286,24 @@ pub(crate) enum Command {
     },
     Bootstrap {
         reply: oneshot::Sender<Result<(), Error>>,
+    },
+    PutRecord {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        quorum: usize,
+        /// `false`: send to the closest known peers without storing (or checking) locally;
+        /// for fault injection in tests.
+        checked: bool,
+        reply: oneshot::Sender<Result<usize, Error>>,
+    },
+    GetRecord {
+        key: Vec<u8>,
+        want: usize,
+        reply: oneshot::Sender<Result<Vec<FoundRecord>, Error>>,
+    },
+    LocalRecord {
+        key: Vec<u8>,
+        reply: oneshot::Sender<Option<Vec<u8>>>,
     },
     Provide {
         key: Vec<u8>,
@@ -380,12 +416,31 @@ impl Node {
             &served_protocols(&config.network),
             node_metrics.inbound_streams_dropped.clone(),
         );
+        let disk = match &config.data_dir {
+            Some(dir) => Some(
+                crate::store::persist::Disk::open(dir)
+                    .map_err(|e| Error::RecordStore(Arc::new(e)))?,
+            ),
+            None => None,
+        };
+        let record_store = crate::store::local::LocalStore::new(
+            peer_id,
+            config.network.clone(),
+            crate::store::local::Limits {
+                max_bytes: config.store_capacity,
+                rejected: node_metrics.store_rejected.clone(),
+                full: node_metrics.store_full.clone(),
+                bytes: node_metrics.store_bytes.clone(),
+            },
+            disk,
+        );
         let libp2p_registry = registry.sub_registry_with_prefix("libp2p");
         let swarm = behaviour::build_swarm(
             identity.keypair().clone(),
             &config,
             libp2p_registry,
             streams,
+            record_store,
         )?;
         let libp2p_metrics = libp2p::metrics::Metrics::new(libp2p_registry);
 
@@ -611,6 +666,60 @@ impl Node {
         let key = key.into();
         self.request(|reply| Command::Provide { key, reply })
             .await?
+    }
+
+    /// Stores a record locally and on the closest peers to its key; succeeds once `quorum`
+    /// of them (fewer if the routing table holds fewer peers) acknowledged it, and returns how
+    /// many that was (0 when the node knows no peers: the record is then only local).
+    pub(crate) async fn put_record(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        quorum: usize,
+    ) -> Result<usize, Error> {
+        self.request(|reply| Command::PutRecord {
+            key,
+            value,
+            quorum,
+            checked: true,
+            reply,
+        })
+        .await?
+    }
+
+    /// Sends a record to the closest known peers without storing or checking it locally.
+    #[cfg(feature = "testing")]
+    pub(crate) async fn put_record_unchecked(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        quorum: usize,
+    ) -> Result<usize, Error> {
+        self.request(|reply| Command::PutRecord {
+            key,
+            value,
+            quorum,
+            checked: false,
+            reply,
+        })
+        .await?
+    }
+
+    /// Looks a record up in the DHT (the local copy first) and returns the copies found,
+    /// stopping after `want` of them.
+    pub(crate) async fn get_records(
+        &self,
+        key: Vec<u8>,
+        want: usize,
+    ) -> Result<Vec<FoundRecord>, Error> {
+        self.request(|reply| Command::GetRecord { key, want, reply })
+            .await?
+    }
+
+    /// The value of the record this node holds under `key`, if any.
+    pub(crate) async fn local_record(&self, key: Vec<u8>) -> Result<Option<Vec<u8>>, Error> {
+        self.request(|reply| Command::LocalRecord { key, reply })
+            .await
     }
 
     /// Stops announcing `key`.

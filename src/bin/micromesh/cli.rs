@@ -57,6 +57,9 @@ pub(crate) enum Command {
     Publish(crate::pubsub_cmd::PublishArgs),
     /// Subscribe to a topic (or join a queue group); print each message as one JSON line.
     Subscribe(crate::pubsub_cmd::SubscribeArgs),
+    /// Read and write the mesh's replicated key-value store.
+    #[command(subcommand)]
+    Store(crate::store_cmd::StoreCommand),
 }
 
 /// How a short-lived client joins the mesh.

@@ -10,6 +10,7 @@ mod node_cmd;
 mod peers_cmd;
 mod pubsub_cmd;
 mod services_cmd;
+mod store_cmd;
 
 use std::process::ExitCode;
 
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
             cli::Command::Stream(cmd) => call_cmd::stream(&args.global, cmd).await,
             cli::Command::Publish(cmd) => pubsub_cmd::publish(&args.global, cmd).await,
             cli::Command::Subscribe(cmd) => pubsub_cmd::subscribe(&args.global, cmd).await,
+            cli::Command::Store(cmd) => store_cmd::run(&args.global, cmd).await,
         }
     });
     match result {

@@ -1,0 +1,333 @@
+//! The node's local record store: Kademlia's `RecordStore`, checking every record before it
+//! keeps it, merging index shards, bounded in size, and persisted by [`Disk`].
+//!
+//! Kademlia hands every record it receives, and every record this node publishes, to
+//! [`RecordStore::put`]. A record that fails its checks, or is older than the version held, is
+//! refused: Kademlia then answers the sender with an error instead of an acknowledgement, so a
+//! write quorum counts only replicas that really hold the record.
+
+use std::{
+    borrow::Cow,
+    cmp::Ordering,
+    collections::{BTreeMap, HashMap, hash_map},
+    iter,
+    time::{Instant, SystemTime},
+};
+
+use libp2p::{
+    PeerId,
+    kad::{
+        ProviderRecord, Record, RecordKey,
+        store::{self, MemoryStore, MemoryStoreConfig, RecordStore},
+    },
+};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+
+use super::{
+    persist::{Disk, Loaded},
+    record::{self, Checked, KeyKind},
+};
+
+/// Limits and counters of a [`LocalStore`].
+#[derive(Clone, Debug)]
+pub(crate) struct Limits {
+    /// The most bytes (keys and values) the store keeps.
+    pub(crate) max_bytes: u64,
+    /// Records refused because they failed a check or were older than the one held.
+    pub(crate) rejected: Counter,
+    /// Records refused because the store was full.
+    pub(crate) full: Counter,
+    /// Bytes held.
+    pub(crate) bytes: Gauge,
+}
+
+pub(crate) struct LocalStore {
+    local: PeerId,
+    network: String,
+    records: HashMap<RecordKey, Record>,
+    /// The header of the version held, for every data record.
+    heads: HashMap<RecordKey, Checked>,
+    /// The entries of every index shard held, by key.
+    shards: HashMap<RecordKey, BTreeMap<String, Checked>>,
+    bytes: u64,
+    limits: Limits,
+    providers: MemoryStore,
+    disk: Option<Disk>,
+}
+
+fn size_of(record: &Record) -> u64 {
+    (record.key.as_ref().len() + record.value.len()) as u64
+}
+
+fn deadline(at: Option<SystemTime>) -> Option<Instant> {
+    let at = at?;
+    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    Instant::now().checked_add(left)
+}
+
+/// Why a record was not stored, for the log.
+enum Refusal {
+    Invalid(record::Invalid),
+    Older,
+    Full,
+}
+
+impl LocalStore {
+    /// A store for `local`, empty or filled from what `disk` held.
+    pub(crate) fn new(
+        local: PeerId,
+        network: String,
+        limits: Limits,
+        disk: Option<(Disk, Loaded)>,
+    ) -> Self {
+        let providers = MemoryStore::with_config(
+            local,
+            MemoryStoreConfig {
+                max_records: 0,
+                max_value_bytes: 0,
+                max_provided_keys: 10_000,
+                max_providers_per_key: libp2p::kad::K_VALUE.get(),
+            },
+        );
+        let mut this = Self {
+            local,
+            network,
+            records: HashMap::new(),
+            heads: HashMap::new(),
+            shards: HashMap::new(),
+            bytes: 0,
+            limits,
+            providers,
+            disk: None,
+        };
+        if let Some((disk, loaded)) = disk {
+            this.load(&disk, loaded);
+            this.disk = Some(disk);
+        }
+        this
+    }
+
+    fn load(&mut self, disk: &Disk, loaded: Loaded) {
+        let (mut kept, mut dropped) = (0usize, 0usize);
+        for record in loaded.records {
+            let key = record.key.clone();
+            match self.insert(record) {
+                Ok(_) => kept += 1,
+                Err(Refusal::Invalid(record::Invalid::Expired)) => {
+                    disk.remove_record(&key);
+                }
+                Err(Refusal::Invalid(e)) => {
+                    // Kept on disk, not served: a record that fails its checks after a
+                    // restart points at a damaged file or a changed format.
+                    tracing::warn!(key = %String::from_utf8_lossy(key.as_ref()), "record on disk fails its checks ({e}); left on disk, not served");
+                    dropped += 1;
+                }
+                Err(Refusal::Older | Refusal::Full) => dropped += 1,
+            }
+        }
+        let now = Instant::now();
+        for provider in loaded.providers {
+            // This node's own announcements are made again by the services it runs now; an
+            // old one would announce a service that may be gone.
+            if provider.provider == self.local || provider.is_expired(now) {
+                disk.remove_provider(&provider.key, &provider.provider);
+                continue;
+            }
+            let _ = self.providers.add_provider(provider);
+        }
+        if kept + dropped > 0 || loaded.undecodable > 0 {
+            tracing::info!(
+                records = kept,
+                refused = dropped,
+                undecodable = loaded.undecodable,
+                "record store loaded from disk"
+            );
+        }
+    }
+
+    /// Checks `record` and keeps it if it is new; does not touch the disk. `Ok(false)`: the
+    /// same version was held already.
+    fn insert(&mut self, mut record: Record) -> Result<bool, Refusal> {
+        let now = SystemTime::now();
+        match record::kind_of(record.key.as_ref()) {
+            None => Err(Refusal::Invalid(record::Invalid::WrongKey)),
+            Some(KeyKind::Record) => {
+                let (checked, _) =
+                    record::check_record(&self.network, record.key.as_ref(), &record.value, now)
+                        .map_err(Refusal::Invalid)?;
+                if checked.is_expired(now) {
+                    return Err(Refusal::Invalid(record::Invalid::Expired));
+                }
+                if let Some(held) = self.heads.get(&record.key) {
+                    match checked.precedence(held) {
+                        Ordering::Less => return Err(Refusal::Older),
+                        Ordering::Equal => return Ok(false),
+                        Ordering::Greater => {}
+                    }
+                }
+                record.expires = deadline(checked.expires());
+                let key = record.key.clone();
+                self.replace(record)?;
+                self.heads.insert(key, checked);
+                Ok(true)
+            }
+            Some(KeyKind::Shard) => self.merge_shard(record, now),
+        }
+    }
+}
+
+impl LocalStore {
+    /// Puts `record` in place of the one under its key, within the size bound.
+    fn replace(&mut self, record: Record) -> Result<(), Refusal> {
+        let old = self.records.get(&record.key).map_or(0, size_of);
+        let new_total = self.bytes - old + size_of(&record);
+        if new_total > self.limits.max_bytes {
+            return Err(Refusal::Full);
+        }
+        self.bytes = new_total;
+        self.limits
+            .bytes
+            .set(i64::try_from(self.bytes).unwrap_or(i64::MAX));
+        self.records.insert(record.key.clone(), record);
+        Ok(())
+    }
+
+    /// Merges the entries of an incoming index shard into the one held: per key, the entry
+    /// that takes precedence stays. Expired entries are dropped.
+    fn merge_shard(&mut self, mut record: Record, now: SystemTime) -> Result<bool, Refusal> {
+        let incoming = record::decode_shard(&record.value).map_err(Refusal::Invalid)?;
+        let mut held = self.shards.get(&record.key).cloned().unwrap_or_default();
+        let mut changed = !self.records.contains_key(&record.key);
+        for entry in incoming {
+            // Entries already held need no second signature check.
+            if held.values().any(|h| h.entry == entry) {
+                continue;
+            }
+            let checked = record::check_shard_entry(&self.network, record.key.as_ref(), entry, now)
+                .map_err(Refusal::Invalid)?;
+            if checked.is_expired(now) {
+                continue;
+            }
+            match held.get(&checked.header.key) {
+                Some(h) if checked.precedence(h) != Ordering::Greater => {}
+                _ => {
+                    held.insert(checked.header.key.clone(), checked);
+                    changed = true;
+                }
+            }
+        }
+        let before = held.len();
+        held.retain(|_, c| !c.is_expired(now));
+        changed |= held.len() != before;
+        if !changed {
+            return Ok(false);
+        }
+        let value = record::encode_shard(held.values());
+        if value.len() > record::MAX_SHARD {
+            return Err(Refusal::Invalid(record::Invalid::Limit(format!(
+                "the index shard would exceed {} bytes",
+                record::MAX_SHARD
+            ))));
+        }
+        record.value = value;
+        // A merged shard has no single publisher; with none, Kademlia replicates it like any
+        // other node's record and never ignores a copy sent back to this node.
+        record.publisher = None;
+        record.expires = None;
+        let key = record.key.clone();
+        self.replace(record)?;
+        self.shards.insert(key, held);
+        Ok(true)
+    }
+}
+
+impl Drop for LocalStore {
+    fn drop(&mut self) {
+        // Dropping the disk commits what is queued before the database closes.
+        self.disk.take();
+    }
+}
+
+impl RecordStore for LocalStore {
+    type RecordsIter<'a> =
+        iter::Map<hash_map::Values<'a, RecordKey, Record>, fn(&'a Record) -> Cow<'a, Record>>;
+    type ProvidedIter<'a> = <MemoryStore as RecordStore>::ProvidedIter<'a>;
+
+    fn get(&self, k: &RecordKey) -> Option<Cow<'_, Record>> {
+        self.records.get(k).map(Cow::Borrowed)
+    }
+
+    fn put(&mut self, record: Record) -> store::Result<()> {
+        let key = record.key.clone();
+        match self.insert(record) {
+            Ok(changed) => {
+                if changed && let (Some(disk), Some(stored)) = (&self.disk, self.records.get(&key))
+                {
+                    disk.put_record(stored);
+                }
+                Ok(())
+            }
+            Err(refusal) => {
+                let name = String::from_utf8_lossy(key.as_ref()).into_owned();
+                match refusal {
+                    Refusal::Invalid(e) => {
+                        self.limits.rejected.inc();
+                        tracing::debug!(key = %name, "record refused: {e}");
+                        Err(store::Error::ValueTooLarge)
+                    }
+                    Refusal::Older => {
+                        self.limits.rejected.inc();
+                        tracing::debug!(key = %name, "record refused: a newer version is held");
+                        Err(store::Error::MaxRecords)
+                    }
+                    Refusal::Full => {
+                        self.limits.full.inc();
+                        tracing::warn!(key = %name, max_bytes = self.limits.max_bytes, "record refused: the record store is full");
+                        Err(store::Error::MaxRecords)
+                    }
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, k: &RecordKey) {
+        if let Some(record) = self.records.remove(k) {
+            self.bytes -= size_of(&record);
+            self.limits
+                .bytes
+                .set(i64::try_from(self.bytes).unwrap_or(i64::MAX));
+            self.heads.remove(k);
+            self.shards.remove(k);
+            if let Some(disk) = &self.disk {
+                disk.remove_record(k);
+            }
+        }
+    }
+
+    fn records(&self) -> Self::RecordsIter<'_> {
+        self.records.values().map(Cow::Borrowed)
+    }
+
+    fn add_provider(&mut self, record: ProviderRecord) -> store::Result<()> {
+        self.providers.add_provider(record.clone())?;
+        if let Some(disk) = &self.disk {
+            disk.put_provider(&record);
+        }
+        Ok(())
+    }
+
+    fn providers(&self, key: &RecordKey) -> Vec<ProviderRecord> {
+        self.providers.providers(key)
+    }
+
+    fn provided(&self) -> Self::ProvidedIter<'_> {
+        self.providers.provided()
+    }
+
+    fn remove_provider(&mut self, k: &RecordKey, p: &PeerId) {
+        self.providers.remove_provider(k, p);
+        if let Some(disk) = &self.disk {
+            disk.remove_provider(k, p);
+        }
+    }
+}

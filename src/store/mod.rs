@@ -1,0 +1,725 @@
+//! The store: a replicated, persistent key-value store on the mesh's DHT, with no database
+//! server.
+//!
+//! Records live in Kademlia under the network's private protocol, on the
+//! [`replication`](crate::node::Builder::replication) peers closest to each key (default 5),
+//! and on the disk of each of them (a redb file in the node's data directory). A write
+//! succeeds once [`Config::write_quorum`] peers besides the writer hold the record (default 3;
+//! fewer when the mesh has fewer peers); a read asks until [`Config::read_quorum`] copies are
+//! found (default 3) and returns the newest. With the defaults a record survives the loss of
+//! any two of its holders, and a read overlaps every acknowledged write.
+//!
+//! Every record is signed by its writer and carries a version (microseconds on the writer's
+//! clock, kept increasing by the writer). Every node checks a record before it keeps it —
+//! signature, place, size, expiry — and keeps only the newest version (ties broken by writer
+//! id), so no peer can forge or roll back another's record, and concurrent writers converge on
+//! one winner everywhere. A delete is a tombstone that wins over older writes. The wire format
+//! is specified in `protocols/store.md`.
+//!
+//! Keys live in a database and a table (go-micro's namespaces); [`Store::table`] gives a view
+//! of another one. [`Store::list`] works across the mesh: each table keeps an index in 8
+//! shards, which are DHT records whose holders merge the entries they receive.
+//!
+//! ```
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use micromesh::{Service, store::WriteOptions};
+//!
+//! let service = Service::builder("kv").build().await?;
+//! let users = service.store().table("app", "users")?;
+//! users.write("alice", b"admin".to_vec()).await?;
+//! users
+//!     .write_with("session", b"42".to_vec(), WriteOptions::new().ttl(Duration::from_secs(60)))
+//!     .await?;
+//! let alice = users.read("alice").await?.expect("just written");
+//! assert_eq!(alice.value, b"admin");
+//! assert_eq!(users.list(Default::default()).await?, vec!["alice", "session"]);
+//! users.delete("alice").await?;
+//! assert!(users.read("alice").await?.is_none());
+//! service.stop().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+pub(crate) mod local;
+pub(crate) mod persist;
+pub(crate) mod record;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering as AtomicOrdering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use futures::{StreamExt as _, future};
+
+pub use self::persist::OpenError;
+use self::record::{Checked, Header};
+use crate::{Metadata, PeerId, node::Node};
+
+/// The largest value a record may carry: 1 MiB.
+pub const MAX_VALUE_SIZE: usize = record::MAX_VALUE;
+/// The longest key, in bytes.
+pub const MAX_KEY_SIZE: usize = record::MAX_KEY;
+
+/// Store settings.
+///
+/// ```
+/// use std::time::Duration;
+/// let config = micromesh::store::Config::default()
+///     .write_quorum(2)
+///     .read_quorum(2)
+///     .timeout(Duration::from_secs(20));
+/// assert_eq!(config.database_name(), "micromesh");
+/// ```
+#[derive(Clone, Debug)]
+pub struct Config {
+    write_quorum: usize,
+    read_quorum: usize,
+    timeout: Duration,
+    tombstone_retention: Duration,
+    database: String,
+    table: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            write_quorum: 3,
+            read_quorum: 3,
+            timeout: Duration::from_secs(30),
+            tombstone_retention: Duration::from_secs(7 * 24 * 3600),
+            database: "micromesh".into(),
+            table: "default".into(),
+        }
+    }
+}
+
+impl Config {
+    /// How many peers besides the writer must hold a record before a write succeeds. Capped at
+    /// the number of peers the node knows; a node alone keeps its writes locally. Default 3.
+    pub fn write_quorum(mut self, peers: usize) -> Self {
+        self.write_quorum = peers.max(1);
+        self
+    }
+
+    /// How many copies a read collects (the local one counts) before it answers with the
+    /// newest; it answers earlier when the lookup finds no more. Default 3.
+    pub fn read_quorum(mut self, copies: usize) -> Self {
+        self.read_quorum = copies.max(1);
+        self
+    }
+
+    /// How long one read, write, delete or list may take. Default 30 s.
+    ///
+    /// A holder that refuses a record (it holds a newer version) does not answer at all with
+    /// libp2p-kad 0.49: the writer learns of it at Kademlia's 10 s stream timeout, then writes
+    /// again above the newest version. The default leaves room for that.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long a delete's tombstone is kept, so that it wins over older copies still on their
+    /// way. Default 7 days.
+    pub fn tombstone_retention(mut self, retention: Duration) -> Self {
+        self.tombstone_retention = retention;
+        self
+    }
+
+    /// The database of [`Service::store`](crate::Service::store). Default `"micromesh"`.
+    pub fn database(mut self, name: impl Into<String>) -> Self {
+        self.database = name.into();
+        self
+    }
+
+    /// The table of [`Service::store`](crate::Service::store). Default `"default"`.
+    pub fn table(mut self, name: impl Into<String>) -> Self {
+        self.table = name.into();
+        self
+    }
+
+    /// The configured database name.
+    pub fn database_name(&self) -> &str {
+        &self.database
+    }
+
+    /// The configured table name.
+    pub fn table_name(&self) -> &str {
+        &self.table
+    }
+}
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A database, table or key name is not acceptable.
+    #[error("{0}")]
+    InvalidName(String),
+    /// The value is larger than [`MAX_VALUE_SIZE`], or the metadata than its limit.
+    #[error("{what} of {key:?} is {size} bytes; the limit is {limit}")]
+    TooLarge {
+        /// The key.
+        key: String,
+        /// `"the value"` or `"the metadata"`.
+        what: &'static str,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Too few peers took the record (or the table's index entry). Some may hold it.
+    #[error(
+        "writing {key:?} reached {reached} of the {needed} peers it needed{detail}; the write may be partly applied, retry it"
+    )]
+    Quorum {
+        /// The key.
+        key: String,
+        /// Peers that acknowledged.
+        reached: usize,
+        /// Peers needed.
+        needed: usize,
+        /// More about why.
+        detail: String,
+    },
+    /// The operation did not finish within [`Config::timeout`].
+    #[error("{op} of {key:?} timed out after {after:?}")]
+    Timeout {
+        /// `"read"`, `"write"`, `"delete"` or `"list"`.
+        op: &'static str,
+        /// The key, or the prefix for a list.
+        key: String,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The node failed or has stopped.
+    #[error(transparent)]
+    Node(#[from] crate::node::Error),
+}
+
+/// A record read from the store.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Record {
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: Vec<u8>,
+    /// The metadata written with it.
+    pub metadata: Metadata,
+    /// When it expires, if it was written with a TTL.
+    pub expires: Option<SystemTime>,
+    /// Its version: microseconds since the Unix epoch on the writer's clock.
+    pub version: u64,
+    /// The peer that wrote (and signed) it.
+    pub writer: PeerId,
+}
+
+impl fmt::Debug for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Record")
+            .field("key", &self.key)
+            .field("value", &String::from_utf8_lossy(&self.value))
+            .field("metadata", &self.metadata)
+            .field("expires", &self.expires)
+            .field("version", &self.version)
+            .field("writer", &self.writer)
+            .finish()
+    }
+}
+
+/// Options of [`Store::write_with`].
+///
+/// ```
+/// use std::time::Duration;
+/// let options = micromesh::store::WriteOptions::new()
+///     .ttl(Duration::from_secs(3600))
+///     .metadata("owner", "billing");
+/// # let _ = options;
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct WriteOptions {
+    ttl: Option<Duration>,
+    metadata: Metadata,
+}
+
+impl WriteOptions {
+    /// No TTL, no metadata.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The record expires this long after the write, everywhere.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Adds a metadata entry.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key, value);
+        self
+    }
+}
+
+/// Options of [`Store::list`] and [`Store::read_prefix`]: which keys, in key order.
+///
+/// ```
+/// let page = micromesh::store::ListOptions::new().prefix("user/").offset(20).limit(10);
+/// # let _ = page;
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct ListOptions {
+    prefix: String,
+    limit: Option<usize>,
+    offset: usize,
+}
+
+impl ListOptions {
+    /// Every key.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Only keys that start with `prefix`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// At most `n` keys.
+    pub fn limit(mut self, n: usize) -> Self {
+        self.limit = Some(n);
+        self
+    }
+
+    /// Skip the first `n` keys.
+    pub fn offset(mut self, n: usize) -> Self {
+        self.offset = n;
+        self
+    }
+}
+
+struct Inner {
+    node: Node,
+    config: Config,
+    /// The last version this node wrote, so that its versions only grow.
+    last_version: AtomicU64,
+}
+
+/// A handle on one table of the mesh's store. Cheap to clone.
+///
+/// [`Service::store`](crate::Service::store) gives one on the configured database and table;
+/// [`Store::table`] gives a view of another. See the [module docs](self).
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+    database: String,
+    table: String,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("database", &self.database)
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a write puts: a value, or a tombstone.
+enum Change {
+    Put(Vec<u8>, WriteOptions),
+    Delete,
+}
+
+impl Store {
+    /// A store on `node`'s DHT with `config`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`] if the configured database or table name is invalid.
+    pub fn new(node: Node, config: Config) -> Result<Self, Error> {
+        record::check_name("database", &config.database).map_err(Error::InvalidName)?;
+        record::check_name("table", &config.table).map_err(Error::InvalidName)?;
+        Ok(Self {
+            database: config.database.clone(),
+            table: config.table.clone(),
+            inner: Arc::new(Inner {
+                node,
+                config,
+                last_version: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// A view of another database and table, on the same node and settings.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`] unless both names are 1 to 64 characters of `A-Z a-z 0-9 _ . -`.
+    pub fn table(&self, database: &str, table: &str) -> Result<Self, Error> {
+        record::check_name("database", database).map_err(Error::InvalidName)?;
+        record::check_name("table", table).map_err(Error::InvalidName)?;
+        Ok(Self {
+            inner: self.inner.clone(),
+            database: database.into(),
+            table: table.into(),
+        })
+    }
+
+    /// The database of this view.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// The table of this view.
+    pub fn table_name(&self) -> &str {
+        &self.table
+    }
+
+    /// Writes `value` under `key`, replacing what is there.
+    ///
+    /// Returns the version written.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`] for a bad key, [`Error::TooLarge`] for a value over
+    /// [`MAX_VALUE_SIZE`], [`Error::Quorum`] if too few peers took it, [`Error::Timeout`].
+    pub async fn write(&self, key: &str, value: Vec<u8>) -> Result<u64, Error> {
+        self.write_with(key, value, WriteOptions::default()).await
+    }
+
+    /// Writes `value` under `key` with a TTL and metadata.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::write`].
+    pub async fn write_with(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        options: WriteOptions,
+    ) -> Result<u64, Error> {
+        record::check_key(key).map_err(Error::InvalidName)?;
+        if value.len() > MAX_VALUE_SIZE {
+            return Err(Error::TooLarge {
+                key: key.into(),
+                what: "the value",
+                size: value.len(),
+                limit: MAX_VALUE_SIZE,
+            });
+        }
+        if let Err(e) = record::check_metadata(&options.metadata) {
+            tracing::debug!("{e}");
+            let size = options
+                .metadata
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum();
+            return Err(Error::TooLarge {
+                key: key.into(),
+                what: "the metadata",
+                size,
+                limit: record::MAX_METADATA,
+            });
+        }
+        self.timed("write", key, self.change(key, Change::Put(value, options)))
+            .await
+    }
+
+    /// Deletes `key`: writes a tombstone that wins over every older version.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::write`].
+    pub async fn delete(&self, key: &str) -> Result<(), Error> {
+        record::check_key(key).map_err(Error::InvalidName)?;
+        self.timed("delete", key, self.change(key, Change::Delete))
+            .await
+            .map(drop)
+    }
+
+    /// Reads `key`: the newest version among the copies found, or `None` if there is none,
+    /// it was deleted, or it expired.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`] for a bad key, [`Error::Timeout`], [`Error::Node`].
+    pub async fn read(&self, key: &str) -> Result<Option<Record>, Error> {
+        record::check_key(key).map_err(Error::InvalidName)?;
+        self.timed("read", key, self.read_newest(key)).await
+    }
+
+    /// Reads every live record whose key matches `options`, in key order.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::list`] and [`Store::read`].
+    pub async fn read_prefix(&self, options: ListOptions) -> Result<Vec<Record>, Error> {
+        let keys = self.list(options).await?;
+        let reads = futures::stream::iter(keys.iter().map(|key| self.read(key)))
+            .buffered(16)
+            .collect::<Vec<_>>()
+            .await;
+        let mut records = Vec::with_capacity(reads.len());
+        for read in reads {
+            if let Some(record) = read? {
+                records.push(record);
+            }
+        }
+        Ok(records)
+    }
+
+    /// Lists the live keys of this table across the mesh, in key order, with a prefix, offset
+    /// and limit.
+    ///
+    /// The keys come from the table's index (`protocols/store.md`): a key shows once its write
+    /// succeeded, and goes when it is deleted or expires.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`], [`Error::Node`].
+    pub async fn list(&self, options: ListOptions) -> Result<Vec<String>, Error> {
+        let prefix = options.prefix.clone();
+        self.timed("list", &prefix, self.list_keys(options)).await
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        key: &str,
+        work: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let after = self.inner.config.timeout;
+        tokio::time::timeout(after, work)
+            .await
+            .map_err(|_| Error::Timeout {
+                op,
+                key: key.into(),
+                after,
+            })?
+    }
+
+    fn node(&self) -> &Node {
+        &self.inner.node
+    }
+
+    /// A version above every version this node wrote and above `at_least`.
+    fn next_version(&self, at_least: u64) -> u64 {
+        let now = record::unix_us(SystemTime::now());
+        let mut last = self.inner.last_version.load(AtomicOrdering::Relaxed);
+        loop {
+            let next = now.max(last + 1).max(at_least);
+            match self.inner.last_version.compare_exchange_weak(
+                last,
+                next,
+                AtomicOrdering::Relaxed,
+                AtomicOrdering::Relaxed,
+            ) {
+                Ok(_) => return next,
+                Err(actual) => last = actual,
+            }
+        }
+    }
+
+    async fn change(&self, key: &str, change: Change) -> Result<u64, Error> {
+        let dht_key = record::record_key(&self.database, &self.table, key);
+        // Above the version this node holds, if it is a holder.
+        let held = self
+            .node()
+            .local_record(dht_key.clone())
+            .await?
+            .and_then(|bytes| {
+                record::check_record(self.node().network(), &dht_key, &bytes, SystemTime::now())
+                    .ok()
+            })
+            .map_or(0, |(c, _)| c.header.revision + 1);
+        let version = self.next_version(held);
+        match self.put(key, &change, version).await {
+            Err(Error::Quorum { .. }) => {
+                // Holders refuse a version older than theirs: a writer with a clock ahead wrote
+                // last. Write again above the newest version found, once.
+                let newest = self.newest(key).await?.map(|(c, _)| c.header.revision);
+                match newest {
+                    Some(n) if n >= version => {
+                        let version = self.next_version(n + 1);
+                        self.put(key, &change, version).await
+                    }
+                    _ => self.put(key, &change, version).await,
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn put(&self, key: &str, change: &Change, version: u64) -> Result<u64, Error> {
+        let config = &self.inner.config;
+        let (value, expires_ms, metadata, deleted) = match change {
+            Change::Put(value, options) => (
+                value.as_slice(),
+                options
+                    .ttl
+                    .map(|ttl| record::unix_ms(SystemTime::now() + ttl)),
+                options.metadata.clone(),
+                false,
+            ),
+            Change::Delete => (
+                &[][..],
+                Some(record::unix_ms(
+                    SystemTime::now() + config.tombstone_retention,
+                )),
+                Metadata::new(),
+                true,
+            ),
+        };
+        let header = Header {
+            version: record::VERSION,
+            database: self.database.clone(),
+            table: self.table.clone(),
+            key: key.into(),
+            revision: version,
+            expires_ms,
+            metadata,
+            deleted,
+            value_len: value.len() as u64,
+            value_digest: record::digest(value),
+        };
+        let identity = self.node().identity();
+        let entry = record::sign(identity, self.node().network(), &header);
+        let record_bytes = record::encode_record(&entry, value);
+        let index_entry = Checked {
+            header,
+            writer: identity.peer_id(),
+            entry,
+        };
+        let shard = record::shard_key(&self.database, &self.table, record::shard_of(key));
+        let index_bytes = record::encode_shard([&index_entry]);
+        let dht_key = record::record_key(&self.database, &self.table, key);
+        let quorum = config.write_quorum;
+        let (stored, indexed) = future::join(
+            self.node().put_record(dht_key, record_bytes, quorum),
+            self.node().put_record(shard, index_bytes, quorum),
+        )
+        .await;
+        for (result, what) in [(stored, ""), (indexed, " (the table index)")] {
+            match result {
+                Ok(_) => {}
+                Err(crate::node::Error::Quorum { reached, quorum }) => {
+                    return Err(Error::Quorum {
+                        key: key.into(),
+                        reached,
+                        needed: quorum,
+                        detail: format!(
+                            "{what}: peers refuse a record when they hold a newer version, fail its checks, or are full"
+                        ),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(version)
+    }
+
+    /// The newest valid copy of `key` found, tombstones and expired copies included.
+    async fn newest(&self, key: &str) -> Result<Option<(Checked, Vec<u8>)>, Error> {
+        let dht_key = record::record_key(&self.database, &self.table, key);
+        let found = self
+            .node()
+            .get_records(dht_key.clone(), self.inner.config.read_quorum)
+            .await?;
+        let now = SystemTime::now();
+        let mut best: Option<(Checked, Vec<u8>)> = None;
+        for copy in found {
+            match record::check_record(self.node().network(), &dht_key, &copy.value, now) {
+                Ok((checked, value)) => {
+                    if best
+                        .as_ref()
+                        .is_none_or(|(b, _)| checked.precedence(b).is_gt())
+                    {
+                        best = Some((checked, value));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(peer = ?copy.peer, key, "invalid copy ignored: {e}");
+                }
+            }
+        }
+        Ok(best)
+    }
+
+    async fn read_newest(&self, key: &str) -> Result<Option<Record>, Error> {
+        let Some((checked, value)) = self.newest(key).await? else {
+            return Ok(None);
+        };
+        if checked.header.deleted || checked.is_expired(SystemTime::now()) {
+            return Ok(None);
+        }
+        Ok(Some(Record {
+            expires: checked.expires(),
+            key: checked.header.key,
+            value,
+            metadata: checked.header.metadata,
+            version: checked.header.revision,
+            writer: checked.writer,
+        }))
+    }
+
+    async fn list_keys(&self, options: ListOptions) -> Result<Vec<String>, Error> {
+        let want = self.inner.config.read_quorum;
+        let lookups = (0..record::SHARDS).map(|shard| {
+            let key = record::shard_key(&self.database, &self.table, shard);
+            async move {
+                let found = self.node().get_records(key.clone(), want).await?;
+                Ok::<_, Error>((key, found))
+            }
+        });
+        let shards = future::try_join_all(lookups).await?;
+        let now = SystemTime::now();
+        let mut newest: BTreeMap<String, Checked> = BTreeMap::new();
+        for (shard_key, copies) in shards {
+            // Copies of a shard mostly repeat each other: check each distinct entry once.
+            let mut seen = HashSet::new();
+            for copy in copies {
+                let entries = match record::decode_shard(&copy.value) {
+                    Ok(entries) => entries,
+                    Err(e) => {
+                        tracing::debug!(peer = ?copy.peer, "invalid index shard ignored: {e}");
+                        continue;
+                    }
+                };
+                for entry in entries {
+                    if !seen.insert(entry.signature.clone()) {
+                        continue;
+                    }
+                    let Ok(checked) =
+                        record::check_shard_entry(self.node().network(), &shard_key, entry, now)
+                    else {
+                        continue;
+                    };
+                    if !checked.header.key.starts_with(&options.prefix) {
+                        continue;
+                    }
+                    match newest.get(&checked.header.key) {
+                        Some(held) if checked.precedence(held).is_le() => {}
+                        _ => {
+                            newest.insert(checked.header.key.clone(), checked);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(newest
+            .into_values()
+            .filter(|c| !c.header.deleted && !c.is_expired(now))
+            .map(|c| c.header.key)
+            .skip(options.offset)
+            .take(options.limit.unwrap_or(usize::MAX))
+            .collect())
+    }
+}

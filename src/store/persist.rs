@@ -1,0 +1,307 @@
+//! The record store on disk: a redb database in the node's data directory.
+//!
+//! The swarm task never waits for the disk. Changes go to a writer thread that commits them
+//! in batches (one durable transaction per batch, so a burst of writes costs one `fsync`).
+//! Dropping the [`Disk`] commits what is queued and closes the database, so a node that stops,
+//! gracefully or by its task being aborted, leaves every record it accepted on disk.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::mpsc,
+    thread,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use libp2p::{
+    Multiaddr, PeerId,
+    kad::{ProviderRecord, Record, RecordKey},
+};
+use redb::{ReadableDatabase as _, ReadableTable as _, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// The file name of the record store inside a data directory.
+pub(crate) const FILE_NAME: &str = "store.redb";
+
+/// Changes queued for the writer thread. When the disk falls this far behind, the swarm task
+/// waits for it (backpressure) rather than queueing without bound.
+const QUEUE: usize = 16_384;
+
+const RECORDS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("records");
+const PROVIDERS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("providers");
+
+/// Why the record store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The database file is damaged. It is left as it is, for inspection or repair.
+    #[error("the record store {path} is corrupt ({reason}); move it away to start empty")]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What redb reported.
+        reason: String,
+    },
+    /// The database could not be opened or read.
+    #[error("cannot open the record store {path}: {reason}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// What a record looks like on disk.
+#[derive(Serialize, Deserialize)]
+struct StoredRecord {
+    #[serde(rename = "p", default, with = "serde_bytes")]
+    publisher: Option<Vec<u8>>,
+    #[serde(rename = "v", with = "serde_bytes")]
+    value: Vec<u8>,
+}
+
+/// What a provider record looks like on disk.
+#[derive(Serialize, Deserialize)]
+struct StoredProvider {
+    #[serde(rename = "k", with = "serde_bytes")]
+    key: Vec<u8>,
+    #[serde(rename = "p", with = "serde_bytes")]
+    provider: Vec<u8>,
+    /// Expiry in milliseconds since the Unix epoch.
+    #[serde(rename = "e", default)]
+    expires_ms: Option<u64>,
+    #[serde(rename = "a", default)]
+    addresses: Vec<serde_bytes::ByteBuf>,
+}
+
+enum Op {
+    PutRecord(Vec<u8>, Vec<u8>),
+    RemoveRecord(Vec<u8>),
+    PutProvider(Vec<u8>, Vec<u8>),
+    RemoveProvider(Vec<u8>),
+}
+
+/// What was on disk when the store opened.
+#[derive(Default)]
+pub(crate) struct Loaded {
+    pub(crate) records: Vec<Record>,
+    pub(crate) providers: Vec<ProviderRecord>,
+    /// Entries that could not be decoded: reported, and left on disk untouched.
+    pub(crate) undecodable: usize,
+}
+
+/// The handle of the writer thread.
+pub(crate) struct Disk {
+    ops: Option<mpsc::SyncSender<Op>>,
+    writer: Option<thread::JoinHandle<()>>,
+}
+
+fn provider_key(key: &RecordKey, provider: &PeerId) -> Vec<u8> {
+    let key = key.as_ref();
+    let mut out = Vec::with_capacity(2 + key.len() + 40);
+    out.extend_from_slice(&u16::try_from(key.len()).unwrap_or(u16::MAX).to_be_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(&provider.to_bytes());
+    out
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(value, &mut out).expect("encoding into a Vec cannot fail");
+    out
+}
+
+/// Converts a monotonic deadline to wall-clock milliseconds, and back.
+fn instant_to_unix_ms(at: std::time::Instant) -> u64 {
+    let left = at.saturating_duration_since(std::time::Instant::now());
+    let t = SystemTime::now() + left;
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+pub(crate) fn unix_ms_to_instant(ms: u64) -> Option<std::time::Instant> {
+    let at = UNIX_EPOCH + Duration::from_millis(ms);
+    let left = at.duration_since(SystemTime::now()).ok()?;
+    std::time::Instant::now().checked_add(left)
+}
+
+fn classify(path: &Path, e: impl std::fmt::Display) -> OpenError {
+    let reason = e.to_string();
+    let lower = reason.to_ascii_lowercase();
+    if lower.contains("corrupt") || lower.contains("not a redb database") {
+        OpenError::Corrupt {
+            path: path.to_owned(),
+            reason,
+        }
+    } else {
+        OpenError::Open {
+            path: path.to_owned(),
+            reason,
+        }
+    }
+}
+
+impl Disk {
+    /// Opens (or creates) the store in `dir` and reads everything in it.
+    pub(crate) fn open(dir: &Path) -> Result<(Self, Loaded), OpenError> {
+        let path = dir.join(FILE_NAME);
+        std::fs::create_dir_all(dir).map_err(|e| classify(&path, e))?;
+        let db = redb::Database::create(&path).map_err(|e| classify(&path, e))?;
+        let txn = db.begin_write().map_err(|e| classify(&path, e))?;
+        txn.open_table(RECORDS).map_err(|e| classify(&path, e))?;
+        txn.open_table(PROVIDERS).map_err(|e| classify(&path, e))?;
+        txn.commit().map_err(|e| classify(&path, e))?;
+
+        let mut loaded = Loaded::default();
+        let read = db.begin_read().map_err(|e| classify(&path, e))?;
+        let records = read.open_table(RECORDS).map_err(|e| classify(&path, e))?;
+        for row in records.iter().map_err(|e| classify(&path, e))? {
+            let (key, value) = row.map_err(|e| classify(&path, e))?;
+            match ciborium::from_reader::<StoredRecord, _>(value.value()) {
+                Ok(stored) => loaded.records.push(Record {
+                    key: RecordKey::new(&key.value()),
+                    value: stored.value,
+                    publisher: stored.publisher.and_then(|p| PeerId::from_bytes(&p).ok()),
+                    expires: None,
+                }),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "undecodable record on disk, left in place: {e}");
+                    loaded.undecodable += 1;
+                }
+            }
+        }
+        let providers = read.open_table(PROVIDERS).map_err(|e| classify(&path, e))?;
+        for row in providers.iter().map_err(|e| classify(&path, e))? {
+            let (_, value) = row.map_err(|e| classify(&path, e))?;
+            let decoded = ciborium::from_reader::<StoredProvider, _>(value.value())
+                .map_err(|e| e.to_string())
+                .and_then(|p| {
+                    Ok(ProviderRecord {
+                        key: RecordKey::new(&p.key),
+                        provider: PeerId::from_bytes(&p.provider).map_err(|e| e.to_string())?,
+                        expires: p.expires_ms.and_then(unix_ms_to_instant),
+                        addresses: p
+                            .addresses
+                            .into_iter()
+                            .filter_map(|a| Multiaddr::try_from(a.into_vec()).ok())
+                            .collect(),
+                    })
+                });
+            match decoded {
+                Ok(record) => loaded.providers.push(record),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "undecodable provider record on disk, left in place: {e}");
+                    loaded.undecodable += 1;
+                }
+            }
+        }
+        drop(records);
+        drop(providers);
+        drop(read);
+
+        let (ops, rx) = mpsc::sync_channel(QUEUE);
+        let writer = thread::Builder::new()
+            .name("micromesh-store".into())
+            .spawn(move || write_loop(&db, &path, &rx))
+            .map_err(|e| OpenError::Open {
+                path: dir.join(FILE_NAME),
+                reason: format!("cannot start the writer thread: {e}"),
+            })?;
+        Ok((
+            Self {
+                ops: Some(ops),
+                writer: Some(writer),
+            },
+            loaded,
+        ))
+    }
+
+    fn send(&self, op: Op) {
+        if let Some(ops) = &self.ops {
+            // The writer only ends when this handle drops; a send cannot fail before.
+            let _ = ops.send(op);
+        }
+    }
+
+    pub(crate) fn put_record(&self, record: &Record) {
+        let stored = StoredRecord {
+            publisher: record.publisher.map(|p| p.to_bytes()),
+            value: record.value.clone(),
+        };
+        self.send(Op::PutRecord(record.key.to_vec(), encode(&stored)));
+    }
+
+    pub(crate) fn remove_record(&self, key: &RecordKey) {
+        self.send(Op::RemoveRecord(key.to_vec()));
+    }
+
+    pub(crate) fn put_provider(&self, record: &ProviderRecord) {
+        let stored = StoredProvider {
+            key: record.key.to_vec(),
+            provider: record.provider.to_bytes(),
+            expires_ms: record.expires.map(instant_to_unix_ms),
+            addresses: record
+                .addresses
+                .iter()
+                .map(|a| serde_bytes::ByteBuf::from(a.to_vec()))
+                .collect(),
+        };
+        self.send(Op::PutProvider(
+            provider_key(&record.key, &record.provider),
+            encode(&stored),
+        ));
+    }
+
+    pub(crate) fn remove_provider(&self, key: &RecordKey, provider: &PeerId) {
+        self.send(Op::RemoveProvider(provider_key(key, provider)));
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        drop(self.ops.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+fn write_loop(db: &redb::Database, path: &Path, ops: &mpsc::Receiver<Op>) {
+    while let Ok(first) = ops.recv() {
+        let mut batch = vec![first];
+        while let Ok(op) = ops.try_recv() {
+            batch.push(op);
+            if batch.len() >= 4096 {
+                break;
+            }
+        }
+        if let Err(e) = apply(db, &batch) {
+            tracing::error!(path = %path.display(), "record store write failed: {e}");
+        }
+    }
+}
+
+fn apply(db: &redb::Database, batch: &[Op]) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    {
+        let mut records = txn.open_table(RECORDS)?;
+        let mut providers = txn.open_table(PROVIDERS)?;
+        for op in batch {
+            match op {
+                Op::PutRecord(k, v) => {
+                    records.insert(k.as_slice(), v.as_slice())?;
+                }
+                Op::RemoveRecord(k) => {
+                    records.remove(k.as_slice())?;
+                }
+                Op::PutProvider(k, v) => {
+                    providers.insert(k.as_slice(), v.as_slice())?;
+                }
+                Op::RemoveProvider(k) => {
+                    providers.remove(k.as_slice())?;
+                }
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
