@@ -483,3 +483,37 @@ async fn a_lone_node_keeps_its_writes_and_a_corrupt_store_file_is_reported() {
     );
     assert!(path.exists(), "a damaged file is left in place");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_holder_that_missed_a_write_is_repaired_by_a_read() {
+    // Six nodes: with 5 replicas every node holds every record. Reads collect every copy.
+    let mut cluster = Cluster::builder()
+        .size(6)
+        .configure(|_, b| b.store_config(micromesh::store::Config::default().read_quorum(6)))
+        .build()
+        .await
+        .unwrap();
+    let store = cluster.service(1).store().clone();
+    store.write("k", b"v1".to_vec()).await.unwrap();
+    let key = key_of(store.database(), store.table_name(), "k");
+    cluster.stop(4).await.unwrap();
+    store.write("k", b"v2".to_vec()).await.unwrap();
+    cluster.start_member(4).await.unwrap();
+    // Member 4 came back with v1 from its disk.
+    let local = |i: usize| {
+        let node = cluster.node(i).clone();
+        let key = key.clone();
+        async move { testing::raw_records(&node, key, 1).await.unwrap().remove(0) }
+    };
+    let newest = local(1).await;
+    assert_ne!(local(4).await, newest, "member 4 missed the second write");
+    // Reads answer v2 everywhere, member 4 included, and repair member 4's copy.
+    wait_until(WAIT, || async {
+        assert_eq!(read(cluster.service(2), "k").await.as_deref(), Some("v2"));
+        assert_eq!(read(cluster.service(4), "k").await.as_deref(), Some("v2"));
+        local(4).await == newest
+    })
+    .await
+    .expect("member 4 holds v2 after reads");
+    cluster.shutdown().await.unwrap();
+}

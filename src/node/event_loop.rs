@@ -675,6 +675,16 @@ impl EventLoop {
                     );
                 }
             }
+            Command::PutRecordTo { key, value, peers } => {
+                if !peers.is_empty() {
+                    let quorum = NonZeroUsize::new(peers.len()).expect("not empty");
+                    self.swarm.behaviour_mut().kad.put_record_to(
+                        kad::Record::new(key, value),
+                        peers.into_iter(),
+                        kad::Quorum::N(quorum),
+                    );
+                }
+            }
             Command::LocalRecord { key, reply } => {
                 let key = kad::RecordKey::new(&key);
                 let value = self

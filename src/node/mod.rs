@@ -305,6 +305,12 @@ pub(crate) enum Command {
         key: Vec<u8>,
         reply: oneshot::Sender<Option<Vec<u8>>>,
     },
+    /// Sends a record to these peers without storing it locally, answering nobody.
+    PutRecordTo {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        peers: Vec<PeerId>,
+    },
     Provide {
         key: Vec<u8>,
         reply: oneshot::Sender<Result<(), Error>>,
@@ -714,6 +720,20 @@ impl Node {
     ) -> Result<Vec<FoundRecord>, Error> {
         self.request(|reply| Command::GetRecord { key, want, reply })
             .await?
+    }
+
+    /// Sends a record to `peers` (read repair: they returned an older copy); does not wait.
+    pub(crate) async fn put_record_to(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        peers: Vec<PeerId>,
+    ) -> Result<(), Error> {
+        self.inner
+            .commands
+            .send(Command::PutRecordTo { key, value, peers })
+            .await
+            .map_err(|_| Error::Stopped(self.exit_reason().unwrap_or(ExitReason::Aborted)))
     }
 
     /// The value of the record this node holds under `key`, if any.

@@ -200,7 +200,10 @@ impl LocalStore {
         let mut changed = !self.records.contains_key(&record.key);
         for entry in incoming {
             // Entries already held need no second signature check.
-            if held.values().any(|h| h.entry == entry) {
+            if record::peek_key(&entry)
+                .and_then(|key| held.get(&key))
+                .is_some_and(|h| h.entry == entry)
+            {
                 continue;
             }
             let checked = record::check_shard_entry(&self.network, record.key.as_ref(), entry, now)
@@ -329,5 +332,129 @@ impl RecordStore for LocalStore {
         if let Some(disk) = &self.disk {
             disk.remove_provider(k, p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant, SystemTime};
+
+    use libp2p::kad::{ProviderRecord, Record, RecordKey, store::RecordStore as _};
+
+    use super::{Limits, LocalStore};
+    use crate::{
+        Identity, Metadata,
+        store::{
+            persist::Disk,
+            record::{self, Header},
+        },
+    };
+
+    const NET: &str = "test";
+
+    fn limits(max_bytes: u64) -> Limits {
+        Limits {
+            max_bytes,
+            rejected: Default::default(),
+            full: Default::default(),
+            bytes: Default::default(),
+        }
+    }
+
+    fn record(id: &Identity, key: &str, value: &[u8], version: u64, deleted: bool) -> Record {
+        let header = Header {
+            version: record::VERSION,
+            database: "db".into(),
+            table: "t".into(),
+            key: key.into(),
+            revision: version,
+            expires_ms: None,
+            metadata: Metadata::new(),
+            deleted,
+            value_len: value.len() as u64,
+            value_digest: record::digest(value),
+        };
+        let entry = record::sign(id, NET, &header);
+        Record::new(
+            record::record_key("db", "t", key),
+            record::encode_record(&entry, value),
+        )
+    }
+
+    fn open(dir: &std::path::Path, id: &Identity, max_bytes: u64) -> LocalStore {
+        let disk = Disk::open(dir).expect("opens");
+        LocalStore::new(id.peer_id(), NET.into(), limits(max_bytes), Some(disk))
+    }
+
+    #[test]
+    fn records_and_providers_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Identity::generate();
+        let other = Identity::generate().peer_id();
+        let provided = RecordKey::new(&b"/micromesh/registry/greeter");
+        {
+            let mut store = open(dir.path(), &id, 1 << 20);
+            store.put(record(&id, "a", b"1", 10, false)).unwrap();
+            store.put(record(&id, "a", b"2", 11, false)).unwrap();
+            store.put(record(&id, "b", b"x", 10, false)).unwrap();
+            store.remove(&RecordKey::new(&record::record_key("db", "t", "b")));
+            store
+                .add_provider(ProviderRecord {
+                    key: provided.clone(),
+                    provider: other,
+                    expires: Some(Instant::now() + Duration::from_secs(600)),
+                    addresses: vec!["/memory/7".parse().unwrap()],
+                })
+                .unwrap();
+            // This node's own announcement is not kept across a restart.
+            store
+                .add_provider(ProviderRecord::new(
+                    provided.clone(),
+                    id.peer_id(),
+                    Vec::new(),
+                ))
+                .unwrap();
+        }
+        let store = open(dir.path(), &id, 1 << 20);
+        let a = store
+            .get(&RecordKey::new(&record::record_key("db", "t", "a")))
+            .expect("a is back");
+        let (checked, value) =
+            record::check_record(NET, a.key.as_ref(), &a.value, SystemTime::now()).unwrap();
+        assert_eq!((checked.header.revision, value.as_slice()), (11, &b"2"[..]));
+        assert!(
+            store
+                .get(&RecordKey::new(&record::record_key("db", "t", "b")))
+                .is_none()
+        );
+        let providers = store.providers(&provided);
+        assert_eq!(providers.len(), 1);
+        assert_eq!(providers[0].provider, other);
+        assert_eq!(providers[0].addresses.len(), 1);
+    }
+
+    #[test]
+    fn older_invalid_and_oversized_puts_are_refused() {
+        let id = Identity::generate();
+        let mut store = LocalStore::new(id.peer_id(), NET.into(), limits(600), None);
+        store.put(record(&id, "a", b"new", 20, false)).unwrap();
+        // Older: refused; the same again: accepted, nothing changes.
+        assert!(store.put(record(&id, "a", b"old", 19, false)).is_err());
+        store.put(record(&id, "a", b"new", 20, false)).unwrap();
+        // A tombstone wins over the write it follows.
+        store.put(record(&id, "a", b"", 21, true)).unwrap();
+        // Not a store key, or a record under another key.
+        assert!(
+            store
+                .put(Record::new(b"x/y".to_vec(), b"v".to_vec()))
+                .is_err()
+        );
+        let mut moved = record(&id, "a", b"v", 30, false);
+        moved.key = RecordKey::new(&record::record_key("db", "t", "b"));
+        assert!(store.put(moved).is_err());
+        assert_eq!(store.limits.rejected.get(), 3);
+        // Full: a record that does not fit is refused and counted.
+        assert!(store.put(record(&id, "big", &[0; 700], 1, false)).is_err());
+        assert_eq!(store.limits.full.get(), 1);
     }
 }

@@ -626,7 +626,8 @@ impl Store {
         Ok(version)
     }
 
-    /// The newest valid copy of `key` found, tombstones and expired copies included.
+    /// The newest valid copy of `key` found, tombstones and expired copies included. Peers
+    /// that returned an older or invalid copy are sent the newest one (read repair).
     async fn newest(&self, key: &str) -> Result<Option<(Checked, Vec<u8>)>, Error> {
         let dht_key = record::record_key(&self.database, &self.table, key);
         let found = self
@@ -634,23 +635,42 @@ impl Store {
             .get_records(dht_key.clone(), self.inner.config.read_quorum)
             .await?;
         let now = SystemTime::now();
-        let mut best: Option<(Checked, Vec<u8>)> = None;
-        for copy in found {
-            match record::check_record(self.node().network(), &dht_key, &copy.value, now) {
+        let network = self.node().network();
+        let mut best: Option<(Checked, Vec<u8>, usize)> = None;
+        let mut copies = Vec::with_capacity(found.len());
+        for (i, copy) in found.iter().enumerate() {
+            match record::check_record(network, &dht_key, &copy.value, now) {
                 Ok((checked, value)) => {
                     if best
                         .as_ref()
-                        .is_none_or(|(b, _)| checked.precedence(b).is_gt())
+                        .is_none_or(|(b, _, _)| checked.precedence(b).is_gt())
                     {
-                        best = Some((checked, value));
+                        best = Some((checked.clone(), value, i));
                     }
+                    copies.push(Some(checked));
                 }
                 Err(e) => {
                     tracing::debug!(peer = ?copy.peer, key, "invalid copy ignored: {e}");
+                    copies.push(None);
                 }
             }
         }
-        Ok(best)
+        let Some((checked, value, i)) = best else {
+            return Ok(None);
+        };
+        let stale: Vec<PeerId> = found
+            .iter()
+            .zip(&copies)
+            .filter(|(_, c)| c.as_ref().is_none_or(|c| c.precedence(&checked).is_lt()))
+            .filter_map(|(f, _)| f.peer)
+            .collect();
+        if !stale.is_empty() {
+            tracing::debug!(key, peers = stale.len(), "read repair");
+            self.node()
+                .put_record_to(dht_key, found[i].value.clone(), stale)
+                .await?;
+        }
+        Ok(Some((checked, value)))
     }
 
     async fn read_newest(&self, key: &str) -> Result<Option<Record>, Error> {

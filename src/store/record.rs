@@ -373,6 +373,12 @@ pub(crate) fn check_record(
     Ok((checked, record.value))
 }
 
+/// The key an entry's header names, without checking the signature: to find the entry held
+/// for the same key before paying for a signature check.
+pub(crate) fn peek_key(entry: &Entry) -> Option<String> {
+    decode::<Header>(&entry.header).ok().map(|h| h.key)
+}
+
 /// Decodes a shard without checking its entries (see [`check_shard_entry`]).
 pub(crate) fn decode_shard(bytes: &[u8]) -> Result<Vec<Entry>, Invalid> {
     if bytes.len() > MAX_SHARD {

@@ -4,6 +4,7 @@ mod idle;
 mod pubsub_bench;
 mod registry;
 mod rpc_bench;
+mod store_bench;
 
 use crate::measure::Options;
 
@@ -22,6 +23,10 @@ pub(crate) const LIST: &[(&str, &str)] = &[
         "broker publish-to-deliver latency and delivery ratio against raw gossipsub, N nodes",
     ),
     (
+        "store-bench",
+        "store write and read latency against raw Kademlia put_record/get_record, N nodes",
+    ),
+    (
         "registry",
         "register on one node: time until every node sees it; kill it: time until every node drops it",
     ),
@@ -33,6 +38,7 @@ pub(crate) async fn run(name: &str, options: &Options) -> Result<serde_json::Val
         "registry" => registry::run(options).await,
         "rpc-bench" => rpc_bench::run(options).await,
         "pubsub-bench" => pubsub_bench::run(options).await,
+        "store-bench" => store_bench::run(options).await,
         other => Err(format!("unknown scenario {other:?}")),
     }
 }
