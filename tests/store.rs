@@ -229,24 +229,25 @@ async fn acknowledged_writes_survive_the_writer_and_another_holder() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_restart_from_the_data_directories_brings_every_record_back() {
-    let mut cluster = Cluster::new(6).await.unwrap();
+    const NODES: usize = 20;
+    let mut cluster = Cluster::new(NODES).await.unwrap();
     let keys: Vec<String> = (0..30).map(|n| format!("k{n:02}")).collect();
     for (n, key) in keys.iter().enumerate() {
         cluster
-            .service(n % 6)
+            .service(n % NODES)
             .store()
             .write(key, format!("v{n}").into_bytes())
             .await
             .unwrap();
     }
     cluster.service(1).store().delete("k00").await.unwrap();
-    for i in 0..6 {
+    for i in 0..NODES {
         cluster.stop(i).await.unwrap();
     }
-    for i in 0..6 {
+    for i in 0..NODES {
         cluster.start_member(i).await.unwrap();
     }
-    for i in 0..6 {
+    for i in 0..NODES {
         for (n, key) in keys.iter().enumerate().skip(1) {
             assert_eq!(
                 read(cluster.service(i), key).await,
@@ -318,7 +319,7 @@ fn key_of(database: &str, table: &str, key: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forged_and_tampered_records_are_refused_by_every_node() {
-    let cluster = Cluster::new(12).await.unwrap();
+    let cluster = Cluster::new(20).await.unwrap();
     let alice = cluster.service(1);
     let store = alice.store();
     let version = store.write("balance", b"100".to_vec()).await.unwrap();
@@ -515,5 +516,49 @@ async fn a_holder_that_missed_a_write_is_repaired_by_a_read() {
     })
     .await
     .expect("member 4 holds v2 after reads");
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_store_refuses_writes_clearly_and_keeps_what_it_has() {
+    let cluster = Cluster::builder()
+        .size(4)
+        .configure(|_, b| b.configure_node(|n| n.store_capacity(100 * 1024)))
+        .build()
+        .await
+        .unwrap();
+    let store = cluster.service(1).store();
+    let mut written = Vec::new();
+    let err = loop {
+        let key = format!("blob-{}", written.len());
+        match store.write(&key, vec![1; 16 * 1024]).await {
+            Ok(_) => written.push(key),
+            Err(e) => break e,
+        }
+        assert!(
+            written.len() < 10,
+            "a 100 KiB store cannot take 10 values of 16 KiB"
+        );
+    };
+    assert!(written.len() >= 3, "{written:?}");
+    assert!(
+        matches!(&err, Error::Refused { reason, .. } if reason.contains("full")),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("raise the node's store capacity"),
+        "{err}"
+    );
+    for key in &written {
+        assert!(
+            cluster
+                .service(3)
+                .store()
+                .read(key)
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
     cluster.shutdown().await.unwrap();
 }

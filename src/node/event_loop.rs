@@ -847,28 +847,29 @@ impl EventLoop {
     ) {
         let quorum = quorum.min(self.routing_table_size());
         let record = kad::Record::new(key, value);
-        let refused = |e: kad::store::Error| {
-            Error::Dht(format!("this node's record store refused the record: {e}"))
-        };
-        if quorum == 0 {
+        let local = *self.swarm.local_peer_id();
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let result = if quorum == 0 {
             let mut record = record;
-            record.publisher = Some(*self.swarm.local_peer_id());
-            let kad = &mut self.swarm.behaviour_mut().kad;
-            let _ = reply.send(kad.store_mut().put(record).map(|()| 0).map_err(refused));
-            return;
-        }
-        let n = NonZeroUsize::new(quorum).expect("quorum > 0");
-        match self
-            .swarm
-            .behaviour_mut()
-            .kad
-            .put_record(record, kad::Quorum::N(n))
-        {
-            Ok(id) => {
+            record.publisher = Some(local);
+            kad.store_mut().put(record).map(|()| None)
+        } else {
+            let n = NonZeroUsize::new(quorum).expect("quorum > 0");
+            kad.put_record(record, kad::Quorum::N(n)).map(Some)
+        };
+        match result {
+            Ok(Some(id)) => {
                 self.queries.insert(id, Query::PutRecord { quorum, reply });
             }
+            Ok(None) => {
+                let _ = reply.send(Ok(0));
+            }
             Err(e) => {
-                let _ = reply.send(Err(refused(e)));
+                let reason = kad
+                    .store_mut()
+                    .take_refusal()
+                    .unwrap_or_else(|| e.to_string());
+                let _ = reply.send(Err(Error::RecordRefused(reason)));
             }
         }
     }

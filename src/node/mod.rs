@@ -71,6 +71,9 @@ pub enum Error {
     /// The record store in the data directory could not be opened.
     #[error(transparent)]
     RecordStore(Arc<crate::store::OpenError>),
+    /// This node's record store refused a record it was asked to publish.
+    #[error("this node's record store refused the record: {0}")]
+    RecordRefused(String),
     /// A DHT write reached fewer peers than its quorum.
     #[error("the record reached {reached} of the {quorum} peers it needed")]
     Quorum {

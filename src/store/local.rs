@@ -53,6 +53,8 @@ pub(crate) struct LocalStore {
     limits: Limits,
     providers: MemoryStore,
     disk: Option<Disk>,
+    /// Why the last refused record was refused, for the error of a local write.
+    last_refusal: Option<String>,
 }
 
 fn size_of(record: &Record) -> u64 {
@@ -99,6 +101,7 @@ impl LocalStore {
             limits,
             providers,
             disk: None,
+            last_refusal: None,
         };
         if let Some((disk, loaded)) = disk {
             this.load(&disk, loaded);
@@ -244,6 +247,13 @@ impl LocalStore {
     }
 }
 
+impl LocalStore {
+    /// Why the last refused record was refused.
+    pub(crate) fn take_refusal(&mut self) -> Option<String> {
+        self.last_refusal.take()
+    }
+}
+
 impl Drop for LocalStore {
     fn drop(&mut self) {
         // Dropping the disk commits what is queued before the database closes.
@@ -272,23 +282,37 @@ impl RecordStore for LocalStore {
             }
             Err(refusal) => {
                 let name = String::from_utf8_lossy(key.as_ref()).into_owned();
-                match refusal {
+                let (reason, error) = match refusal {
                     Refusal::Invalid(e) => {
                         self.limits.rejected.inc();
                         tracing::debug!(key = %name, "record refused: {e}");
-                        Err(store::Error::ValueTooLarge)
+                        (
+                            format!("the record fails its checks ({e})"),
+                            store::Error::ValueTooLarge,
+                        )
                     }
                     Refusal::Older => {
                         self.limits.rejected.inc();
                         tracing::debug!(key = %name, "record refused: a newer version is held");
-                        Err(store::Error::MaxRecords)
+                        (
+                            "a newer version is held".to_owned(),
+                            store::Error::MaxRecords,
+                        )
                     }
                     Refusal::Full => {
                         self.limits.full.inc();
                         tracing::warn!(key = %name, max_bytes = self.limits.max_bytes, "record refused: the record store is full");
-                        Err(store::Error::MaxRecords)
+                        (
+                            format!(
+                                "the record store is full ({} of {} bytes used; raise the node's store capacity)",
+                                self.bytes, self.limits.max_bytes
+                            ),
+                            store::Error::MaxRecords,
+                        )
                     }
-                }
+                };
+                self.last_refusal = Some(reason);
+                Err(error)
             }
         }
     }

@@ -187,6 +187,14 @@ pub enum Error {
         /// More about why.
         detail: String,
     },
+    /// This node's own record store refused the record, e.g. because it is full.
+    #[error("cannot write {key:?}: {reason}")]
+    Refused {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
     /// The operation did not finish within [`Config::timeout`].
     #[error("{op} of {key:?} timed out after {after:?}")]
     Timeout {
@@ -618,6 +626,12 @@ impl Store {
                         detail: format!(
                             "{what}: peers refuse a record when they hold a newer version, fail its checks, or are full"
                         ),
+                    });
+                }
+                Err(crate::node::Error::RecordRefused(reason)) => {
+                    return Err(Error::Refused {
+                        key: key.into(),
+                        reason,
                     });
                 }
                 Err(e) => return Err(e.into()),
