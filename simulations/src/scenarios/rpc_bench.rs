@@ -1,5 +1,6 @@
 //! `rpc-bench`: micromesh unary calls and streams against raw libp2p request-response and a
-//! raw libp2p stream, on the same loopback TCP transport (Noise, yamux), in one run.
+//! raw libp2p stream, on the same loopback TCP transport as micromesh's nodes (TLS 1.3, or Noise
+//! when the peer lacks TLS, then yamux), in one run.
 //!
 //! Figures: latency p50/p99 at concurrency 1, calls/s with 64 in flight, both with small
 //! (64 B) and 64 KiB payloads; stream throughput in MiB/s. Each pair is measured twice,
@@ -16,7 +17,7 @@ use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, noise,
     request_response::{self, ProtocolSupport},
     swarm::{NetworkBehaviour, SwarmEvent},
-    tcp, yamux,
+    tcp, tls, yamux,
 };
 use micromesh::{
     Context, Service, Status, client::CallOptions, server::Streaming, testing::wait_until,
@@ -42,7 +43,7 @@ fn raw_swarm() -> Result<Swarm<Raw>, String> {
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
-            noise::Config::new,
+            (tls::Config::new, noise::Config::new),
             yamux::Config::default,
         )
         .map_err(|e| e.to_string())?
@@ -355,7 +356,7 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
     report.insert("scenario".into(), "rpc-bench".into());
     report.insert(
         "transport".into(),
-        "TCP loopback, Noise, yamux (raw side: libp2p request-response cbor and libp2p-stream)"
+        "TCP loopback, TLS 1.3 (Noise as fallback), yamux, on both sides (raw side: libp2p request-response cbor and libp2p-stream)"
             .into(),
     );
     Ok(serde_json::Value::Object(report))
