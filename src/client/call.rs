@@ -2,7 +2,6 @@
 
 use std::time::{Duration, Instant};
 
-use futures::AsyncWriteExt as _;
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{CallOptions, Client, Error};
@@ -280,18 +279,14 @@ pub(crate) async fn send_all<W: futures::AsyncWrite + Unpin>(
     peer: PeerId,
     frames: &[Frame],
 ) -> Result<(), Error> {
-    let send = async {
-        let mut buf = Vec::new();
-        for f in frames {
-            frame::append(&mut buf, &f.encode())?;
-        }
-        writer.write_all(&buf).await?;
-        writer.flush().await
-    };
-    send.await.map_err(|e: std::io::Error| Error::Send {
-        peer,
-        reason: e.to_string(),
-    })
+    let encoded: Vec<Vec<u8>> = frames.iter().map(Frame::encode).collect();
+    let payloads: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+    frame::write_many(writer, &payloads)
+        .await
+        .map_err(|e: std::io::Error| Error::Send {
+            peer,
+            reason: e.to_string(),
+        })
 }
 
 /// Reads one frame from the server.

@@ -359,18 +359,16 @@ async fn serve_unary(
             response.body.len()
         )));
     }
-    if write_frame(stream, &Frame::Data(response.body))
-        .await
-        .is_err()
-    {
-        return None;
-    }
+    // The reply and its trailer leave in one write.
+    let data = Frame::Data(response.body).encode();
     let trailer = Frame::Trailer(Trailer::from_status(
         &Status::new(crate::status::Code::Ok, ""),
         response.metadata,
-    ));
-    let _ = write_frame(stream, &trailer).await;
-    let _ = stream.close().await;
+    ))
+    .encode();
+    if frame::write_many(stream, &[&data, &trailer]).await.is_ok() {
+        let _ = stream.close().await;
+    }
     None
 }
 

@@ -30,8 +30,19 @@ pub(crate) async fn write<S: futures::AsyncWrite + Unpin>(
     stream: &mut S,
     payload: &[u8],
 ) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    append(&mut buf, payload)?;
+    write_many(stream, &[payload]).await
+}
+
+/// Writes several frames with one write and one flush: one muxer frame, one packet, where a
+/// write per frame would cost a system call each.
+pub(crate) async fn write_many<S: futures::AsyncWrite + Unpin>(
+    stream: &mut S,
+    payloads: &[&[u8]],
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(payloads.iter().map(|p| 4 + p.len()).sum());
+    for payload in payloads {
+        append(&mut buf, payload)?;
+    }
     stream.write_all(&buf).await?;
     stream.flush().await
 }
