@@ -23,9 +23,9 @@
 //! ```
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
-//! use micromesh::{Service, store::WriteOptions};
+//! use micromesh::{Service, node::Preset, store::WriteOptions};
 //!
-//! let service = Service::builder("kv").build().await?;
+//! let service = Service::builder("kv").preset(Preset::Local).build().await?;
 //! let users = service.store().table("app", "users")?;
 //! users.write("alice", b"admin".to_vec()).await?;
 //! users
@@ -371,6 +371,17 @@ impl Store {
     /// # Errors
     ///
     /// [`Error::InvalidName`] unless both names are 1 to 64 characters of `A-Z a-z 0-9 _ . -`.
+    ///
+    /// ```
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let service = micromesh::Service::builder("kv").preset(micromesh::node::Preset::Local).build().await?;
+    /// let orders = service.store().table("shop", "orders")?;
+    /// assert_eq!((orders.database(), orders.table_name()), ("shop", "orders"));
+    /// assert!(service.store().table("shop", "bad/name").is_err());
+    /// # service.stop().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn table(&self, database: &str, table: &str) -> Result<Self, Error> {
         record::check_name("database", database).map_err(Error::InvalidName)?;
         record::check_name("table", table).map_err(Error::InvalidName)?;
@@ -399,6 +410,18 @@ impl Store {
     ///
     /// [`Error::InvalidName`] for a bad key, [`Error::TooLarge`] for a value over
     /// [`MAX_VALUE_SIZE`], [`Error::Quorum`] if too few peers took it, [`Error::Timeout`].
+    ///
+    /// ```
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let service = micromesh::Service::builder("kv").preset(micromesh::node::Preset::Local).build().await?;
+    /// let store = service.store();
+    /// let first = store.write("counter", b"1".to_vec()).await?;
+    /// let second = store.write("counter", b"2".to_vec()).await?;
+    /// assert!(second > first, "versions only grow");
+    /// # service.stop().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn write(&self, key: &str, value: Vec<u8>) -> Result<u64, Error> {
         self.write_with(key, value, WriteOptions::default()).await
     }
@@ -408,6 +431,20 @@ impl Store {
     /// # Errors
     ///
     /// As [`Store::write`].
+    ///
+    /// ```
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let service = micromesh::Service::builder("kv").preset(micromesh::node::Preset::Local).build().await?;
+    /// use std::time::Duration;
+    /// use micromesh::store::WriteOptions;
+    /// let store = service.store();
+    /// let options = WriteOptions::new().ttl(Duration::from_secs(60)).metadata("by", "docs");
+    /// store.write_with("session", b"token".to_vec(), options).await?;
+    /// assert!(store.read("session").await?.expect("written").expires.is_some());
+    /// # service.stop().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn write_with(
         &self,
         key: &str,
@@ -446,6 +483,18 @@ impl Store {
     /// # Errors
     ///
     /// As [`Store::write`].
+    ///
+    /// ```
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let service = micromesh::Service::builder("kv").preset(micromesh::node::Preset::Local).build().await?;
+    /// let store = service.store();
+    /// store.write("gone", b"soon".to_vec()).await?;
+    /// store.delete("gone").await?;
+    /// assert!(store.read("gone").await?.is_none());
+    /// # service.stop().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn delete(&self, key: &str) -> Result<(), Error> {
         record::check_key(key).map_err(Error::InvalidName)?;
         self.timed("delete", key, self.change(key, Change::Delete))
@@ -459,6 +508,24 @@ impl Store {
     /// # Errors
     ///
     /// [`Error::InvalidName`] for a bad key, [`Error::Timeout`], [`Error::Node`].
+    ///
+    /// ```
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let service = micromesh::Service::builder("kv").preset(micromesh::node::Preset::Local).build().await?;
+    /// use micromesh::store::WriteOptions;
+    /// let store = service.store();
+    /// store
+    ///     .write_with("user", b"ada".to_vec(), WriteOptions::new().metadata("role", "admin"))
+    ///     .await?;
+    /// let record = store.read("user").await?.expect("written");
+    /// assert_eq!(record.value, b"ada");
+    /// assert_eq!(record.metadata.get("role"), Some("admin"));
+    /// assert_eq!(record.writer, service.peer_id());
+    /// assert!(store.read("nobody").await?.is_none());
+    /// # service.stop().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn read(&self, key: &str) -> Result<Option<Record>, Error> {
         record::check_key(key).map_err(Error::InvalidName)?;
         self.timed("read", key, self.read_newest(key)).await
@@ -469,6 +536,22 @@ impl Store {
     /// # Errors
     ///
     /// As [`Store::list`] and [`Store::read`].
+    ///
+    /// ```
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let service = micromesh::Service::builder("kv").preset(micromesh::node::Preset::Local).build().await?;
+    /// use micromesh::store::ListOptions;
+    /// let store = service.store();
+    /// for (key, value) in [("fruit/apple", "red"), ("fruit/kiwi", "green"), ("veg/leek", "white")] {
+    ///     store.write(key, value.as_bytes().to_vec()).await?;
+    /// }
+    /// let fruit = store.read_prefix(ListOptions::new().prefix("fruit/")).await?;
+    /// let values: Vec<&[u8]> = fruit.iter().map(|r| r.value.as_slice()).collect();
+    /// assert_eq!(values, [&b"red"[..], &b"green"[..]]);
+    /// # service.stop().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn read_prefix(&self, options: ListOptions) -> Result<Vec<Record>, Error> {
         let keys = self.list(options).await?;
         let reads = futures::stream::iter(keys.iter().map(|key| self.read(key)))
@@ -493,6 +576,20 @@ impl Store {
     /// # Errors
     ///
     /// [`Error::Timeout`], [`Error::Node`].
+    ///
+    /// ```
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let service = micromesh::Service::builder("kv").preset(micromesh::node::Preset::Local).build().await?;
+    /// use micromesh::store::ListOptions;
+    /// let store = service.store();
+    /// for key in ["a", "b", "c", "d"] {
+    ///     store.write(key, Vec::new()).await?;
+    /// }
+    /// assert_eq!(store.list(ListOptions::new().offset(1).limit(2)).await?, ["b", "c"]);
+    /// # service.stop().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn list(&self, options: ListOptions) -> Result<Vec<String>, Error> {
         let prefix = options.prefix.clone();
         self.timed("list", &prefix, self.list_keys(options)).await

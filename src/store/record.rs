@@ -245,8 +245,10 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     out
 }
 
+/// Decodes untrusted CBOR; the store's structures nest three levels at most.
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Invalid> {
-    ciborium::from_reader(bytes).map_err(|e| Invalid::Malformed(e.to_string()))
+    ciborium::de::from_reader_with_recursion_limit(bytes, 16)
+        .map_err(|e| Invalid::Malformed(e.to_string()))
 }
 
 /// What a signature covers: [`SIGNING_CONTEXT`], the network name, a zero byte, the header.
