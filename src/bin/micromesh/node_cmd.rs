@@ -38,6 +38,33 @@ pub(crate) struct NodeArgs {
     /// Offer circuit-relay service to peers behind NAT.
     #[arg(long)]
     relay: bool,
+    /// The most bytes of store records this node keeps for the mesh, e.g. `512MiB`, `2GiB`.
+    #[arg(long, env = "MICROMESH_STORE_CAPACITY", default_value = "256MiB", value_parser = parse_size)]
+    store_capacity: u64,
+}
+
+/// Parses a size: a number of bytes, or with a unit `KiB`, `MiB`, `GiB` (or `KB`, `MB`, `GB`,
+/// powers of 1000).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("a size is a number with an optional unit, got {s:?}"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB, GiB)")),
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn default_data_dir() -> Result<PathBuf, BoxError> {
@@ -66,8 +93,13 @@ pub(crate) async fn run(global: &Global, args: &NodeArgs) -> Result<(), BoxError
         builder = builder.bootstrap(addr.clone());
     }
     let key = global.pre_shared_key()?;
-    let (no_mdns, no_upnp, no_autonat, relay) =
-        (args.no_mdns, args.no_upnp, args.no_autonat, args.relay);
+    let (no_mdns, no_upnp, no_autonat, relay, capacity) = (
+        args.no_mdns,
+        args.no_upnp,
+        args.no_autonat,
+        args.relay,
+        args.store_capacity,
+    );
     builder = builder.configure_node(move |mut node| {
         if let Some(key) = key {
             node = node.pre_shared_key(key);
@@ -76,6 +108,7 @@ pub(crate) async fn run(global: &Global, args: &NodeArgs) -> Result<(), BoxError
             .upnp(!no_upnp)
             .autonat(!no_autonat)
             .relay_server(relay)
+            .store_capacity(capacity)
     });
     let service = builder.build().await?;
     let node = service.node().clone();
@@ -112,5 +145,21 @@ fn print_listen(json: bool, address: &Multiaddr) {
         );
     } else {
         println!("listening on {address}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units_and_bad_ones_are_refused() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("2 GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("5MB"), Ok(5_000_000));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("99999999999999GiB").is_err());
     }
 }
