@@ -49,7 +49,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     fmt,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering as AtomicOrdering},
     },
     time::{Duration, SystemTime},
@@ -318,7 +318,13 @@ struct Inner {
     config: Config,
     /// The last version this node wrote, so that its versions only grow.
     last_version: AtomicU64,
+    /// Fingerprints of index entries whose signatures `list` checked: a table listed again
+    /// costs no second check of the same entries. Bounded by [`VERIFIED_CACHE`].
+    verified: Mutex<HashSet<[u8; 32]>>,
 }
+
+/// The most index-entry fingerprints a store remembers; the set starts over beyond.
+const VERIFIED_CACHE: usize = 200_000;
 
 /// A handle on one table of the mesh's store. Cheap to clone.
 ///
@@ -362,6 +368,7 @@ impl Store {
                 node,
                 config,
                 last_version: AtomicU64::new(0),
+                verified: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -615,6 +622,13 @@ impl Store {
         &self.inner.node
     }
 
+    fn verified(&self) -> std::sync::MutexGuard<'_, HashSet<[u8; 32]>> {
+        self.inner
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// A version above every version this node wrote and above `at_least`.
     fn next_version(&self, at_least: u64) -> u64 {
         let now = record::unix_us(SystemTime::now());
@@ -828,11 +842,28 @@ impl Store {
                     if !seen.insert(entry.signature.clone()) {
                         continue;
                     }
-                    let Ok(checked) =
-                        record::check_shard_entry(self.node().network(), &shard_key, entry, now)
-                    else {
+                    // Keys outside the prefix are not listed: no need to check them.
+                    if !record::peek_key(&entry).is_some_and(|k| k.starts_with(&options.prefix)) {
+                        continue;
+                    }
+                    let fingerprint = entry.fingerprint();
+                    let known = self.verified().contains(&fingerprint);
+                    let network = self.node().network();
+                    let checked = if known {
+                        record::check_shard_entry_verified(network, &shard_key, entry, now)
+                    } else {
+                        record::check_shard_entry(network, &shard_key, entry, now)
+                    };
+                    let Ok(checked) = checked else {
                         continue;
                     };
+                    if !known {
+                        let mut verified = self.verified();
+                        if verified.len() >= VERIFIED_CACHE {
+                            verified.clear();
+                        }
+                        verified.insert(fingerprint);
+                    }
                     if !checked.header.key.starts_with(&options.prefix) {
                         continue;
                     }
