@@ -1389,7 +1389,9 @@ impl EventLoop {
                         peer: peer_record.peer,
                         value: peer_record.record.value,
                     });
-                    if found.len() < want && !step.last {
+                    // Copies from other peers count; this node's own is extra.
+                    let remote = found.iter().filter(|f| f.peer.is_some()).count();
+                    if remote < want && !step.last {
                         self.queries
                             .insert(id, Query::GetRecord { want, found, reply });
                         return;

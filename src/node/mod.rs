@@ -714,8 +714,8 @@ impl Node {
         .await?
     }
 
-    /// Looks a record up in the DHT (the local copy first) and returns the copies found,
-    /// stopping after `want` of them.
+    /// Looks a record up in the DHT and returns the copies found: the local one first, if
+    /// any, and other peers' until `want` of those were found or the lookup ends.
     pub(crate) async fn get_records(
         &self,
         key: Vec<u8>,

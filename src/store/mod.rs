@@ -6,8 +6,8 @@
 //! and on the disk of each of them (a redb file in the node's data directory). A write
 //! succeeds once [`Config::write_quorum`] peers besides the writer hold the record (default 3;
 //! fewer when the mesh has fewer peers); a read asks until [`Config::read_quorum`] copies are
-//! found (default 3) and returns the newest. With the defaults a record survives the loss of
-//! any two of its holders, and a read overlaps every acknowledged write.
+//! found on other peers (default 3) and returns the newest. With the defaults a record
+//! survives the loss of any two of its holders, and a read overlaps every acknowledged write.
 //!
 //! Every record is signed by its writer and carries a version (microseconds on the writer's
 //! clock, kept increasing by the writer). Every node checks a record before it keeps it —
@@ -107,8 +107,9 @@ impl Config {
         self
     }
 
-    /// How many copies a read collects (the local one counts) before it answers with the
-    /// newest; it answers earlier when the lookup finds no more. Default 3.
+    /// How many copies from other peers a read collects (besides this node's own, if it holds
+    /// one) before it answers with the newest; it answers earlier when the lookup finds no
+    /// more. Default 3.
     pub fn read_quorum(mut self, copies: usize) -> Self {
         self.read_quorum = copies.max(1);
         self
