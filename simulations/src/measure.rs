@@ -73,6 +73,16 @@ pub(crate) fn cpu_time() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// The `q` quantile (0 to 1) of `samples`, in milliseconds; NaN when there are none.
+pub(crate) fn quantile_ms(samples: &[Duration], q: f64) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s[((s.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1000.0
+}
+
 /// Percentiles of a set of durations, in milliseconds.
 pub(crate) fn percentiles(mut samples: Vec<Duration>) -> serde_json::Value {
     if samples.is_empty() {

@@ -33,7 +33,7 @@ use micromesh::{
 };
 use tokio::sync::mpsc;
 
-use crate::measure::{Options, cpu_time, percentiles};
+use crate::measure::{Options, cpu_time, percentiles, quantile_ms};
 
 const TOPIC: &str = "bench";
 const MESSAGES: u64 = 200;
@@ -346,15 +346,6 @@ async fn micromesh_round(nodes: usize, interval: Duration, layer: Layer) -> Resu
     Ok(result)
 }
 
-fn p(samples: &[Duration], q: f64) -> f64 {
-    let mut s = samples.to_vec();
-    s.sort();
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    s[((s.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1000.0
-}
-
 pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> {
     let nodes = options.nodes;
     let rounds = options.rounds.clamp(1, 4);
@@ -383,7 +374,7 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
             "cpu_ms_per_message": rounds.iter().map(|r| r.cpu_ms_per_message).collect::<Vec<_>>(),
         })
     };
-    let ratio = |a: &[Duration], b: &[Duration], q: f64| p(a, q) / p(b, q);
+    let ratio = |a: &[Duration], b: &[Duration], q: f64| quantile_ms(a, q) / quantile_ms(b, q);
     Ok(serde_json::json!({
         "scenario": "pubsub-bench",
         "nodes": nodes,

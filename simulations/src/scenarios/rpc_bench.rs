@@ -25,7 +25,7 @@ use micromesh::{
 use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::measure::{Options, percentiles};
+use crate::measure::{Options, percentiles, quantile_ms};
 
 const STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/bench/stream/1.0.0");
 
@@ -189,12 +189,6 @@ async fn calls_per_second(call: &Call, in_flight: usize, duration: Duration) -> 
     done as f64 / started.elapsed().as_secs_f64()
 }
 
-fn p50(samples: &[Duration]) -> f64 {
-    let mut s = samples.to_vec();
-    s.sort();
-    s[s.len() / 2].as_secs_f64() * 1000.0
-}
-
 pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> {
     let rounds = options.rounds.clamp(1, 4);
     let raw = raw_pair().await?;
@@ -292,7 +286,7 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
             serde_json::json!({
                 "payload_bytes": size,
                 "latency_c1": { "raw": percentiles(raw_lat.clone()), "micromesh": percentiles(mm_lat.clone()) },
-                "latency_p50_ratio": p50(&mm_lat) / p50(&raw_lat),
+                "latency_p50_ratio": quantile_ms(&mm_lat, 0.5) / quantile_ms(&raw_lat, 0.5),
                 "calls_per_second_64_in_flight": { "raw": raw_tput, "micromesh": mm_tput },
                 "throughput_ratio": mean(&mm_tput) / mean(&raw_tput),
             }),

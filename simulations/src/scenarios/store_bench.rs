@@ -30,7 +30,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::measure::{Options, cpu_time, percentiles};
+use crate::measure::{Options, cpu_time, percentiles, quantile_ms};
 
 /// Writes (and reads) per round.
 const OPS: usize = 100;
@@ -272,15 +272,6 @@ async fn micromesh_round(nodes: usize) -> Result<Round, String> {
     })
 }
 
-fn quantile(samples: &[Duration], q: f64) -> f64 {
-    let mut s = samples.to_vec();
-    s.sort();
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    s[((s.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1000.0
-}
-
 pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> {
     let nodes = options.nodes;
     let rounds = options.rounds.clamp(1, 4);
@@ -312,8 +303,9 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
             "cpu_ms_per_op": rounds.iter().map(|r| r.cpu_ms_per_op).collect::<Vec<_>>(),
         })
     };
-    let ratio =
-        |reads: bool, q: f64| quantile(&all(&mesh, reads), q) / quantile(&all(&raw, reads), q);
+    let ratio = |reads: bool, q: f64| {
+        quantile_ms(&all(&mesh, reads), q) / quantile_ms(&all(&raw, reads), q)
+    };
     Ok(serde_json::json!({
         "scenario": "store-bench",
         "nodes": nodes,
