@@ -686,14 +686,7 @@ impl Node {
         value: Vec<u8>,
         quorum: usize,
     ) -> Result<usize, Error> {
-        self.request(|reply| Command::PutRecord {
-            key,
-            value,
-            quorum,
-            checked: true,
-            reply,
-        })
-        .await?
+        self.put(key, value, quorum, true).await
     }
 
     /// Sends a record to the closest known peers without storing or checking it locally.
@@ -704,11 +697,21 @@ impl Node {
         value: Vec<u8>,
         quorum: usize,
     ) -> Result<usize, Error> {
+        self.put(key, value, quorum, false).await
+    }
+
+    async fn put(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        quorum: usize,
+        checked: bool,
+    ) -> Result<usize, Error> {
         self.request(|reply| Command::PutRecord {
             key,
             value,
             quorum,
-            checked: false,
+            checked,
             reply,
         })
         .await?
