@@ -685,16 +685,9 @@ impl EventLoop {
                     );
                 }
             }
-            Command::LocalRecord { key, reply } => {
+            Command::LocalRevision { key, reply } => {
                 let key = kad::RecordKey::new(&key);
-                let value = self
-                    .swarm
-                    .behaviour_mut()
-                    .kad
-                    .store_mut()
-                    .get(&key)
-                    .map(|r| r.value.clone());
-                let _ = reply.send(value);
+                let _ = reply.send(self.swarm.behaviour_mut().kad.store_mut().revision(&key));
             }
             Command::StopProviding { key } => {
                 self.swarm.behaviour_mut().kad.stop_providing(&key.into());

@@ -304,9 +304,9 @@ pub(crate) enum Command {
         want: usize,
         reply: oneshot::Sender<Result<Vec<FoundRecord>, Error>>,
     },
-    LocalRecord {
+    LocalRevision {
         key: Vec<u8>,
-        reply: oneshot::Sender<Option<Vec<u8>>>,
+        reply: oneshot::Sender<Option<u64>>,
     },
     /// Sends a record to these peers without storing it locally, answering nobody.
     PutRecordTo {
@@ -742,9 +742,9 @@ impl Node {
             .map_err(|_| Error::Stopped(self.exit_reason().unwrap_or(ExitReason::Aborted)))
     }
 
-    /// The value of the record this node holds under `key`, if any.
-    pub(crate) async fn local_record(&self, key: Vec<u8>) -> Result<Option<Vec<u8>>, Error> {
-        self.request(|reply| Command::LocalRecord { key, reply })
+    /// The version of the store record this node holds under `key`, if any.
+    pub(crate) async fn local_revision(&self, key: Vec<u8>) -> Result<Option<u64>, Error> {
+        self.request(|reply| Command::LocalRevision { key, reply })
             .await
     }
 

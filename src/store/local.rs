@@ -61,12 +61,6 @@ fn size_of(record: &Record) -> u64 {
     (record.key.as_ref().len() + record.value.len()) as u64
 }
 
-fn deadline(at: Option<SystemTime>) -> Option<Instant> {
-    let at = at?;
-    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-    Instant::now().checked_add(left)
-}
-
 /// Why a record was not stored, for the log.
 enum Refusal {
     Invalid(record::Invalid),
@@ -168,7 +162,7 @@ impl LocalStore {
                         Ordering::Greater => {}
                     }
                 }
-                record.expires = deadline(checked.expires());
+                record.expires = checked.expires().and_then(record::deadline_of);
                 let key = record.key.clone();
                 self.replace(record)?;
                 self.heads.insert(key, checked);
@@ -248,6 +242,11 @@ impl LocalStore {
 }
 
 impl LocalStore {
+    /// The version held for a data record, if any.
+    pub(crate) fn revision(&self, key: &RecordKey) -> Option<u64> {
+        self.heads.get(key).map(|c| c.header.revision)
+    }
+
     /// Why the last refused record was refused.
     pub(crate) fn take_refusal(&mut self) -> Option<String> {
         self.last_refusal.take()
@@ -430,6 +429,15 @@ mod tests {
                     addresses: vec!["/memory/7".parse().unwrap()],
                 })
                 .unwrap();
+            // An announcement that expired while the node was down is not kept either.
+            store
+                .add_provider(ProviderRecord {
+                    key: RecordKey::new(&b"/micromesh/registry/gone"),
+                    provider: other,
+                    expires: Instant::now().checked_add(Duration::from_millis(1)),
+                    addresses: Vec::new(),
+                })
+                .unwrap();
             // This node's own announcement is not kept across a restart.
             store
                 .add_provider(ProviderRecord::new(
@@ -439,6 +447,8 @@ mod tests {
                 ))
                 .unwrap();
         }
+        // Let the short-lived announcement expire before the store opens again.
+        std::thread::sleep(Duration::from_millis(5));
         let store = open(dir.path(), &id, 1 << 20);
         let a = store
             .get(&RecordKey::new(&record::record_key("db", "t", "a")))
@@ -450,6 +460,11 @@ mod tests {
             store
                 .get(&RecordKey::new(&record::record_key("db", "t", "b")))
                 .is_none()
+        );
+        assert!(
+            store
+                .providers(&RecordKey::new(&b"/micromesh/registry/gone"))
+                .is_empty()
         );
         let providers = store.providers(&provided);
         assert_eq!(providers.len(), 1);

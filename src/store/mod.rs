@@ -649,17 +649,12 @@ impl Store {
     }
 
     async fn change(&self, key: &str, change: Change) -> Result<u64, Error> {
-        let dht_key = record::record_key(&self.database, &self.table, key);
         // Above the version this node holds, if it is a holder.
         let held = self
             .node()
-            .local_record(dht_key.clone())
+            .local_revision(record::record_key(&self.database, &self.table, key))
             .await?
-            .and_then(|bytes| {
-                record::check_record(self.node().network(), &dht_key, &bytes, SystemTime::now())
-                    .ok()
-            })
-            .map_or(0, |(c, _)| c.header.revision + 1);
+            .map_or(0, |revision| revision + 1);
         let version = self.next_version(held);
         match self.put(key, &change, version).await {
             Err(Error::Quorum { .. }) => {

@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
     sync::mpsc,
     thread,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, UNIX_EPOCH},
 };
 
 use libp2p::{
@@ -18,6 +18,8 @@ use libp2p::{
 };
 use redb::{ReadableDatabase as _, ReadableTable as _, TableDefinition};
 use serde::{Deserialize, Serialize};
+
+use super::record::{deadline_of, unix_ms, wall_clock_of};
 
 /// The file name of the record store inside a data directory.
 pub(crate) const FILE_NAME: &str = "store.redb";
@@ -110,20 +112,6 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     out
 }
 
-/// Converts a monotonic deadline to wall-clock milliseconds, and back.
-fn instant_to_unix_ms(at: std::time::Instant) -> u64 {
-    let left = at.saturating_duration_since(std::time::Instant::now());
-    let t = SystemTime::now() + left;
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-pub(crate) fn unix_ms_to_instant(ms: u64) -> Option<std::time::Instant> {
-    let at = UNIX_EPOCH + Duration::from_millis(ms);
-    let left = at.duration_since(SystemTime::now()).ok()?;
-    std::time::Instant::now().checked_add(left)
-}
-
 fn classify(path: &Path, e: impl std::fmt::Display) -> OpenError {
     let reason = e.to_string();
     let lower = reason.to_ascii_lowercase();
@@ -178,7 +166,9 @@ impl Disk {
                     Ok(ProviderRecord {
                         key: RecordKey::new(&p.key),
                         provider: PeerId::from_bytes(&p.provider).map_err(|e| e.to_string())?,
-                        expires: p.expires_ms.and_then(unix_ms_to_instant),
+                        expires: p
+                            .expires_ms
+                            .and_then(|ms| deadline_of(UNIX_EPOCH + Duration::from_millis(ms))),
                         addresses: p
                             .addresses
                             .into_iter()
@@ -238,7 +228,7 @@ impl Disk {
         let stored = StoredProvider {
             key: record.key.to_vec(),
             provider: record.provider.to_bytes(),
-            expires_ms: record.expires.map(instant_to_unix_ms),
+            expires_ms: record.expires.map(|at| unix_ms(wall_clock_of(at))),
             addresses: record
                 .addresses
                 .iter()

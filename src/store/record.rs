@@ -233,6 +233,18 @@ pub(crate) fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// A wall-clock time as a monotonic deadline; a time already past is now (so it counts as
+/// expired at once, never as "no expiry").
+pub(crate) fn deadline_of(at: SystemTime) -> Option<std::time::Instant> {
+    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    std::time::Instant::now().checked_add(left)
+}
+
+/// A monotonic deadline as wall-clock time.
+pub(crate) fn wall_clock_of(at: std::time::Instant) -> SystemTime {
+    SystemTime::now() + at.saturating_duration_since(std::time::Instant::now())
+}
+
 /// Microseconds since the Unix epoch.
 pub(crate) fn unix_us(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
