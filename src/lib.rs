@@ -67,6 +67,7 @@
 //! a bootstrap peer, never exchange records or messages. A [`node::PreSharedKey`] closes a
 //! network to everyone without the key.
 
+pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod codec;

@@ -298,6 +298,13 @@ impl Builder {
         self
     }
 
+    /// The node's [auth](crate::auth) policy: trusted issuers, rules, default policy, and the
+    /// grants it presents.
+    pub fn auth(mut self, config: crate::auth::Config) -> Self {
+        self.node = self.node.auth(config);
+        self
+    }
+
     /// Adds a listen address; the first call replaces the preset's.
     pub fn listen(mut self, addr: Multiaddr) -> Self {
         self.node = self.node.listen(addr);
@@ -544,6 +551,11 @@ impl Service {
     /// ([`Store::table`] for others).
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// Auth: this node's rules, grants and revocations ([`crate::auth`]).
+    pub fn auth(&self) -> &crate::auth::Auth {
+        self.node().auth()
     }
 
     /// The peer id of this service's node.

@@ -555,3 +555,51 @@ pub async fn raw_records(
         .map(|f| f.value)
         .collect())
 }
+
+/// Fault injection: `record` (from [`store_record`]) with `grants` attached, as a writer
+/// presenting them would send it. Returns `None` if `record` is not a store record.
+pub fn store_record_with_grants(record: &[u8], grants: &[crate::auth::Grant]) -> Option<Vec<u8>> {
+    crate::store::record::attach_grants(record, grants).ok()
+}
+
+/// Fault injection: `node` presents `grant` as its own even when the grant names another peer
+/// (a peer replaying someone else's grant), and tells every connected peer.
+pub fn present_any_grant(node: &Node, grant: crate::auth::Grant) {
+    node.auth().present_unchecked(grant);
+}
+
+/// Fault injection: publishes `body` on broker topic `topic` as a broker message carrying
+/// `grants`, skipping every check of the publishing side (auth rules included), as a
+/// misbehaving peer would. Returns whether any peer was sent it.
+///
+/// # Errors
+///
+/// [`node::Error`](crate::node::Error) from gossipsub (other than "no subscribers").
+pub async fn publish_unchecked(
+    node: &Node,
+    topic: &str,
+    body: &[u8],
+    grants: &[crate::auth::Grant],
+) -> Result<bool, crate::node::Error> {
+    let envelope = crate::broker::wire::Envelope {
+        version: crate::broker::wire::VERSION,
+        epoch: rand::random(),
+        seq: 0,
+        time_ms: 0,
+        content_type: crate::broker::RAW_CONTENT_TYPE.into(),
+        headers: crate::Metadata::new(),
+        body: body.to_vec(),
+        grants: grants
+            .iter()
+            .map(|g| serde_bytes::ByteBuf::from(g.to_bytes().to_vec()))
+            .collect(),
+    };
+    match node.publish_unchecked(topic, envelope.encode()).await {
+        Ok(()) => Ok(true),
+        Err(crate::node::Error::Publish {
+            reason: crate::node::PublishError::NoSubscribers,
+            ..
+        }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}

@@ -46,7 +46,7 @@
 
 mod order;
 mod queue;
-mod wire;
+pub(crate) mod wire;
 
 pub(crate) use queue::protocol as queue_protocol;
 
@@ -148,6 +148,15 @@ pub enum Error {
         topic: String,
         /// The hook's verdict.
         verdict: Validation,
+    },
+    /// This node's auth rules do not let it publish on the topic; every other node with the
+    /// same rules would refuse the message.
+    #[error("publishing on topic {topic:?} is not allowed: {reason}")]
+    Forbidden {
+        /// The topic.
+        topic: String,
+        /// Why (the rule or default policy that denied it).
+        reason: String,
     },
     /// The queue of undelivered queue-group messages is full.
     #[error("{capacity} queue-group deliveries are pending; try again later")]
@@ -716,6 +725,12 @@ impl Broker {
         check_topic(topic)?;
         wire::check_headers(&options.headers).map_err(Error::InvalidHeaders)?;
         let inner = &self.inner;
+        let auth = inner.node.auth();
+        auth.authorize_self(&[crate::auth::Resource::topic(topic)])
+            .map_err(|denied| Error::Forbidden {
+                topic: topic.to_owned(),
+                reason: denied.reason,
+            })?;
         let time_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -728,6 +743,11 @@ impl Broker {
             content_type: content_type.to_owned(),
             headers: options.headers,
             body,
+            grants: auth
+                .own_encoded()
+                .into_iter()
+                .map(serde_bytes::ByteBuf::from)
+                .collect(),
         };
         // Checked with a provisional number: the size cannot grow by more than 8 bytes.
         let size = envelope.encode().len() + 8;
@@ -1258,10 +1278,11 @@ impl Broker {
     /// hook if any.
     fn node_validator(&self, topic: &str) -> gossip::Validator {
         let validators = self.inner.validators.clone();
+        let auth = self.inner.node.auth().clone();
         let max = self.inner.config.limit(topic);
         let metrics = self.inner.metrics.clone();
         Arc::new(move |raw: &gossip::Message| {
-            let verdict = validate(&validators, max, raw);
+            let verdict = validate(&validators, &auth, max, raw);
             if verdict == Validation::Reject {
                 metrics.rejected.inc();
             }
@@ -1272,6 +1293,7 @@ impl Broker {
 
 fn validate(
     validators: &RwLock<HashMap<String, UserValidator>>,
+    auth: &crate::auth::Auth,
     max: usize,
     raw: &gossip::Message,
 ) -> Validation {
@@ -1281,6 +1303,10 @@ fn validate(
     let Ok(envelope) = Envelope::decode(&raw.data) else {
         return Validation::Reject;
     };
+    if let Err(denied) = authorize_publisher(auth, raw.source, &raw.topic, &envelope) {
+        tracing::debug!(publisher = %raw.source, topic = %raw.topic, "message refused: {denied}");
+        return Validation::Reject;
+    }
     let hook = validators
         .read()
         .unwrap_or_else(|e| e.into_inner())
@@ -1292,6 +1318,23 @@ fn validate(
         )),
         None => Validation::Accept,
     }
+}
+
+/// Whether `publisher` may publish on `topic`, with the grants its message carries.
+fn authorize_publisher(
+    auth: &crate::auth::Auth,
+    publisher: PeerId,
+    topic: &str,
+    envelope: &Envelope,
+) -> Result<(), crate::auth::Denied> {
+    let grants: Vec<Vec<u8>> = envelope.grants.iter().map(|g| g.to_vec()).collect();
+    auth.authorize(
+        publisher,
+        crate::auth::Grants::Carried(&grants),
+        &[crate::auth::Resource::topic(topic)],
+        SystemTime::now(),
+    )
+    .map(drop)
 }
 
 impl Inner {

@@ -281,6 +281,17 @@ async fn serve_one(inner: &Inner, peer: PeerId, mut stream: libp2p::Stream) -> s
             inner.metrics.rejected.inc();
             Ack::refuse(413, format!("messages on {:?} are limited", delivery.topic))
         }
+        Ok(delivery)
+            if let Err(denied) = super::authorize_publisher(
+                inner.node.auth(),
+                peer,
+                &delivery.topic,
+                &delivery.message,
+            ) =>
+        {
+            inner.metrics.rejected.inc();
+            Ack::refuse(denied.code, denied.reason)
+        }
         Ok(delivery) => {
             let message = Message::from_envelope(
                 &delivery.topic,

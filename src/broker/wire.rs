@@ -44,6 +44,9 @@ pub(crate) struct Envelope {
     pub(crate) headers: Metadata,
     #[serde(rename = "b", with = "serde_bytes")]
     pub(crate) body: Vec<u8>,
+    /// The publisher's [grants](crate::auth::Grant), for receivers whose rules ask for roles.
+    #[serde(rename = "g", default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) grants: Vec<serde_bytes::ByteBuf>,
 }
 
 /// Why bytes are not an acceptable envelope.
@@ -77,6 +80,12 @@ impl Envelope {
             return Err(Invalid::Version(self.version));
         }
         check_headers(&self.headers).map_err(Invalid::Limit)?;
+        if self.grants.len() > crate::auth::MAX_PRESENTED {
+            return Err(Invalid::Limit(format!(
+                "a message carries at most {} grants",
+                crate::auth::MAX_PRESENTED
+            )));
+        }
         if self.content_type.is_empty() || self.content_type.len() > MAX_CONTENT_TYPE {
             return Err(Invalid::Limit(format!(
                 "a content type is 1 to {MAX_CONTENT_TYPE} bytes"
@@ -208,6 +217,7 @@ mod tests {
             content_type: "application/json".into(),
             headers: [("trace", "abc")].into_iter().collect(),
             body: br#"{"id":1}"#.to_vec(),
+            grants: Vec::new(),
         }
     }
 

@@ -141,6 +141,7 @@ pub(crate) struct Config {
     pub(crate) event_queue: usize,
     pub(crate) store_capacity: u64,
     pub(crate) replication: std::num::NonZeroUsize,
+    pub(crate) auth: crate::auth::Config,
 }
 
 impl Config {
@@ -187,6 +188,7 @@ impl Config {
             event_queue: 1_024,
             store_capacity: 256 * 1024 * 1024,
             replication: std::num::NonZeroUsize::new(5).expect("5 > 0"),
+            auth: crate::auth::Config::default(),
         }
     }
 
@@ -472,6 +474,13 @@ impl Builder {
     /// record survives the loss of any two of its holders.
     pub fn replication(mut self, peers: std::num::NonZeroUsize) -> Self {
         self.config.replication = peers;
+        self
+    }
+
+    /// The node's [auth](crate::auth) policy: trusted issuers, rules, default policy, and the
+    /// grants it presents. Default: no rules, any authenticated peer allowed.
+    pub fn auth(mut self, config: crate::auth::Config) -> Self {
+        self.config.auth = config;
         self
     }
 

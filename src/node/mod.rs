@@ -32,7 +32,7 @@ pub mod gossip;
 mod keep_alive;
 mod metrics;
 mod scoring;
-mod streams;
+pub(crate) mod streams;
 
 use std::{
     collections::HashMap,
@@ -82,6 +82,9 @@ pub enum Error {
         /// Peers needed.
         quorum: usize,
     },
+    /// The auth configuration is not usable (a grant for another peer, too many grants).
+    #[error("invalid auth configuration: {0}")]
+    Auth(#[from] crate::auth::Error),
     /// The transports or a protocol could not be set up.
     #[error("cannot set up the node's transports: {0}")]
     Transport(String),
@@ -381,6 +384,7 @@ pub(crate) struct Inner {
     inbound: Mutex<HashMap<StreamProtocol, mpsc::Receiver<(PeerId, libp2p::Stream)>>>,
     /// The peers with an open connection, kept by the event loop, read without asking it.
     connected: Arc<std::sync::RwLock<std::collections::HashSet<PeerId>>>,
+    auth: crate::auth::Auth,
 }
 
 /// A handle to a running node. Cheap to clone; every clone drives the same node.
@@ -425,6 +429,13 @@ impl Node {
             &served_protocols(&config.network),
             node_metrics.inbound_streams_dropped.clone(),
         );
+        let connected = Arc::new(std::sync::RwLock::new(std::collections::HashSet::new()));
+        let auth = crate::auth::Auth::new(
+            peer_id,
+            config.network.clone(),
+            config.auth.clone(),
+            crate::auth::exchange::Handle::new(opener.clone(), connected.clone(), &config.network),
+        )?;
         let disk = match &config.data_dir {
             Some(dir) => Some(
                 crate::store::persist::Disk::open(dir)
@@ -442,6 +453,7 @@ impl Node {
                 bytes: node_metrics.store_bytes.clone(),
             },
             disk,
+            auth.clone(),
         );
         let libp2p_registry = registry.sub_registry_with_prefix("libp2p");
         let swarm = behaviour::build_swarm(
@@ -455,10 +467,11 @@ impl Node {
 
         let (commands, command_rx) = mpsc::channel(config.command_queue);
         let (events_tx, events) = broadcast::channel(config.event_queue);
+        // Subscribed before the event loop runs, so the auth exchange sees every connection.
+        let auth_events = events_tx.subscribe();
         let (exit_tx, exit) = watch::channel(None);
         let metrics = Arc::new(Mutex::new(registry));
 
-        let connected = Arc::new(std::sync::RwLock::new(std::collections::HashSet::new()));
         let mut event_loop = event_loop::EventLoop::new(
             swarm,
             &config,
@@ -475,7 +488,15 @@ impl Node {
 
         let span =
             tracing::info_span!("node", peer = %short_id(&peer_id), network = %config.network);
-        let task = tokio::spawn(event_loop.run().instrument(span));
+        let task = tokio::spawn(event_loop.run().instrument(span.clone()));
+        let mut inbound_queues = inbound_queues;
+        if let Some(inbound) =
+            inbound_queues.remove(&crate::auth::exchange::protocol(&config.network))
+        {
+            tokio::spawn(
+                crate::auth::exchange::run(auth.clone(), inbound, auth_events).instrument(span),
+            );
+        }
         let abort = task.abort_handle();
         tokio::spawn(async move {
             let reason = match task.await {
@@ -510,8 +531,14 @@ impl Node {
                 opener,
                 inbound: Mutex::new(inbound_queues),
                 connected,
+                auth,
             }),
         })
+    }
+
+    /// The node's auth component: its policy, grants, and the revocations it knows.
+    pub fn auth(&self) -> &crate::auth::Auth {
+        &self.inner.auth
     }
 
     /// This node's peer id: its identity on the mesh.
@@ -992,6 +1019,7 @@ fn served_protocols(network: &str) -> Vec<StreamProtocol> {
         crate::transport::protocol(network),
         crate::registry::sync_protocol(network),
         crate::broker::queue_protocol(network),
+        crate::auth::exchange::protocol(network),
     ]
 }
 

@@ -21,6 +21,7 @@ struct Inner {
     deadline: Option<Instant>,
     trace_id: String,
     span_id: String,
+    roles: Vec<String>,
 }
 
 /// The call a handler serves: who called, with what metadata, until when. Cheap to clone.
@@ -44,6 +45,7 @@ impl Context {
         peer: PeerId,
         metadata: Metadata,
         deadline: Option<Instant>,
+        roles: Vec<String>,
     ) -> Self {
         let trace_id = metadata.get(TRACE_ID).map_or_else(random_id, str::to_owned);
         Self {
@@ -55,6 +57,7 @@ impl Context {
                 deadline,
                 trace_id,
                 span_id: random_id(),
+                roles,
             }),
         }
     }
@@ -62,6 +65,17 @@ impl Context {
     /// The verified peer id of the caller.
     pub fn peer_id(&self) -> PeerId {
         self.inner.peer
+    }
+
+    /// The roles the caller holds through valid grants from issuers this node trusts (empty
+    /// when this node trusts no issuer). See [`crate::auth`].
+    pub fn roles(&self) -> &[String] {
+        &self.inner.roles
+    }
+
+    /// Whether the caller holds `role`.
+    pub fn has_role(&self, role: &str) -> bool {
+        self.inner.roles.iter().any(|r| r == role)
     }
 
     /// The service the call was made to.

@@ -47,6 +47,7 @@ struct Inner {
     draining: AtomicBool,
     per_peer: Mutex<HashMap<PeerId, usize>>,
     metrics: Metrics,
+    auth: crate::auth::Auth,
 }
 
 /// Counts a call in flight (in total and per peer) until dropped.
@@ -113,6 +114,7 @@ impl Server {
                 draining: AtomicBool::new(false),
                 per_peer: Mutex::new(HashMap::new()),
                 metrics,
+                auth: node.auth().clone(),
             }),
         };
         match node.take_inbound(&transport::protocol(node.network())) {
@@ -261,6 +263,21 @@ async fn serve(
             return;
         }
     };
+    // Auth: the caller's verified peer id and grants against this node's rules, before the
+    // handler runs.
+    let resources = [
+        crate::auth::Resource::service(inner.name.as_str()),
+        crate::auth::Resource::endpoint(&inner.name, &head.endpoint),
+    ];
+    let roles = match inner.auth.authorize_peer(peer, &resources).await {
+        Ok(roles) => roles,
+        Err(denied) => {
+            inner.metrics.refused.inc();
+            tracing::debug!(%peer, endpoint = %head.endpoint, "call refused: {denied}");
+            write_trailer(&mut stream, &denied.status(), SERVER_ID).await;
+            return;
+        }
+    };
     let codec = ContentType::from_mime(&head.content_type).expect("checked by prepare");
     let deadline = head
         .timeout_ms
@@ -271,6 +288,7 @@ async fn serve(
         peer,
         head.metadata,
         deadline,
+        roles,
     );
     tracing::trace!(endpoint = %head.endpoint, "call");
     let status = match endpoint {

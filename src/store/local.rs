@@ -55,6 +55,8 @@ pub(crate) struct LocalStore {
     disk: Option<Disk>,
     /// Why the last refused record was refused, for the error of a local write.
     last_refusal: Option<String>,
+    /// Decides whether a record's writer may write its table.
+    auth: crate::auth::Auth,
 }
 
 fn size_of(record: &Record) -> u64 {
@@ -64,6 +66,8 @@ fn size_of(record: &Record) -> u64 {
 /// Why a record was not stored, for the log.
 enum Refusal {
     Invalid(record::Invalid),
+    /// The writer may not write the table (auth rules).
+    Forbidden(String),
     Older,
     Full,
 }
@@ -75,6 +79,7 @@ impl LocalStore {
         network: String,
         limits: Limits,
         disk: Option<(Disk, Loaded)>,
+        auth: crate::auth::Auth,
     ) -> Self {
         let providers = MemoryStore::with_config(
             local,
@@ -96,6 +101,7 @@ impl LocalStore {
             providers,
             disk: None,
             last_refusal: None,
+            auth,
         };
         if let Some((disk, loaded)) = disk {
             this.load(&disk, loaded);
@@ -117,6 +123,10 @@ impl LocalStore {
                     // Kept on disk, not served: a record that fails its checks after a
                     // restart points at a damaged file or a changed format.
                     tracing::warn!(key = %String::from_utf8_lossy(key.as_ref()), "record on disk fails its checks ({e}); left on disk, not served");
+                    dropped += 1;
+                }
+                Err(Refusal::Forbidden(reason)) => {
+                    tracing::warn!(key = %String::from_utf8_lossy(key.as_ref()), "record on disk is not authorised by this node's rules ({reason}); left on disk, not served");
                     dropped += 1;
                 }
                 Err(Refusal::Older | Refusal::Full) => dropped += 1,
@@ -155,6 +165,7 @@ impl LocalStore {
                 if checked.is_expired(now) {
                     return Err(Refusal::Invalid(record::Invalid::Expired));
                 }
+                self.authorize(&checked)?;
                 if let Some(held) = self.heads.get(&record.key) {
                     match checked.precedence(held) {
                         Ordering::Less => return Err(Refusal::Older),
@@ -174,6 +185,26 @@ impl LocalStore {
 }
 
 impl LocalStore {
+    /// Whether the writer of a checked record or entry may write its table, with the grants it
+    /// carries, at the time it wrote it (its version). A revoked grant authorises nothing.
+    fn authorize(&self, checked: &record::Checked) -> Result<(), Refusal> {
+        let header = &checked.header;
+        let grants: Vec<Vec<u8>> = checked.entry.grants.iter().map(|g| g.to_vec()).collect();
+        let written = std::time::UNIX_EPOCH + std::time::Duration::from_micros(header.revision);
+        self.auth
+            .authorize(
+                checked.writer,
+                crate::auth::Grants::Carried(&grants),
+                &[crate::auth::Resource::table(
+                    &header.database,
+                    &header.table,
+                )],
+                written,
+            )
+            .map(drop)
+            .map_err(|denied| Refusal::Forbidden(denied.reason))
+    }
+
     /// Puts `record` in place of the one under its key, within the size bound.
     fn replace(&mut self, record: Record) -> Result<(), Refusal> {
         let old = self.records.get(&record.key).map_or(0, size_of);
@@ -208,6 +239,7 @@ impl LocalStore {
             if checked.is_expired(now) {
                 continue;
             }
+            self.authorize(&checked)?;
             match held.get(&checked.header.key) {
                 Some(h) if checked.precedence(h) != Ordering::Greater => {}
                 _ => {
@@ -289,6 +321,11 @@ impl RecordStore for LocalStore {
                             format!("the record fails its checks ({e})"),
                             store::Error::ValueTooLarge,
                         )
+                    }
+                    Refusal::Forbidden(reason) => {
+                        self.limits.rejected.inc();
+                        tracing::debug!(key = %name, "record refused: {reason}");
+                        (reason, store::Error::ValueTooLarge)
                     }
                     Refusal::Older => {
                         self.limits.rejected.inc();
@@ -404,9 +441,19 @@ mod tests {
         )
     }
 
+    fn test_auth(id: &Identity) -> crate::auth::Auth {
+        crate::auth::Auth::detached(id.peer_id(), NET, crate::auth::Config::default())
+    }
+
     fn open(dir: &std::path::Path, id: &Identity, max_bytes: u64) -> LocalStore {
         let disk = Disk::open(dir).expect("opens");
-        LocalStore::new(id.peer_id(), NET.into(), limits(max_bytes), Some(disk))
+        LocalStore::new(
+            id.peer_id(),
+            NET.into(),
+            limits(max_bytes),
+            Some(disk),
+            test_auth(id),
+        )
     }
 
     #[test]
@@ -475,7 +522,8 @@ mod tests {
     #[test]
     fn older_invalid_and_oversized_puts_are_refused() {
         let id = Identity::generate();
-        let mut store = LocalStore::new(id.peer_id(), NET.into(), limits(600), None);
+        let mut store =
+            LocalStore::new(id.peer_id(), NET.into(), limits(600), None, test_auth(&id));
         store.put(record(&id, "a", b"new", 20, false)).unwrap();
         // Older: refused; the same again: accepted, nothing changes.
         assert!(store.put(record(&id, "a", b"old", 19, false)).is_err());

@@ -188,6 +188,19 @@ pub enum Error {
         /// More about why.
         detail: String,
     },
+    /// This node's auth rules do not let it write the table; every replica with the same rules
+    /// would refuse the record.
+    #[error("writing {key:?} in {database}/{table} is not allowed: {reason}")]
+    Forbidden {
+        /// The database.
+        database: String,
+        /// The table.
+        table: String,
+        /// The key.
+        key: String,
+        /// Why (the rule or default policy that denied it).
+        reason: String,
+    },
     /// This node's own record store refused the record, e.g. because it is full.
     #[error("cannot write {key:?}: {reason}")]
     Refused {
@@ -675,6 +688,14 @@ impl Store {
 
     async fn put(&self, key: &str, change: &Change, version: u64) -> Result<u64, Error> {
         let config = &self.inner.config;
+        let auth = self.node().auth();
+        auth.authorize_self(&[crate::auth::Resource::table(&self.database, &self.table)])
+            .map_err(|denied| Error::Forbidden {
+                database: self.database.clone(),
+                table: self.table.clone(),
+                key: key.into(),
+                reason: denied.reason,
+            })?;
         let (value, expires_ms, metadata, deleted) = match change {
             Change::Put(value, options) => (
                 value.as_slice(),
@@ -706,7 +727,12 @@ impl Store {
             value_digest: record::digest(value),
         };
         let identity = self.node().identity();
-        let entry = record::sign(identity, self.node().network(), &header);
+        let mut entry = record::sign(identity, self.node().network(), &header);
+        entry.grants = auth
+            .own_encoded()
+            .into_iter()
+            .map(serde_bytes::ByteBuf::from)
+            .collect();
         let record_bytes = record::encode_record(&entry, value);
         let index_entry = Checked {
             header,

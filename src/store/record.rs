@@ -36,7 +36,12 @@ pub(crate) const SHARDS: u8 = 8;
 /// How far ahead of the receiver's clock a version may be.
 pub(crate) const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// The largest encoded record: a full value, the largest header, framing.
-pub(crate) const MAX_RECORD: usize = MAX_VALUE + MAX_KEY + MAX_METADATA + 2 * MAX_NAME + 512;
+pub(crate) const MAX_RECORD: usize = MAX_VALUE
+    + MAX_KEY
+    + MAX_METADATA
+    + 2 * MAX_NAME
+    + 512
+    + crate::auth::MAX_PRESENTED * (crate::auth::MAX_GRANT + 8);
 
 /// What a writer signs: everything about a record but its value, which the digest stands for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +86,11 @@ pub(crate) struct Entry {
     /// The writer's ed25519 signature of [`signed_message`].
     #[serde(rename = "s", with = "serde_bytes")]
     pub(crate) signature: Vec<u8>,
+    /// The writer's [grants](crate::auth::Grant), which give it the roles the holders' rules
+    /// may ask for. Outside the signature: each grant is signed by its issuer and names the
+    /// writer.
+    #[serde(rename = "g", default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) grants: Vec<serde_bytes::ByteBuf>,
 }
 
 /// A record as stored in the DHT: the signed header and the value.
@@ -94,6 +104,8 @@ struct SignedRecord {
     signature: Vec<u8>,
     #[serde(rename = "b", with = "serde_bytes")]
     value: Vec<u8>,
+    #[serde(rename = "g", default, skip_serializing_if = "Vec::is_empty")]
+    grants: Vec<serde_bytes::ByteBuf>,
 }
 
 /// One index shard of a table: the newest entry of every key that hashes to it.
@@ -281,6 +293,7 @@ pub(crate) fn sign(identity: &Identity, network: &str, header: &Header) -> Entry
         signature: identity.sign(&signed_message(network, &header)),
         writer: identity.peer_id().to_bytes(),
         header,
+        grants: Vec::new(),
     }
 }
 
@@ -296,7 +309,22 @@ pub(crate) fn encode_record(entry: &Entry, value: &[u8]) -> Vec<u8> {
         writer: entry.writer.clone(),
         signature: entry.signature.clone(),
         value: value.to_vec(),
+        grants: entry.grants.clone(),
     })
+}
+
+/// Re-encodes a record with `grants` attached (fault injection in tests).
+#[cfg(feature = "testing")]
+pub(crate) fn attach_grants(
+    bytes: &[u8],
+    grants: &[crate::auth::Grant],
+) -> Result<Vec<u8>, Invalid> {
+    let mut record: SignedRecord = decode(bytes)?;
+    record.grants = grants
+        .iter()
+        .map(|g| serde_bytes::ByteBuf::from(g.to_bytes().to_vec()))
+        .collect();
+    Ok(encode(&record))
 }
 
 /// Checks an entry's signature and header, and that it belongs under `dht_key` (a record key
@@ -322,6 +350,12 @@ fn check_entry_with(
 ) -> Result<Checked, Invalid> {
     let writer = PeerId::from_bytes(&entry.writer)
         .map_err(|e| Invalid::Malformed(format!("writer: {e}")))?;
+    if entry.grants.len() > crate::auth::MAX_PRESENTED {
+        return Err(Invalid::Limit(format!(
+            "an entry carries at most {} grants",
+            crate::auth::MAX_PRESENTED
+        )));
+    }
     if verify_signature
         && !identity::verify(
             &writer,
@@ -388,6 +422,7 @@ pub(crate) fn check_record(
             header: record.header,
             writer: record.writer,
             signature: record.signature,
+            grants: record.grants,
         },
         dht_key,
         false,
@@ -473,6 +508,11 @@ mod tests {
 
     const SPEC: &str = include_str!("../../protocols/store.md");
     const NET: &str = "default";
+
+    #[test]
+    fn the_record_limit_is_the_one_the_spec_names() {
+        assert_eq!(MAX_RECORD, 1_091_920);
+    }
 
     fn fixed_identity() -> Identity {
         Identity::from_secret_bytes([7; 32])
