@@ -405,7 +405,8 @@ async fn a_revocation_reaches_every_node_and_ends_the_grant() {
 
     // The issuer hands the revocation to one node (the bystander); it floods from there.
     let revocation = Revocation::of(&keeper_grant, &vault.issuer).unwrap();
-    bystander.auth().revoke(revocation.clone()).unwrap();
+    let reached = bystander.auth().revoke(revocation.clone()).await.unwrap();
+    assert!(reached >= 1, "the bystander's peers took the revocation");
     let server_auth = vault.server.auth().clone();
     wait_until(WAIT, || async { server_auth.is_revoked(&keeper_grant) })
         .await
@@ -439,6 +440,7 @@ async fn a_revocation_reaches_every_node_and_ends_the_grant() {
     let err = late
         .auth()
         .revoke(Revocation::of(&rogue_grant, &rogue).unwrap())
+        .await
         .unwrap_err();
     assert!(err.to_string().contains("not trusted"), "{err}");
 

@@ -18,7 +18,18 @@ struct NodeProcess {
 
 impl NodeProcess {
     fn start(data_dir: &Path, listen: &[&str], bootstrap: Option<&str>) -> Self {
+        Self::start_with(data_dir, listen, bootstrap, &[])
+    }
+
+    /// As [`NodeProcess::start`], with more arguments.
+    fn start_with(
+        data_dir: &Path,
+        listen: &[&str],
+        bootstrap: Option<&str>,
+        extra: &[&str],
+    ) -> Self {
         let mut cmd = Command::new(BIN);
+        cmd.args(extra);
         cmd.arg("node")
             .arg("--json")
             .args(["--network", "clitest"])
@@ -709,4 +720,159 @@ fn write_read_list_and_delete_store_keys_from_the_command_line() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn identities_certificates_grants_and_revocations_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let ok = |out: Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+
+    // Identities: new, show, cert.
+    let issuer = ok(run(&["identity", "new", "--out", &path("issuer.key")]));
+    let ops = ok(run(&["identity", "new", "--out", &path("ops.key")]));
+    let again = run(&["identity", "new", "--out", &path("ops.key")]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    let shown: serde_json::Value = serde_json::from_str(&ok(run(&[
+        "identity",
+        "show",
+        "--key",
+        &path("ops.key"),
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(shown["peer_id"], ops.as_str());
+    let pem = ok(run(&[
+        "identity",
+        "cert",
+        "--key",
+        &path("ops.key"),
+        "--key-out",
+        &path("ops-key.pem"),
+    ]));
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = data_encoding::BASE64.decode(body.as_bytes()).unwrap();
+    assert_eq!(
+        micromesh::auth::Certificate::peer_id_of(&der)
+            .unwrap()
+            .to_string(),
+        ops
+    );
+    let key_pem = std::fs::read_to_string(path("ops-key.pem")).unwrap();
+    assert!(
+        key_pem.starts_with("-----BEGIN PRIVATE KEY-----"),
+        "{key_pem}"
+    );
+    let missing = run(&["identity", "show"]);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("--key FILE"));
+
+    // Grants: issue, show.
+    ok(run(&[
+        "grant",
+        "issue",
+        "--issuer",
+        &path("issuer.key"),
+        "--subject",
+        &ops,
+        "--role",
+        "ops",
+        "--valid-for",
+        "1h",
+        "--out",
+        &path("ops.grant"),
+    ]));
+    let grant: serde_json::Value =
+        serde_json::from_str(&ok(run(&["grant", "show", &path("ops.grant"), "--json"]))).unwrap();
+    assert_eq!(grant["subject"], ops.as_str());
+    assert_eq!(grant["issuer"], issuer.as_str());
+    assert_eq!(grant["roles"], serde_json::json!(["ops"]));
+    assert_eq!(grant["network"], "clitest");
+    let bad = run(&["grant", "show", "AAAA"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a grant"));
+
+    // A node where only holders of the role write table `cli`.
+    let rules = [
+        "--trust",
+        &issuer,
+        "--rule",
+        "deny table:micromesh/cli any 0",
+        "--rule",
+        "allow table:micromesh/cli role:ops 10",
+    ];
+    let node = NodeProcess::start_with(
+        &dir.path().join("node"),
+        &["/ip4/127.0.0.1/tcp/0"],
+        None,
+        &rules,
+    );
+    let addr = node.addr("/tcp/");
+    let write = |extra: &[&str], value: &str| {
+        let mut a = vec![
+            "store",
+            "write",
+            "k",
+            value,
+            "--table",
+            "cli",
+            "--bootstrap",
+            &addr,
+        ];
+        a.extend_from_slice(&rules);
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    let refused = write(&[], "stranger");
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("not allowed") && said.contains("default policy")
+            || said.contains("denied by rule"),
+        "{said}"
+    );
+    let as_ops = ["--key", &path("ops.key"), "--grant", &path("ops.grant")];
+    ok(write(&as_ops, "by ops"));
+    let read = ok(run(&[
+        "store",
+        "read",
+        "k",
+        "--table",
+        "cli",
+        "--bootstrap",
+        &addr,
+    ]));
+    assert_eq!(read, "by ops");
+
+    // Revoked: the node takes it, and the grant writes nothing more.
+    let revoked: serde_json::Value = serde_json::from_str(&ok(run(&[
+        "grant",
+        "revoke",
+        "--issuer",
+        &path("issuer.key"),
+        &path("ops.grant"),
+        "--bootstrap",
+        &addr,
+        "--json",
+    ])))
+    .unwrap();
+    assert!(revoked["peers_reached"].as_u64().unwrap() >= 1, "{revoked}");
+    assert!(!write(&as_ops, "after revocation").status.success());
+    let read = ok(run(&[
+        "store",
+        "read",
+        "k",
+        "--table",
+        "cli",
+        "--bootstrap",
+        &addr,
+    ]));
+    assert_eq!(read, "by ops");
 }

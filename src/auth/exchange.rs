@@ -128,6 +128,18 @@ impl Handle {
         peer: PeerId,
         revocations: Vec<Revocation>,
     ) -> Result<Vec<Arc<Grant>>, Error> {
+        self.exchange_reply(auth, peer, revocations)
+            .await
+            .map(|(grants, _)| grants)
+    }
+
+    /// As [`Handle::exchange`], also returning the peer's answer.
+    async fn exchange_reply(
+        &self,
+        auth: &Auth,
+        peer: PeerId,
+        revocations: Vec<Revocation>,
+    ) -> Result<(Vec<Arc<Grant>>, Hello), Error> {
         let opener = self
             .opener
             .as_ref()
@@ -140,7 +152,34 @@ impl Handle {
         let grants = auth.record_presented(peer, &bytes_of(&reply.grants));
         learn(auth, peer, &reply.revocations);
         let _ = futures::AsyncWriteExt::close(&mut stream).await;
-        Ok(grants)
+        Ok((grants, reply))
+    }
+
+    /// Hands `revocation` to every connected peer and waits for their answers; returns how
+    /// many hold it now (their digest matches this node's, or they listed it).
+    pub(crate) async fn spread(&self, auth: &Auth, revocation: &Revocation) -> usize {
+        let exchanges = self.peers().into_iter().map(|peer| async move {
+            let exchange = self.exchange_reply(auth, peer, vec![revocation.clone()]);
+            match tokio::time::timeout(TIMEOUT, exchange).await {
+                Ok(Ok((_, reply))) => {
+                    reply.digest == auth.revocation_digest()
+                        || reply
+                            .revocations
+                            .iter()
+                            .any(|r| r.as_slice() == revocation.to_bytes())
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, "handing over a revocation failed: {e}");
+                    false
+                }
+                Err(_) => false,
+            }
+        });
+        futures::future::join_all(exchanges)
+            .await
+            .into_iter()
+            .filter(|held| *held)
+            .count()
     }
 
     /// Tells every connected peer this node's grants (they changed).

@@ -494,20 +494,17 @@ impl Auth {
         Ok(())
     }
 
-    /// Takes a revocation: from now on this node refuses the grant, and it passes the
-    /// revocation to every connected peer, which pass it on.
+    /// Takes a revocation: from now on this node refuses the grant. Then hands it to every
+    /// connected peer, which pass it on to theirs, and waits for their answers (at most 10 s).
+    /// Returns how many connected peers hold it now.
     ///
     /// # Errors
     ///
     /// [`Error::Refused`] if the issuer is not trusted here or the revocation is for another
     /// network.
-    pub fn revoke(&self, revocation: Revocation) -> Result<(), Error> {
-        if self.learn_revocation(revocation.clone())? {
-            self.inner
-                .exchange
-                .push_revocations(self, vec![revocation], None);
-        }
-        Ok(())
+    pub async fn revoke(&self, revocation: Revocation) -> Result<usize, Error> {
+        self.learn_revocation(revocation.clone())?;
+        Ok(self.inner.exchange.spread(self, &revocation).await)
     }
 
     /// Whether this node knows that `grant` is revoked.

@@ -4,7 +4,8 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use micromesh::{
-    Multiaddr, Service,
+    Identity, Multiaddr, PeerId, Service,
+    auth::{self, DefaultPolicy, Rule},
     node::{self, PreSharedKey},
 };
 
@@ -37,6 +38,46 @@ pub(crate) struct Global {
     /// Log filter, as in RUST_LOG (e.g. `info`, `micromesh=debug`). Logs go to stderr.
     #[arg(long, global = true, env = "MICROMESH_LOG", value_name = "FILTER")]
     pub(crate) log: Option<String>,
+    /// Act as this identity: a key file from `micromesh identity new` (clients otherwise use a
+    /// fresh one; `node` otherwise uses its data directory's).
+    #[arg(
+        id = "identity-key",
+        long = "key",
+        short = 'k',
+        global = true,
+        env = "MICROMESH_KEY",
+        value_name = "FILE"
+    )]
+    pub(crate) key: Option<PathBuf>,
+    /// Trust grants and revocations signed by this issuer (repeatable).
+    #[arg(
+        id = "auth-trust",
+        long = "trust",
+        global = true,
+        env = "MICROMESH_TRUST",
+        value_delimiter = ',',
+        value_name = "PEER_ID"
+    )]
+    pub(crate) trust: Vec<PeerId>,
+    /// Present this grant, as text or a file holding it (repeatable); its subject must be this
+    /// node's identity (see --key).
+    #[arg(
+        long = "grant",
+        global = true,
+        env = "MICROMESH_GRANT",
+        value_name = "GRANT"
+    )]
+    pub(crate) grants: Vec<String>,
+    /// An auth rule: `allow|deny <resource> <subject> [priority]`, e.g.
+    /// `allow endpoint:greeter/Admin.* role:ops 10` (repeatable).
+    #[arg(id = "auth-rule", long = "rule", global = true, value_name = "RULE")]
+    pub(crate) rules: Vec<Rule>,
+    /// A file of auth rules, one per line; `#` starts a comment.
+    #[arg(long, global = true, env = "MICROMESH_RULES", value_name = "FILE")]
+    pub(crate) rules_file: Option<PathBuf>,
+    /// Deny what no rule allows (by default any peer of the network is allowed).
+    #[arg(long, global = true)]
+    pub(crate) deny_by_default: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -60,6 +101,12 @@ pub(crate) enum Command {
     /// Read and write the mesh's replicated key-value store.
     #[command(subcommand)]
     Store(crate::store_cmd::StoreCommand),
+    /// Make and inspect identities: key files, peer ids, X.509 certificates.
+    #[command(subcommand)]
+    Identity(crate::identity_cmd::IdentityCommand),
+    /// Sign, inspect and revoke grants of roles.
+    #[command(subcommand)]
+    Grant(crate::grant_cmd::GrantCommand),
 }
 
 /// How a short-lived client joins the mesh.
@@ -94,11 +141,36 @@ impl Join {
         global: &Global,
         listen: &[Multiaddr],
     ) -> Result<Service, BoxError> {
+        self.connect_with(global, listen, global.auth_config()?)
+            .await
+    }
+
+    /// As [`Join::connect`], also trusting `issuer` (the issuer's own tools).
+    pub(crate) async fn connect_trusting(
+        &self,
+        global: &Global,
+        issuer: PeerId,
+    ) -> Result<Service, BoxError> {
+        self.connect_with(global, &[], global.auth_config()?.trust(issuer))
+            .await
+    }
+
+    async fn connect_with(
+        &self,
+        global: &Global,
+        listen: &[Multiaddr],
+        auth: auth::Config,
+    ) -> Result<Service, BoxError> {
         let key = global.pre_shared_key()?;
         let timeout = self.timeout;
         let listen = listen.to_vec();
-        let service = Service::builder("micromesh-cli")
+        let mut builder = Service::builder("micromesh-cli");
+        if let Some(identity) = global.identity()? {
+            builder = builder.identity(identity);
+        }
+        let service = builder
             .network(global.network.clone())
+            .auth(auth)
             .register(false)
             .configure_node(move |mut node| {
                 if let Some(key) = key {
@@ -133,6 +205,44 @@ impl Join {
 }
 
 impl Global {
+    /// The identity given with `--key`, if any.
+    pub(crate) fn identity(&self) -> Result<Option<Identity>, BoxError> {
+        match &self.key {
+            Some(path) => Ok(Some(Identity::load(path)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The auth configuration of `--trust`, `--grant`, `--rule`, `--rules-file` and
+    /// `--deny-by-default`.
+    pub(crate) fn auth_config(&self) -> Result<auth::Config, BoxError> {
+        let mut config = auth::Config::new().rules_from(self.rules.iter().cloned());
+        for issuer in &self.trust {
+            config = config.trust(*issuer);
+        }
+        if let Some(path) = &self.rules_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read rules file {}: {e}", path.display()))?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.split('#').next().unwrap_or_default().trim();
+                if line.is_empty() {
+                    continue;
+                }
+                let rule: Rule = line
+                    .parse()
+                    .map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
+                config = config.rule(rule);
+            }
+        }
+        for grant in &self.grants {
+            config = config.grant(crate::grant_cmd::read_grant(grant)?);
+        }
+        if self.deny_by_default {
+            config = config.default_policy(DefaultPolicy::Deny);
+        }
+        Ok(config)
+    }
+
     pub(crate) fn pre_shared_key(&self) -> Result<Option<PreSharedKey>, BoxError> {
         let Some(path) = &self.swarm_key else {
             return Ok(None);
@@ -158,7 +268,12 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("invalid duration unit {unit:?}: use ms, s, m or h")),
+        "d" => value * 86400.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit {unit:?}: use ms, s, m, h or d"
+            ));
+        }
     };
     if !seconds.is_finite() || seconds < 0.0 {
         return Err(format!("invalid duration {s:?}"));

@@ -6,6 +6,8 @@
 
 mod call_cmd;
 mod cli;
+mod grant_cmd;
+mod identity_cmd;
 mod node_cmd;
 mod peers_cmd;
 mod pubsub_cmd;
@@ -40,6 +42,8 @@ fn main() -> ExitCode {
             cli::Command::Publish(cmd) => pubsub_cmd::publish(&args.global, cmd).await,
             cli::Command::Subscribe(cmd) => pubsub_cmd::subscribe(&args.global, cmd).await,
             cli::Command::Store(cmd) => store_cmd::run(&args.global, cmd).await,
+            cli::Command::Identity(cmd) => identity_cmd::run(&args.global, cmd),
+            cli::Command::Grant(cmd) => grant_cmd::run(&args.global, cmd).await,
         }
     });
     match result {

@@ -85,7 +85,11 @@ pub(crate) async fn run(global: &Global, args: &NodeArgs) -> Result<(), BoxError
     let mut builder = Service::builder("micromesh-node")
         .version(env!("CARGO_PKG_VERSION"))
         .network(global.network.clone())
-        .data_dir(data_dir);
+        .data_dir(data_dir)
+        .auth(global.auth_config()?);
+    if let Some(identity) = global.identity()? {
+        builder = builder.identity(identity);
+    }
     for addr in &args.listen {
         builder = builder.listen(addr.clone());
     }

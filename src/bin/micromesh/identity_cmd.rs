@@ -1,0 +1,155 @@
+//! `micromesh identity new|show|cert`: make and inspect peer identities.
+
+use std::{
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use clap::{Args, Subcommand};
+use micromesh::{Identity, auth::Certificate};
+
+use crate::cli::{BoxError, Global};
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum IdentityCommand {
+    /// Create a new identity key file (owner-only permissions) and print its peer id.
+    New(NewArgs),
+    /// Print the peer id and public key of an identity (`--key FILE`).
+    Show,
+    /// Print an identity (`--key FILE`) as an X.509 certificate (PEM) for other TLS software;
+    /// optionally write the certificate and its private key to files.
+    Cert(CertArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct NewArgs {
+    /// Where to write the key file.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    out: PathBuf,
+    /// Replace an existing file (its identity is lost).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CertArgs {
+    /// Write the certificate (PEM) here instead of printing it.
+    #[arg(long, value_name = "FILE")]
+    cert_out: Option<PathBuf>,
+    /// Write the private key (PKCS#8 PEM, owner-only permissions) here. Secret: whoever holds
+    /// it is this peer.
+    #[arg(long, value_name = "FILE")]
+    key_out: Option<PathBuf>,
+}
+
+pub(crate) fn run(global: &Global, command: &IdentityCommand) -> Result<(), BoxError> {
+    match command {
+        IdentityCommand::New(args) => new(global, args),
+        IdentityCommand::Show => show(global),
+        IdentityCommand::Cert(args) => cert(global, args),
+    }
+}
+
+fn new(global: &Global, args: &NewArgs) -> Result<(), BoxError> {
+    if args.out.exists() && !args.force {
+        return Err(format!(
+            "{} exists; pass --force to replace it (its identity would be lost)",
+            args.out.display()
+        )
+        .into());
+    }
+    let identity = Identity::generate();
+    write_secret(&args.out, &identity.to_protobuf_encoding())?;
+    if global.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "peer_id": identity.peer_id().to_string(),
+                "key_file": args.out.display().to_string(),
+            })
+        );
+    } else {
+        println!("{}", identity.peer_id());
+        eprintln!("wrote {}", args.out.display());
+    }
+    Ok(())
+}
+
+pub(crate) fn load(path: &Path) -> Result<Identity, BoxError> {
+    Ok(Identity::load(path)?)
+}
+
+/// The identity of `--key`, which these verbs need.
+fn given(global: &Global) -> Result<Identity, BoxError> {
+    match &global.key {
+        Some(path) => load(path),
+        None => Err(
+            "give the identity's key file with --key FILE (a node keeps it in \
+             <data dir>/identity.key)"
+                .into(),
+        ),
+    }
+}
+
+fn show(global: &Global) -> Result<(), BoxError> {
+    let identity = given(global)?;
+    let public = data_encoding::BASE64URL_NOPAD.encode(&identity.public_key_bytes());
+    if global.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "peer_id": identity.peer_id().to_string(),
+                "public_key": public,
+                "key_type": "ed25519",
+            })
+        );
+    } else {
+        println!("peer id     {}", identity.peer_id());
+        println!("public key  {public} (ed25519, base64url)");
+    }
+    Ok(())
+}
+
+fn cert(global: &Global, args: &CertArgs) -> Result<(), BoxError> {
+    let identity = given(global)?;
+    let cert = Certificate::new(&identity)?;
+    if let Some(path) = &args.key_out {
+        write_secret(path, cert.private_key_pem().as_bytes())?;
+    }
+    match &args.cert_out {
+        Some(path) => fs::write(path, cert.pem())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?,
+        None if !global.json => print!("{}", cert.pem()),
+        None => {}
+    }
+    if global.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "peer_id": identity.peer_id().to_string(),
+                "certificate": cert.pem(),
+            })
+        );
+    }
+    Ok(())
+}
+
+/// Writes a secret file with owner-only permissions, creating it anew.
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), BoxError> {
+    let _ = fs::remove_file(path);
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(())
+}
