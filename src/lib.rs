@@ -58,7 +58,7 @@
 //! - [`transport`] and [`codec`]: one libp2p stream per call with length-prefixed CBOR
 //!   frames and explicit end-of-stream; CBOR or JSON bodies, answered in the caller's codec.
 //! - [`status`]: the [`Status`] that crosses the wire (go-micro's codes, id and detail).
-//! - [`testing`] (feature `testing`): in-process clusters with fault injection.
+//! - `testing` (feature `testing`): in-process clusters with fault injection.
 //!
 //! ## Networks
 //!
@@ -93,3 +93,8 @@ pub use crate::{
     client::Client, error::Error, identity::Identity, metadata::Metadata, server::Context,
     service::Service, status::Status,
 };
+
+/// The README's examples, compiled as doc tests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -624,8 +624,8 @@ impl fmt::Debug for Broker {
 
 impl Broker {
     /// Starts the broker of `node`: it serves queue-group deliveries to this node's members from
-    /// now on. A [`Service`](crate::Service) starts one for its node ([`Service::broker`]
-    /// (crate::Service::broker)).
+    /// now on. A [`Service`](crate::Service) starts one for its node
+    /// ([`Service::broker`](crate::Service::broker)).
     ///
     /// # Errors
     ///

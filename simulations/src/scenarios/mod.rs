@@ -1,5 +1,6 @@
 //! The scenarios.
 
+mod auth_bench;
 mod idle;
 mod pubsub_bench;
 mod registry;
@@ -27,6 +28,10 @@ pub(crate) const LIST: &[(&str, &str)] = &[
         "store write and read latency against raw Kademlia put_record/get_record, N nodes",
     ),
     (
+        "auth-bench",
+        "unary call latency and calls/s with auth rules and grants enforced against auth off",
+    ),
+    (
         "registry",
         "register on one node: time until every node sees it; kill it: time until every node drops it",
     ),
@@ -39,6 +44,7 @@ pub(crate) async fn run(name: &str, options: &Options) -> Result<serde_json::Val
         "rpc-bench" => rpc_bench::run(options).await,
         "pubsub-bench" => pubsub_bench::run(options).await,
         "store-bench" => store_bench::run(options).await,
+        "auth-bench" => auth_bench::run(options).await,
         other => Err(format!("unknown scenario {other:?}")),
     }
 }
