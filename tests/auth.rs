@@ -366,7 +366,16 @@ async fn calls_are_checked_against_grants_and_rules_before_handlers_run() {
     }
     assert_eq!(got, [0, 1, 2]);
 
-    // Only the allowed calls reached a handler.
+    // Only the allowed calls reached a handler; the denials are counted.
+    let metrics = vault.server.node().encode_metrics();
+    assert!(
+        metrics.contains("micromesh_auth_denied_total{surface=\"call\"} 7"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("micromesh_auth_grants_refused_total 3"),
+        "{metrics}"
+    );
     assert_eq!(vault.opened.load(Ordering::SeqCst), 1);
     assert_eq!(vault.burned.load(Ordering::SeqCst), 1);
     assert_eq!(vault.streamed.load(Ordering::SeqCst), 1);
@@ -582,6 +591,19 @@ async fn an_unauthorised_publish_reaches_no_subscriber() {
     })
     .await
     .expect("the second alert reached both subscribers");
+    let denied: u64 = [3, 4]
+        .iter()
+        .map(|&i| {
+            metric(
+                &cluster.node(i).encode_metrics(),
+                "micromesh_auth_denied_total{surface=\"publish\"}",
+            )
+        })
+        .sum();
+    assert!(
+        denied >= 3,
+        "subscribers counted the refused messages ({denied})"
+    );
     let bodies: Vec<Vec<u8>> = received
         .lock()
         .unwrap()
@@ -670,6 +692,18 @@ async fn an_unauthorised_store_write_is_held_by_no_replica() {
             .unwrap_or_default();
         assert!(copies.is_empty(), "node {i} holds the unauthorised record");
     }
+    let denied: u64 = (0..8)
+        .map(|i| {
+            metric(
+                &cluster.node(i).encode_metrics(),
+                "micromesh_auth_denied_total{surface=\"write\"}",
+            )
+        })
+        .sum();
+    assert!(
+        denied >= 2,
+        "replicas counted the refused records ({denied})"
+    );
     // The writer's own value is still the one everyone reads.
     assert_eq!(table(7).read("k").await.unwrap().unwrap().value, b"v1");
     cluster.shutdown().await.unwrap();
@@ -680,4 +714,11 @@ fn now_us() -> u64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_micros() as u64
+}
+
+/// The value of one metric line in Prometheus text, 0 when absent.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
 }

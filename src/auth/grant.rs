@@ -4,7 +4,7 @@
 //! are signed by their issuer's ed25519 key over `micromesh/auth/1\0` followed by every byte
 //! before the signature. Decoding checks the layout, the limits and the signature; whether the
 //! issuer is trusted, the network right, the time inside the grant's window, the grant not
-//! revoked and its subject the peer presenting it is for [`Guard`](super::Guard) to decide.
+//! revoked and its subject the peer presenting it is for [`Auth`](super::Auth) to decide.
 
 use std::{
     fmt,

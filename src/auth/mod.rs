@@ -101,6 +101,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
 use sha2::{Digest as _, Sha256};
 
 use self::rules::RuleSet;
@@ -289,6 +293,37 @@ struct Policy {
     rules: RuleSet,
 }
 
+/// What a peer asked to do, for the metrics of denials.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Surface {
+    /// An RPC call (unary or stream).
+    Call,
+    /// A broker message (gossip or queue-group delivery).
+    Publish,
+    /// A store record or index entry.
+    Write,
+}
+
+impl Surface {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Call => "call",
+            Self::Publish => "publish",
+            Self::Write => "write",
+        }
+    }
+}
+
+type Labels = [(&'static str, &'static str); 1];
+
+/// The auth component's metrics (prefix `micromesh_auth_`).
+#[derive(Clone, Default)]
+struct Metrics {
+    denied: Family<Labels, Counter>,
+    grants_refused: Counter,
+    revocations: Gauge,
+}
+
 /// Where a peer's grants come from when it is checked.
 pub(crate) enum Grants<'a> {
     /// Grants carried by the message or record (encoded).
@@ -337,6 +372,7 @@ struct Inner {
     /// What each connected peer presented, or is being asked for.
     presented: Mutex<HashMap<PeerId, Arc<Presented>>>,
     exchange: exchange::Handle,
+    metrics: Metrics,
 }
 
 /// A node's auth component: its policy, its grants, the revocations it knows, and what peers
@@ -375,12 +411,50 @@ impl Auth {
                 verified: Mutex::new(HashMap::new()),
                 presented: Mutex::new(HashMap::new()),
                 exchange,
+                metrics: Metrics::default(),
             }),
         };
         for grant in config.grants {
             auth.add_own(grant)?;
         }
+        let policy = auth.policy();
+        if !policy.rules.rules().is_empty()
+            || !policy.issuers.is_empty()
+            || policy.default != DefaultPolicy::AllowAuthenticated
+        {
+            tracing::info!(
+                rules = policy.rules.rules().len(),
+                trusted_issuers = policy.issuers.len(),
+                default = ?policy.default,
+                "auth rules in force"
+            );
+        }
+        drop(policy);
+        if !auth.own().is_empty() {
+            tracing::info!(grants = auth.own().len(), roles = ?auth.roles(), "presenting grants");
+        }
         Ok(auth)
+    }
+
+    /// Registers the auth metrics: denials by what was asked (`call`, `publish`, `write`),
+    /// grants refused, revocations held.
+    pub(crate) fn register_metrics(&self, registry: &mut Registry) {
+        let metrics = &self.inner.metrics;
+        registry.register(
+            "denied",
+            "Requests from peers refused by the auth rules, by what was asked",
+            metrics.denied.clone(),
+        );
+        registry.register(
+            "grants_refused",
+            "Grants presented or carried that gave no roles (forged, expired, revoked, untrusted issuer, another subject)",
+            metrics.grants_refused.clone(),
+        );
+        registry.register(
+            "revocations",
+            "Revocations this node holds",
+            metrics.revocations.clone(),
+        );
     }
 
     /// An auth component without a node, for unit tests.
@@ -649,8 +723,27 @@ impl Auth {
     }
 
     /// Decides whether `peer`, holding `grants`, may act on `resources` at `at`. Returns its
-    /// roles when allowed.
+    /// roles when allowed; counts a denial under `surface`.
     pub(crate) fn authorize(
+        &self,
+        surface: Surface,
+        peer: PeerId,
+        grants: Grants<'_>,
+        resources: &[Resource],
+        at: SystemTime,
+    ) -> Result<Vec<String>, Denied> {
+        let decision = self.decide(peer, grants, resources, at);
+        if decision.is_err() {
+            self.inner
+                .metrics
+                .denied
+                .get_or_create(&[("surface", surface.label())])
+                .inc();
+        }
+        decision
+    }
+
+    fn decide(
         &self,
         peer: PeerId,
         grants: Grants<'_>,
@@ -664,6 +757,9 @@ impl Auth {
         };
         let (roles, refused_grant) = self.roles_from(peer, &decoded, at);
         refused = refused.or(refused_grant);
+        if refused.is_some() {
+            self.inner.metrics.grants_refused.inc();
+        }
         let policy = self.policy();
         let what = resources
             .last()
@@ -692,7 +788,7 @@ impl Auth {
     /// As [`Auth::authorize`] for this node itself, with its own grants.
     pub(crate) fn authorize_self(&self, resources: &[Resource]) -> Result<Vec<String>, Denied> {
         let own = self.own();
-        self.authorize(
+        self.decide(
             self.inner.this,
             Grants::Decoded(&own),
             resources,
@@ -712,7 +808,13 @@ impl Auth {
         } else {
             Vec::new()
         };
-        self.authorize(peer, Grants::Decoded(&grants), resources, SystemTime::now())
+        self.authorize(
+            Surface::Call,
+            peer,
+            Grants::Decoded(&grants),
+            resources,
+            SystemTime::now(),
+        )
     }
 
     /// The grants `peer` presented, asking it when it has not yet.
@@ -814,6 +916,10 @@ impl Auth {
         }
         tracing::info!(grant = %revocation.grant_id(), issuer = %revocation.issuer(), "grant revoked");
         set.by_grant.insert(revocation.grant_id(), revocation);
+        self.inner
+            .metrics
+            .revocations
+            .set(i64::try_from(set.by_grant.len()).unwrap_or(i64::MAX));
         Ok(true)
     }
 

@@ -1329,6 +1329,7 @@ fn authorize_publisher(
 ) -> Result<(), crate::auth::Denied> {
     let grants: Vec<Vec<u8>> = envelope.grants.iter().map(|g| g.to_vec()).collect();
     auth.authorize(
+        crate::auth::Surface::Publish,
         publisher,
         crate::auth::Grants::Carried(&grants),
         &[crate::auth::Resource::topic(topic)],

@@ -436,6 +436,7 @@ impl Node {
             config.auth.clone(),
             crate::auth::exchange::Handle::new(opener.clone(), connected.clone(), &config.network),
         )?;
+        auth.register_metrics(registry.sub_registry_with_prefix("micromesh_auth"));
         let disk = match &config.data_dir {
             Some(dir) => Some(
                 crate::store::persist::Disk::open(dir)

@@ -193,6 +193,7 @@ impl LocalStore {
         let written = std::time::UNIX_EPOCH + std::time::Duration::from_micros(header.revision);
         self.auth
             .authorize(
+                crate::auth::Surface::Write,
                 checked.writer,
                 crate::auth::Grants::Carried(&grants),
                 &[crate::auth::Resource::table(
