@@ -568,6 +568,46 @@ pub fn present_any_grant(node: &Node, grant: crate::auth::Grant) {
     node.auth().present_unchecked(grant);
 }
 
+/// Fault injection: delivers `body` to queue-group member `member` of `group` on `topic`,
+/// carrying `grants`, skipping every check of the publishing side, as a misbehaving peer
+/// would. Returns the member's refusal (`"refused with <code>: <detail>"`) as the error.
+///
+/// # Errors
+///
+/// The member's refusal, or why the delivery could not be sent.
+pub async fn deliver_unchecked(
+    node: &Node,
+    member: crate::PeerId,
+    topic: &str,
+    group: &str,
+    body: &[u8],
+    grants: &[crate::auth::Grant],
+) -> Result<(), String> {
+    let delivery = crate::broker::wire::Deliver {
+        topic: topic.into(),
+        group: group.into(),
+        attempt: 1,
+        message: raw_envelope(body, grants),
+    };
+    crate::broker::queue::send(node, member, &delivery).await
+}
+
+fn raw_envelope(body: &[u8], grants: &[crate::auth::Grant]) -> crate::broker::wire::Envelope {
+    crate::broker::wire::Envelope {
+        version: crate::broker::wire::VERSION,
+        epoch: rand::random(),
+        seq: 0,
+        time_ms: 0,
+        content_type: crate::broker::RAW_CONTENT_TYPE.into(),
+        headers: crate::Metadata::new(),
+        body: body.to_vec(),
+        grants: grants
+            .iter()
+            .map(|g| serde_bytes::ByteBuf::from(g.to_bytes().to_vec()))
+            .collect(),
+    }
+}
+
 /// Fault injection: publishes `body` on broker topic `topic` as a broker message carrying
 /// `grants`, skipping every check of the publishing side (auth rules included), as a
 /// misbehaving peer would. Returns whether any peer was sent it.
@@ -581,19 +621,7 @@ pub async fn publish_unchecked(
     body: &[u8],
     grants: &[crate::auth::Grant],
 ) -> Result<bool, crate::node::Error> {
-    let envelope = crate::broker::wire::Envelope {
-        version: crate::broker::wire::VERSION,
-        epoch: rand::random(),
-        seq: 0,
-        time_ms: 0,
-        content_type: crate::broker::RAW_CONTENT_TYPE.into(),
-        headers: crate::Metadata::new(),
-        body: body.to_vec(),
-        grants: grants
-            .iter()
-            .map(|g| serde_bytes::ByteBuf::from(g.to_bytes().to_vec()))
-            .collect(),
-    };
+    let envelope = raw_envelope(body, grants);
     match node.publish_unchecked(topic, envelope.encode()).await {
         Ok(()) => Ok(true),
         Err(crate::node::Error::Publish {

@@ -618,6 +618,76 @@ async fn an_unauthorised_publish_reaches_no_subscriber() {
     cluster.shutdown().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_group_members_refuse_unauthorised_deliveries() {
+    const NET: &str = "auth-queue";
+    let issuer = Identity::generate();
+    let policy = auth::Config::new()
+        .trust(issuer.peer_id())
+        .rule("deny topic:jobs any 0".parse().unwrap())
+        .rule("allow topic:jobs role:dispatcher 10".parse().unwrap());
+    let grants_issuer = issuer.clone();
+    let (cluster, _) = cluster(NET, 3, policy, move |i, peer| {
+        (i == 1).then(|| grant(&grants_issuer, peer, "dispatcher", NET))
+    })
+    .await;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let count = handled.clone();
+    let _worker = cluster
+        .service(2)
+        .broker()
+        .subscribe_raw(
+            "jobs",
+            broker::SubscribeOptions::new().group("workers"),
+            move |_: broker::Message| {
+                let count = count.clone();
+                async move {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Status>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    let member = cluster.node(2).peer_id();
+    let member_addr = cluster.node(2).listen_addrs().await.unwrap().remove(0);
+    for i in [0, 1] {
+        cluster.node(i).dial(member_addr.clone()).await.unwrap();
+    }
+
+    // The dispatcher's job is handled.
+    let dispatcher_grant = cluster.node(1).auth().grants().remove(0);
+    testing::deliver_unchecked(
+        cluster.node(1),
+        member,
+        "jobs",
+        "workers",
+        b"job",
+        std::slice::from_ref(&dispatcher_grant),
+    )
+    .await
+    .unwrap();
+    assert_eq!(handled.load(Ordering::SeqCst), 1);
+    // Without a grant, or with the dispatcher's replayed: refused before the handler.
+    let err = testing::deliver_unchecked(cluster.node(0), member, "jobs", "workers", b"x", &[])
+        .await
+        .unwrap_err();
+    assert!(err.starts_with("refused with 403"), "{err}");
+    let err = testing::deliver_unchecked(
+        cluster.node(0),
+        member,
+        "jobs",
+        "workers",
+        b"x",
+        &[dispatcher_grant],
+    )
+    .await
+    .unwrap_err();
+    assert!(err.starts_with("refused with 401"), "{err}");
+    assert_eq!(handled.load(Ordering::SeqCst), 1);
+    cluster.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unauthorised_store_write_is_held_by_no_replica() {
     const NET: &str = "auth-store";

@@ -45,7 +45,7 @@
 //! ```
 
 mod order;
-mod queue;
+pub(crate) mod queue;
 pub(crate) mod wire;
 
 pub(crate) use queue::protocol as queue_protocol;

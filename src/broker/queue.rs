@@ -143,7 +143,7 @@ pub(crate) async fn deliver(
                 if peer == me {
                     deliver_locally(&inner, me, delivery).await
                 } else {
-                    send(&inner, peer, &delivery).await
+                    send(&inner.node, peer, &delivery).await
                 }
             };
             match tokio::time::timeout(config.ack_timeout, send).await {
@@ -165,10 +165,14 @@ pub(crate) async fn deliver(
     }
 }
 
-async fn send(inner: &Inner, peer: PeerId, delivery: &Deliver) -> Result<(), String> {
-    let protocol = protocol(inner.node.network());
-    let mut stream = inner
-        .node
+/// Sends one delivery to a member and reads its acknowledgement.
+pub(crate) async fn send(
+    node: &crate::node::Node,
+    peer: PeerId,
+    delivery: &Deliver,
+) -> Result<(), String> {
+    let protocol = protocol(node.network());
+    let mut stream = node
         .open_stream(peer, protocol)
         .await
         .map_err(|e| format!("cannot open a stream: {e}"))?;
