@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use tokio::sync::{broadcast, mpsc};
 
-use super::{Auth, Grant, MAX_PRESENTED, MAX_REVOCATIONS, Revocation};
+use super::{Auth, MAX_PRESENTED, MAX_REVOCATIONS, Presentation, Revocation};
 use crate::{
     PeerId,
     node::{Event, streams::Opener},
@@ -121,13 +121,13 @@ impl Handle {
             .collect()
     }
 
-    /// Exchanges with `peer`, sending `revocations`; returns the grants it presented.
+    /// Exchanges with `peer`, sending `revocations`; returns what it presented.
     pub(crate) async fn exchange(
         &self,
         auth: &Auth,
         peer: PeerId,
         revocations: Vec<Revocation>,
-    ) -> Result<Vec<Arc<Grant>>, Error> {
+    ) -> Result<Arc<Presentation>, Error> {
         self.exchange_reply(auth, peer, revocations)
             .await
             .map(|(grants, _)| grants)
@@ -139,7 +139,7 @@ impl Handle {
         auth: &Auth,
         peer: PeerId,
         revocations: Vec<Revocation>,
-    ) -> Result<(Vec<Arc<Grant>>, Hello), Error> {
+    ) -> Result<(Arc<Presentation>, Hello), Error> {
         let opener = self
             .opener
             .as_ref()

@@ -328,8 +328,15 @@ struct Metrics {
 pub(crate) enum Grants<'a> {
     /// Grants carried by the message or record (encoded).
     Carried(&'a [Vec<u8>]),
-    /// Grants already decoded.
-    Decoded(&'a [Arc<Grant>]),
+    /// What a peer presented in the auth exchange (or this node's own grants).
+    Presented(&'a Presentation),
+}
+
+/// The grants a peer presented, decoded, and why any of them did not decode.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Presentation {
+    pub(crate) grants: Vec<Arc<Grant>>,
+    pub(crate) refused: Option<String>,
 }
 
 #[derive(Default)]
@@ -359,7 +366,7 @@ impl Revocations {
 /// The decoding verdict of one grant.
 type Verdict = Result<Arc<Grant>, GrantError>;
 /// The grants a peer presented, filled once by an exchange.
-type Presented = tokio::sync::OnceCell<Vec<Arc<Grant>>>;
+type Presented = tokio::sync::OnceCell<Arc<Presentation>>;
 
 struct Inner {
     this: PeerId,
@@ -701,7 +708,7 @@ impl Auth {
         (roles, refused)
     }
 
-    fn decode_all(&self, carried: &[Vec<u8>]) -> (Vec<Arc<Grant>>, Option<String>) {
+    fn decode_all(&self, carried: &[Vec<u8>]) -> Presentation {
         let mut grants = Vec::with_capacity(carried.len());
         let mut refused = None;
         for bytes in carried.iter().take(MAX_PRESENTED) {
@@ -712,7 +719,7 @@ impl Auth {
                 }
             }
         }
-        (grants, refused)
+        Presentation { grants, refused }
     }
 
     /// Whether the rules about `resources` look at roles, or handlers want them: only then
@@ -732,7 +739,10 @@ impl Auth {
         resources: &[Resource],
         at: SystemTime,
     ) -> Result<Vec<String>, Denied> {
-        let decision = self.decide(peer, grants, resources, at);
+        let (decision, refused) = self.decide(peer, grants, resources, at);
+        if refused {
+            self.inner.metrics.grants_refused.inc();
+        }
         if decision.is_err() {
             self.inner
                 .metrics
@@ -743,23 +753,24 @@ impl Auth {
         decision
     }
 
+    /// The decision, and whether any grant was refused.
     fn decide(
         &self,
         peer: PeerId,
         grants: Grants<'_>,
         resources: &[Resource],
         at: SystemTime,
-    ) -> Result<Vec<String>, Denied> {
-        let (decoded, mut refused) = match grants {
-            Grants::Carried(carried) if !carried.is_empty() => self.decode_all(carried),
-            Grants::Carried(_) => (Vec::new(), None),
-            Grants::Decoded(decoded) => (decoded.to_vec(), None),
+    ) -> (Result<Vec<String>, Denied>, bool) {
+        let carried;
+        let presentation = match grants {
+            Grants::Carried(bytes) => {
+                carried = self.decode_all(bytes);
+                &carried
+            }
+            Grants::Presented(presentation) => presentation,
         };
-        let (roles, refused_grant) = self.roles_from(peer, &decoded, at);
-        refused = refused.or(refused_grant);
-        if refused.is_some() {
-            self.inner.metrics.grants_refused.inc();
-        }
+        let (roles, refused_grant) = self.roles_from(peer, &presentation.grants, at);
+        let refused = presentation.refused.clone().or(refused_grant);
         let policy = self.policy();
         let what = resources
             .last()
@@ -773,7 +784,7 @@ impl Auth {
                 None => Denied { code: 403, reason },
             })
         };
-        match policy.rules.decide(&peer, &roles, resources) {
+        let decision = match policy.rules.decide(&peer, &roles, resources) {
             Some(rule) if rule.effect == Effect::Allow => Ok(roles),
             Some(rule) => denied(format!(
                 "peer {peer} may not use {what}: denied by rule `{rule}`"
@@ -782,18 +793,23 @@ impl Auth {
             None => denied(format!(
                 "peer {peer} may not use {what}: no rule allows it and the default policy denies"
             )),
-        }
+        };
+        (decision, refused.is_some())
     }
 
     /// As [`Auth::authorize`] for this node itself, with its own grants.
     pub(crate) fn authorize_self(&self, resources: &[Resource]) -> Result<Vec<String>, Denied> {
-        let own = self.own();
+        let own = Presentation {
+            grants: self.own(),
+            refused: None,
+        };
         self.decide(
             self.inner.this,
-            Grants::Decoded(&own),
+            Grants::Presented(&own),
             resources,
             SystemTime::now(),
         )
+        .0
     }
 
     /// Decides a request from a connected `peer` on `resources`, asking the peer for its grants
@@ -803,22 +819,22 @@ impl Auth {
         peer: PeerId,
         resources: &[Resource],
     ) -> Result<Vec<String>, Denied> {
-        let grants = if self.wants_roles(resources) {
+        let presentation = if self.wants_roles(resources) {
             self.presented(peer).await
         } else {
-            Vec::new()
+            Arc::default()
         };
         self.authorize(
             Surface::Call,
             peer,
-            Grants::Decoded(&grants),
+            Grants::Presented(&presentation),
             resources,
             SystemTime::now(),
         )
     }
 
     /// The grants `peer` presented, asking it when it has not yet.
-    async fn presented(&self, peer: PeerId) -> Vec<Arc<Grant>> {
+    async fn presented(&self, peer: PeerId) -> Arc<Presentation> {
         let cell = self
             .inner
             .presented
@@ -842,27 +858,27 @@ impl Auth {
             })
             .await;
         match result {
-            Ok(grants) => grants.clone(),
+            Ok(presentation) => presentation.clone(),
             Err(e) => {
                 tracing::debug!(%peer, "asking the peer for its grants failed: {e}");
-                Vec::new()
+                Arc::default()
             }
         }
     }
 
     /// Records what `peer` presented (decoding and verifying each grant once).
-    pub(crate) fn record_presented(&self, peer: PeerId, carried: &[Vec<u8>]) -> Vec<Arc<Grant>> {
-        let (grants, refused) = self.decode_all(carried);
-        if let Some(reason) = refused {
+    pub(crate) fn record_presented(&self, peer: PeerId, carried: &[Vec<u8>]) -> Arc<Presentation> {
+        let presentation = Arc::new(self.decode_all(carried));
+        if let Some(reason) = &presentation.refused {
             tracing::debug!(%peer, "{reason}");
         }
-        let cell = tokio::sync::OnceCell::new_with(Some(grants.clone()));
+        let cell = tokio::sync::OnceCell::new_with(Some(presentation.clone()));
         self.inner
             .presented
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(peer, Arc::new(cell));
-        grants
+        presentation
     }
 
     /// Forgets what `peer` presented (it disconnected).
@@ -929,5 +945,146 @@ impl Auth {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .digest()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Identity;
+
+    fn setup() -> (Auth, Identity, Identity) {
+        let issuer = Identity::generate();
+        let server = Identity::generate();
+        let config = Config::new()
+            .trust(issuer.peer_id())
+            .rule("deny topic:t any 0".parse().unwrap())
+            .rule("allow topic:t role:r 10".parse().unwrap());
+        (
+            Auth::detached(server.peer_id(), "net", config),
+            issuer,
+            Identity::generate(),
+        )
+    }
+
+    fn check(auth: &Auth, peer: PeerId, carried: &[Vec<u8>]) -> Result<Vec<String>, u16> {
+        auth.authorize(
+            Surface::Publish,
+            peer,
+            Grants::Carried(carried),
+            &[Resource::topic("t")],
+            SystemTime::now(),
+        )
+        .map_err(|d| d.code)
+    }
+
+    #[test]
+    fn credentials_at_fault_get_401_and_missing_ones_403() {
+        let (auth, issuer, peer) = setup();
+        let grant = Grant::builder(peer.peer_id())
+            .role("r")
+            .sign(&issuer, "net")
+            .unwrap();
+        let good = grant.to_bytes().to_vec();
+        assert_eq!(
+            check(&auth, peer.peer_id(), std::slice::from_ref(&good)),
+            Ok(vec!["r".to_owned()])
+        );
+        assert_eq!(check(&auth, peer.peer_id(), &[]), Err(403));
+        // A broken signature, another network, an untrusted issuer, another subject: 401.
+        let mut broken = good.clone();
+        *broken.last_mut().unwrap() ^= 1;
+        let other_net = Grant::builder(peer.peer_id())
+            .role("r")
+            .sign(&issuer, "other")
+            .unwrap();
+        let untrusted = Grant::builder(peer.peer_id())
+            .role("r")
+            .sign(&Identity::generate(), "net")
+            .unwrap();
+        for bad in [
+            broken,
+            other_net.to_bytes().to_vec(),
+            untrusted.to_bytes().to_vec(),
+        ] {
+            assert_eq!(check(&auth, peer.peer_id(), &[bad]), Err(401));
+        }
+        assert_eq!(
+            check(
+                &auth,
+                Identity::generate().peer_id(),
+                std::slice::from_ref(&good)
+            ),
+            Err(401)
+        );
+        // One good grant next to a bad one is enough.
+        let mut broken = good.clone();
+        broken[10] ^= 1;
+        assert!(check(&auth, peer.peer_id(), &[broken, good.clone()]).is_ok());
+        // Revoked: 401 from the moment the revocation is taken.
+        let revocation = Revocation::of(&grant, &issuer).unwrap();
+        assert_eq!(auth.learn_revocation(revocation.clone()), Ok(true));
+        assert_eq!(auth.learn_revocation(revocation), Ok(false));
+        assert_eq!(check(&auth, peer.peer_id(), &[good]), Err(401));
+    }
+
+    #[test]
+    fn a_presentation_keeps_why_a_grant_did_not_decode() {
+        let (auth, _, peer) = setup();
+        let presentation = auth.record_presented(peer.peer_id(), &[b"garbage".to_vec()]);
+        assert!(presentation.grants.is_empty());
+        let denied = auth
+            .authorize(
+                Surface::Call,
+                peer.peer_id(),
+                Grants::Presented(&presentation),
+                &[Resource::topic("t")],
+                SystemTime::now(),
+            )
+            .unwrap_err();
+        assert_eq!(denied.code, 401);
+        assert!(
+            denied.reason.contains("malformed grant"),
+            "{}",
+            denied.reason
+        );
+    }
+
+    #[test]
+    fn revocations_are_bounded_and_drop_the_soonest_expiring() {
+        let (auth, issuer, peer) = setup();
+        let grants: Vec<Grant> = (0..MAX_REVOCATIONS as u64 + 1)
+            .map(|i| {
+                Grant::builder(peer.peer_id())
+                    .role("r")
+                    .valid_for(Duration::from_secs(3600 + i))
+                    .sign(&issuer, "net")
+                    .unwrap()
+            })
+            .collect();
+        for grant in &grants {
+            let revocation = Revocation::of(grant, &issuer).unwrap();
+            assert_eq!(auth.learn_revocation(revocation), Ok(true));
+        }
+        assert_eq!(auth.revocations().len(), MAX_REVOCATIONS);
+        assert!(
+            !auth.is_revoked(&grants[0]),
+            "the soonest-expiring was dropped"
+        );
+        assert!(auth.is_revoked(&grants[MAX_REVOCATIONS]));
+    }
+
+    #[test]
+    fn a_node_refuses_to_present_another_peers_grant() {
+        let (auth, issuer, peer) = setup();
+        let grant = Grant::builder(peer.peer_id())
+            .role("r")
+            .sign(&issuer, "net")
+            .unwrap();
+        assert!(matches!(
+            auth.add_grant(grant),
+            Err(Error::NotSubject { .. })
+        ));
+        assert!(auth.grants().is_empty());
     }
 }
