@@ -984,6 +984,14 @@ impl EventLoop {
                     .or_insert_with(PeerState::new)
                     .connections
                     .insert(connection_id, address.clone());
+                // Known as connected before a dial is answered: whoever dialled may open
+                // streams to the peer at once.
+                if num_established.get() == 1 {
+                    self.connected
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(peer_id);
+                }
                 if let Some(dial) = self.dials.remove(&connection_id) {
                     self.swarm.behaviour_mut().keep_alive.set(peer_id, true);
                     match dial.reply {
@@ -1002,10 +1010,6 @@ impl EventLoop {
                     self.probe_older_connections(peer_id, connection_id);
                 }
                 if num_established.get() == 1 {
-                    self.connected
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(peer_id);
                     self.emit(Event::PeerConnected { peer_id, address });
                 }
             }
