@@ -464,7 +464,7 @@ pub fn registry_announcement(
             node_metadata: crate::Metadata::new(),
         }],
     };
-    wire::sign(signer, network, &body)
+    wire::sign(signer, network, &body, &[])
 }
 
 /// Fault injection: a registry leave signed by `signer`, claiming to come from `claimed`.
@@ -482,6 +482,7 @@ pub fn registry_leave(
             peer: claimed.to_bytes(),
             seq,
         },
+        &[],
     )
 }
 

@@ -619,6 +619,70 @@ async fn an_unauthorised_publish_reaches_no_subscriber() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_peers_allowed_to_offer_a_service_are_listed() {
+    const NET: &str = "auth-registry";
+    let issuer = Identity::generate();
+    let policy = auth::Config::new()
+        .trust(issuer.peer_id())
+        .rule("deny announce:vault any 0".parse().unwrap())
+        .rule("allow announce:vault role:vault-server 10".parse().unwrap());
+    let grants_issuer = issuer.clone();
+    let (cluster, _) = cluster(NET, 4, policy, move |i, peer| {
+        (i == 1).then(|| grant(&grants_issuer, peer, "vault-server", NET))
+    })
+    .await;
+    // Member 1 may offer `vault`; member 2 offers it too, without a grant, and `open` besides.
+    for i in [1, 2] {
+        cluster
+            .service(i)
+            .registry()
+            .register(micromesh::registry::Registration::new("vault"))
+            .await
+            .unwrap();
+    }
+    cluster
+        .service(2)
+        .registry()
+        .register(micromesh::registry::Registration::new("open"))
+        .await
+        .unwrap();
+    let viewer = cluster.service(3).clone();
+    let nodes_of = |name: &'static str| {
+        let registry = viewer.registry().clone();
+        async move {
+            registry
+                .get_service(name)
+                .await
+                .map(|versions| {
+                    versions
+                        .iter()
+                        .flat_map(|v| v.nodes.iter().map(|n| n.peer_id))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        }
+    };
+    let (allowed, rogue) = (cluster.node(1).peer_id(), cluster.node(2).peer_id());
+    // The viewer hears both announcements: `open` from the rogue is listed...
+    wait_until(WAIT, || async { nodes_of("open").await == [rogue] })
+        .await
+        .expect("the rogue's other service is listed");
+    wait_until(WAIT, || async {
+        nodes_of("vault").await.contains(&allowed)
+    })
+    .await
+    .expect("the allowed server is listed");
+    // ...but only the allowed server offers `vault`, and the refusal is counted.
+    assert_eq!(nodes_of("vault").await, [allowed]);
+    let denied = metric(
+        &cluster.node(3).encode_metrics(),
+        "micromesh_auth_denied_total{surface=\"announce\"}",
+    );
+    assert!(denied >= 1, "{denied}");
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_group_members_refuse_unauthorised_deliveries() {
     const NET: &str = "auth-queue";
     let issuer = Identity::generate();

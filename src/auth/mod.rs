@@ -21,15 +21,17 @@
 //! | RPC call, unary or stream | `service:S`, `endpoint:S/E` | the serving node, before the handler runs | 401 (a grant presented was invalid) or 403 |
 //! | broker publish | `topic:T` | the publisher, and every node receiving the message (gossip validation; never forwarded) and every queue-group member | [`broker::Error::Forbidden`](crate::broker::Error) |
 //! | store write or delete | `table:D/T` | the writer, and every replica (the record is not held) | [`store::Error::Forbidden`](crate::store::Error) |
+//! | offering a service in the registry | `announce:S` | every node hearing the announcement (the service is left out of its view: callers never pick that peer for `S`) | a warning on the announcing node |
 //!
 //! A caller's grants reach a server through the auth exchange (`/micromesh/<network>/auth/1.0.0`,
-//! once per connection, when a rule needs them); a publisher's ride in each message and a
-//! writer's in each record, so any node can check them without asking anyone.
+//! once per connection, when a rule needs them); a publisher's ride in each message, a
+//! writer's in each record and an announcer's in each announcement, so any node can check
+//! them without asking anyone.
 //!
 //! **What rules cannot enforce.** Who may *read*: a gossip topic's messages reach whoever
 //! subscribes to it, and a store record can be fetched by any peer of the network from the
-//! peers holding it. The mesh's own protocols (Kademlia, registry, queue-group membership) are
-//! open to every peer of the network. To close the mesh itself, give every node a pre-shared
+//! peers holding it. The mesh's own protocols (Kademlia routing, registry leaves and
+//! suspicions, queue-group membership) are open to every peer of the network. To close the mesh itself, give every node a pre-shared
 //! network key ([`node::Builder::pre_shared_key`](crate::node::Builder::pre_shared_key)):
 //! without the key no connection forms, so nobody outside can read or join anything (TCP only:
 //! QUIC carries no pre-shared key). Rules should be the same on every node; a node only
@@ -133,7 +135,8 @@ pub enum DefaultPolicy {
     /// Any authenticated peer of the network may (go-micro's default, and micromesh's).
     #[default]
     AllowAuthenticated,
-    /// Nobody may: every operation needs a rule that allows it.
+    /// Nobody may: every operation needs a rule that allows it, offering a service in the
+    /// registry included (`allow announce:* any` lets every peer offer services).
     Deny,
 }
 
@@ -302,6 +305,8 @@ pub(crate) enum Surface {
     Publish,
     /// A store record or index entry.
     Write,
+    /// A service offered in a registry announcement.
+    Announce,
 }
 
 impl Surface {
@@ -310,6 +315,7 @@ impl Surface {
             Self::Call => "call",
             Self::Publish => "publish",
             Self::Write => "write",
+            Self::Announce => "announce",
         }
     }
 }

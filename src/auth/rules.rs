@@ -17,6 +17,8 @@ pub enum Kind {
     Topic,
     /// A store table, named `database/table` (writing and deleting in it).
     Table,
+    /// A service name, as announced in the registry: who may offer the service.
+    Announce,
 }
 
 impl Kind {
@@ -26,6 +28,7 @@ impl Kind {
             Self::Endpoint => "endpoint",
             Self::Topic => "topic",
             Self::Table => "table",
+            Self::Announce => "announce",
         }
     }
 }
@@ -34,7 +37,7 @@ impl Kind {
 /// characters (`greeter/Admin.*`, `*`).
 ///
 /// Written as text `kind:name`: `service:greeter`, `endpoint:greeter/Greeter.*`, `topic:orders`,
-/// `table:micromesh/default`.
+/// `table:micromesh/default`, `announce:greeter`.
 ///
 /// ```
 /// use micromesh::auth::Resource;
@@ -78,6 +81,11 @@ impl Resource {
     /// A store table.
     pub fn table(database: &str, table: &str) -> Self {
         Self::new(Kind::Table, format!("{database}/{table}"))
+    }
+
+    /// A service name, as offered in the registry.
+    pub fn announce(service: impl Into<String>) -> Self {
+        Self::new(Kind::Announce, service)
     }
 
     /// The kind.
@@ -243,6 +251,7 @@ impl FromStr for Resource {
             "endpoint" => Kind::Endpoint,
             "topic" => Kind::Topic,
             "table" => Kind::Table,
+            "announce" => Kind::Announce,
             other => {
                 return Err(rule_error(
                     s,

@@ -458,6 +458,12 @@ impl Registry {
     /// endpoints, 64 metadata entries…), [`Error::Node`] if the node has stopped.
     pub async fn register(&self, registration: Registration) -> Result<(), Error> {
         let name = registration.name.clone();
+        let offer = crate::auth::Resource::announce(name.as_str());
+        if let Err(denied) = self.inner.node.auth().authorize_self(&[offer]) {
+            // Announced anyway (other nodes may have other rules), but nodes with the same
+            // rules will not list it.
+            tracing::warn!(service = %name, "this node's auth rules do not let it offer the service; nodes with the same rules will ignore it: {denied}");
+        }
         let key = (name.clone(), registration.version.clone());
         let addrs = self.own_addrs().await?;
         let (signed, first_of_name) = {
@@ -559,7 +565,12 @@ impl Registry {
                 .collect(),
             services: services.clone(),
         };
-        let signed = wire::sign(node.identity(), node.network(), &body);
+        let signed = wire::sign(
+            node.identity(),
+            node.network(),
+            &body,
+            &node.auth().own_encoded(),
+        );
         // Check it as every receiver will, so that a limit is an error here rather than a
         // silent refusal on every other node.
         wire::verify(node.network(), &signed).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -617,7 +628,7 @@ impl Registry {
                 .leave(node.peer_id(), seq, std::time::Instant::now())
                 .unwrap_or_default();
             (
-                wire::sign(node.identity(), node.network(), &body),
+                wire::sign(node.identity(), node.network(), &body, &[]),
                 names,
                 events,
             )
@@ -818,6 +829,13 @@ impl Registry {
             }
         };
         self.inner.metrics.received.inc();
+        // Only the services the rules let the signer offer enter the view.
+        let allowed = match &verified.body {
+            wire::Body::Announce { services, .. } if verified.signer != node.peer_id() => {
+                self.allowed_services(verified.signer, &verified.grants, services)
+            }
+            _ => Vec::new(),
+        };
         let now = std::time::Instant::now();
         let events = {
             let mut state = self.state();
@@ -825,11 +843,7 @@ impl Registry {
                 // Our own announcements come back through sync: ours are authoritative.
                 _ if verified.signer == node.peer_id() => None,
                 wire::Body::Announce {
-                    seq,
-                    ttl_ms,
-                    addrs,
-                    services,
-                    ..
+                    seq, ttl_ms, addrs, ..
                 } => {
                     let ttl = Duration::from_millis(*ttl_ms).min(wire::MAX_TTL);
                     let addrs = addrs
@@ -840,7 +854,7 @@ impl Registry {
                         seq: *seq,
                         ttl,
                         addrs,
-                        services: services.clone(),
+                        services: allowed,
                         signed: bytes.to_vec(),
                     };
                     state.view.announce(verified.signer, announced, now)
@@ -853,6 +867,38 @@ impl Registry {
             self.emit(events);
         }
         Some(verified)
+    }
+
+    /// The services of an announcement that `peer`, carrying `grants`, may offer under this
+    /// node's auth rules (`announce:<name>`).
+    fn allowed_services(
+        &self,
+        peer: PeerId,
+        grants: &[Vec<u8>],
+        services: &[wire::ServiceRecord],
+    ) -> Vec<wire::ServiceRecord> {
+        let auth = self.inner.node.auth();
+        let now = std::time::SystemTime::now();
+        services
+            .iter()
+            .filter(|service| {
+                let decision = auth.authorize(
+                    crate::auth::Surface::Announce,
+                    peer,
+                    crate::auth::Grants::Carried(grants),
+                    &[crate::auth::Resource::announce(service.name.as_str())],
+                    now,
+                );
+                match decision {
+                    Ok(_) => true,
+                    Err(denied) => {
+                        tracing::debug!(%peer, service = %service.name, "announcement not taken: {denied}");
+                        false
+                    }
+                }
+            })
+            .cloned()
+            .collect()
     }
 
     /// Drops `peer` from the view after a failed liveness check.

@@ -152,7 +152,7 @@ async fn check(
                 reporter: node.peer_id().to_bytes(),
                 peer: peer.to_bytes(),
             };
-            let signed = wire::sign(node.identity(), node.network(), &body);
+            let signed = wire::sign(node.identity(), node.network(), &body, &[]);
             if let Err(e) = node.publish_unchecked(TOPIC, signed).await {
                 tracing::debug!(%peer, "cannot report an unreachable peer: {e}");
             }

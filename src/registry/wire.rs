@@ -78,12 +78,16 @@ pub(crate) struct EndpointRecord {
     pub(crate) metadata: Metadata,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 struct Signed<'a> {
     #[serde(with = "serde_bytes")]
     body: &'a [u8],
     #[serde(with = "serde_bytes")]
     sig: &'a [u8],
+    /// The signer's [grants](crate::auth::Grant), outside the signature (each is signed by its
+    /// issuer and names its subject); omitted when there are none.
+    #[serde(default, skip_serializing_if = "<[_]>::is_empty")]
+    g: &'a [serde_bytes::ByteBuf],
 }
 
 #[derive(Deserialize)]
@@ -92,6 +96,8 @@ struct SignedOwned {
     body: Vec<u8>,
     #[serde(with = "serde_bytes")]
     sig: Vec<u8>,
+    #[serde(default)]
+    g: Vec<serde_bytes::ByteBuf>,
 }
 
 /// Why a message was refused. The reason names the metric label it is counted under.
@@ -127,6 +133,8 @@ pub(crate) struct Verified {
     /// The peer whose key signed it.
     pub(crate) signer: PeerId,
     pub(crate) body: Body,
+    /// The grants the message carries (unchecked: the registry checks them against the rules).
+    pub(crate) grants: Vec<Vec<u8>>,
 }
 
 fn signing_input(network: &str, body: &[u8]) -> Vec<u8> {
@@ -144,13 +152,18 @@ fn to_cbor(value: &impl Serialize) -> Vec<u8> {
     out
 }
 
-/// Encodes and signs `body` as `identity`.
-pub(crate) fn sign(identity: &Identity, network: &str, body: &Body) -> Vec<u8> {
+/// Encodes and signs `body` as `identity`, carrying `grants`.
+pub(crate) fn sign(identity: &Identity, network: &str, body: &Body, grants: &[Vec<u8>]) -> Vec<u8> {
     let body = to_cbor(body);
     let sig = identity.sign(&signing_input(network, &body));
+    let grants: Vec<serde_bytes::ByteBuf> = grants
+        .iter()
+        .map(|g| serde_bytes::ByteBuf::from(g.clone()))
+        .collect();
     to_cbor(&Signed {
         body: &body,
         sig: &sig,
+        g: &grants,
     })
 }
 
@@ -174,7 +187,17 @@ pub(crate) fn verify(network: &str, bytes: &[u8]) -> Result<Verified, Rejection>
         return Err(Rejection::BadSignature);
     }
     check_limits(&body)?;
-    Ok(Verified { signer, body })
+    if signed.g.len() > crate::auth::MAX_PRESENTED {
+        return Err(Rejection::Invalid(format!(
+            "more than {} grants",
+            crate::auth::MAX_PRESENTED
+        )));
+    }
+    Ok(Verified {
+        signer,
+        body,
+        grants: signed.g.into_iter().map(|g| g.into_vec()).collect(),
+    })
 }
 
 fn check_name(what: &str, s: &str) -> Result<(), Rejection> {
@@ -335,7 +358,7 @@ mod tests {
     #[test]
     fn the_spec_vectors_decode_and_reencode() {
         let network = "main";
-        let signed = sign(&vector_identity(), network, &vector_body());
+        let signed = sign(&vector_identity(), network, &vector_body(), &[]);
         let spec = include_str!("../../protocols/registry.md");
         assert!(spec.contains(&vector_identity().peer_id().to_string()));
         let from_spec = spec_vector("Vector 1");
@@ -367,7 +390,8 @@ mod tests {
                 &Body::Leave {
                     peer: vector_identity().peer_id().to_bytes(),
                     seq: 8
-                }
+                },
+                &[]
             ))
         );
     }
@@ -376,13 +400,13 @@ mod tests {
     fn nobody_announces_for_another_peer() {
         let mallory = Identity::from_secret_bytes([9; 32]);
         // Mallory signs a body that names the vector peer.
-        let forged = sign(&mallory, "main", &vector_body());
+        let forged = sign(&mallory, "main", &vector_body(), &[]);
         assert_eq!(verify("main", &forged), Err(Rejection::BadSignature));
     }
 
     #[test]
     fn tampering_is_detected() {
-        let signed = sign(&vector_identity(), "main", &vector_body());
+        let signed = sign(&vector_identity(), "main", &vector_body(), &[]);
         for i in 0..signed.len() {
             let mut bad = signed.clone();
             bad[i] ^= 0x01;
@@ -407,7 +431,7 @@ mod tests {
             services[0].name = "x".repeat(MAX_NAME + 1);
         }
         assert!(matches!(
-            verify("main", &sign(&id, "main", &body)),
+            verify("main", &sign(&id, "main", &body, &[])),
             Err(Rejection::Invalid(_))
         ));
         let mut body = vector_body();
@@ -415,7 +439,7 @@ mod tests {
             *ttl_ms = 0;
         }
         assert!(matches!(
-            verify("main", &sign(&id, "main", &body)),
+            verify("main", &sign(&id, "main", &body, &[])),
             Err(Rejection::Invalid(_))
         ));
         let mut body = vector_body();
@@ -423,7 +447,7 @@ mod tests {
             services.push(services[0].clone());
         }
         assert!(matches!(
-            verify("main", &sign(&id, "main", &body)),
+            verify("main", &sign(&id, "main", &body, &[])),
             Err(Rejection::Invalid(_))
         ));
         assert!(matches!(
@@ -442,7 +466,10 @@ mod tests {
     #[ignore = "prints the spec vectors; run with --ignored after a deliberate format change"]
     fn print_spec_vectors() {
         println!("peer id {}", vector_identity().peer_id());
-        println!("{}", hex(&sign(&vector_identity(), "main", &vector_body())));
+        println!(
+            "{}",
+            hex(&sign(&vector_identity(), "main", &vector_body(), &[]))
+        );
         println!(
             "{}",
             hex(&sign(
@@ -451,7 +478,8 @@ mod tests {
                 &Body::Leave {
                     peer: vector_identity().peer_id().to_bytes(),
                     seq: 8
-                }
+                },
+                &[]
             ))
         );
     }
