@@ -149,7 +149,7 @@ impl Handle {
         frame::write(&mut stream, &hello.encode()).await?;
         let reply = frame::read(&mut stream, MAX_HELLO).await?;
         let reply = Hello::decode(&reply).map_err(Error::Invalid)?;
-        let grants = auth.record_presented(peer, &bytes_of(&reply.grants));
+        let grants = auth.record_presented(peer, &reply.grants);
         learn(auth, peer, &reply.revocations);
         let _ = futures::AsyncWriteExt::close(&mut stream).await;
         Ok((grants, reply))
@@ -204,13 +204,9 @@ impl Handle {
     }
 }
 
-fn bytes_of(list: &[ByteBuf]) -> Vec<Vec<u8>> {
-    list.iter().map(|b| b.to_vec()).collect()
-}
-
 fn hello_of(auth: &Auth, revocations: Vec<Revocation>) -> Hello {
     Hello {
-        grants: auth.own_encoded().into_iter().map(ByteBuf::from).collect(),
+        grants: auth.own_encoded(),
         revocations: revocations
             .iter()
             .map(|r| ByteBuf::from(r.to_bytes().to_vec()))
@@ -253,7 +249,7 @@ fn learn(auth: &Auth, from: PeerId, revocations: &[ByteBuf]) {
 async fn serve(auth: &Auth, peer: PeerId, mut stream: libp2p::Stream) -> Result<(), Error> {
     let hello = frame::read(&mut stream, MAX_HELLO).await?;
     let hello = Hello::decode(&hello).map_err(Error::Invalid)?;
-    auth.record_presented(peer, &bytes_of(&hello.grants));
+    auth.record_presented(peer, &hello.grants);
     learn(auth, peer, &hello.revocations);
     let ours = auth.revocation_digest();
     let revocations = if hello.digest != ours {

@@ -107,6 +107,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+use serde_bytes::ByteBuf;
 use sha2::{Digest as _, Sha256};
 
 use self::rules::RuleSet;
@@ -332,8 +333,8 @@ struct Metrics {
 
 /// Where a peer's grants come from when it is checked.
 pub(crate) enum Grants<'a> {
-    /// Grants carried by the message or record (encoded).
-    Carried(&'a [Vec<u8>]),
+    /// Grants carried by the message, record or announcement (encoded).
+    Carried(&'a [ByteBuf]),
     /// What a peer presented in the auth exchange (or this node's own grants).
     Presented(&'a Presentation),
 }
@@ -663,9 +664,12 @@ impl Auth {
             .clone()
     }
 
-    /// The encoded grants this node attaches to what it publishes and writes.
-    pub(crate) fn own_encoded(&self) -> Vec<Vec<u8>> {
-        self.own().iter().map(|g| g.to_bytes().to_vec()).collect()
+    /// The encoded grants this node attaches to what it publishes, writes and announces.
+    pub(crate) fn own_encoded(&self) -> Vec<ByteBuf> {
+        self.own()
+            .iter()
+            .map(|g| ByteBuf::from(g.to_bytes().to_vec()))
+            .collect()
     }
 
     /// Decodes a grant, once per distinct grant: the verdict is cached.
@@ -714,7 +718,7 @@ impl Auth {
         (roles, refused)
     }
 
-    fn decode_all(&self, carried: &[Vec<u8>]) -> Presentation {
+    fn decode_all(&self, carried: &[ByteBuf]) -> Presentation {
         let mut grants = Vec::with_capacity(carried.len());
         let mut refused = None;
         for bytes in carried.iter().take(MAX_PRESENTED) {
@@ -767,10 +771,17 @@ impl Auth {
         resources: &[Resource],
         at: SystemTime,
     ) -> (Result<Vec<String>, Denied>, bool) {
+        // Carried grants are decoded only when a rule about the resources names a role: on the
+        // hot paths (every gossip message, every record) they are otherwise skipped unread.
+        let needs_roles = self.policy().rules.needs_roles(resources);
         let carried;
         let presentation = match grants {
-            Grants::Carried(bytes) => {
+            Grants::Carried(bytes) if needs_roles && !bytes.is_empty() => {
                 carried = self.decode_all(bytes);
+                &carried
+            }
+            Grants::Carried(_) => {
+                carried = Presentation::default();
                 &carried
             }
             Grants::Presented(presentation) => presentation,
@@ -873,7 +884,7 @@ impl Auth {
     }
 
     /// Records what `peer` presented (decoding and verifying each grant once).
-    pub(crate) fn record_presented(&self, peer: PeerId, carried: &[Vec<u8>]) -> Arc<Presentation> {
+    pub(crate) fn record_presented(&self, peer: PeerId, carried: &[ByteBuf]) -> Arc<Presentation> {
         let presentation = Arc::new(self.decode_all(carried));
         if let Some(reason) = &presentation.refused {
             tracing::debug!(%peer, "{reason}");
@@ -974,11 +985,21 @@ mod tests {
     }
 
     fn check(auth: &Auth, peer: PeerId, carried: &[Vec<u8>]) -> Result<Vec<String>, u16> {
+        check_on(auth, peer, carried, "t")
+    }
+
+    fn check_on(
+        auth: &Auth,
+        peer: PeerId,
+        carried: &[Vec<u8>],
+        topic: &str,
+    ) -> Result<Vec<String>, u16> {
+        let carried: Vec<ByteBuf> = carried.iter().cloned().map(ByteBuf::from).collect();
         auth.authorize(
             Surface::Publish,
             peer,
-            Grants::Carried(carried),
-            &[Resource::topic("t")],
+            Grants::Carried(&carried),
+            &[Resource::topic(topic)],
             SystemTime::now(),
         )
         .map_err(|d| d.code)
@@ -997,6 +1018,11 @@ mod tests {
             Ok(vec!["r".to_owned()])
         );
         assert_eq!(check(&auth, peer.peer_id(), &[]), Err(403));
+        // Where no rule names a role, carried grants are not even read.
+        assert_eq!(
+            check_on(&auth, peer.peer_id(), &[b"garbage".to_vec()], "other"),
+            Ok(vec![])
+        );
         // A broken signature, another network, an untrusted issuer, another subject: 401.
         let mut broken = good.clone();
         *broken.last_mut().unwrap() ^= 1;
@@ -1037,7 +1063,8 @@ mod tests {
     #[test]
     fn a_presentation_keeps_why_a_grant_did_not_decode() {
         let (auth, _, peer) = setup();
-        let presentation = auth.record_presented(peer.peer_id(), &[b"garbage".to_vec()]);
+        let presentation =
+            auth.record_presented(peer.peer_id(), &[ByteBuf::from(b"garbage".to_vec())]);
         assert!(presentation.grants.is_empty());
         let denied = auth
             .authorize(

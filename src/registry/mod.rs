@@ -874,7 +874,7 @@ impl Registry {
     fn allowed_services(
         &self,
         peer: PeerId,
-        grants: &[Vec<u8>],
+        grants: &[serde_bytes::ByteBuf],
         services: &[wire::ServiceRecord],
     ) -> Vec<wire::ServiceRecord> {
         let auth = self.inner.node.auth();

@@ -134,7 +134,7 @@ pub(crate) struct Verified {
     pub(crate) signer: PeerId,
     pub(crate) body: Body,
     /// The grants the message carries (unchecked: the registry checks them against the rules).
-    pub(crate) grants: Vec<Vec<u8>>,
+    pub(crate) grants: Vec<serde_bytes::ByteBuf>,
 }
 
 fn signing_input(network: &str, body: &[u8]) -> Vec<u8> {
@@ -153,17 +153,18 @@ fn to_cbor(value: &impl Serialize) -> Vec<u8> {
 }
 
 /// Encodes and signs `body` as `identity`, carrying `grants`.
-pub(crate) fn sign(identity: &Identity, network: &str, body: &Body, grants: &[Vec<u8>]) -> Vec<u8> {
+pub(crate) fn sign(
+    identity: &Identity,
+    network: &str,
+    body: &Body,
+    grants: &[serde_bytes::ByteBuf],
+) -> Vec<u8> {
     let body = to_cbor(body);
     let sig = identity.sign(&signing_input(network, &body));
-    let grants: Vec<serde_bytes::ByteBuf> = grants
-        .iter()
-        .map(|g| serde_bytes::ByteBuf::from(g.clone()))
-        .collect();
     to_cbor(&Signed {
         body: &body,
         sig: &sig,
-        g: &grants,
+        g: grants,
     })
 }
 
@@ -196,7 +197,7 @@ pub(crate) fn verify(network: &str, bytes: &[u8]) -> Result<Verified, Rejection>
     Ok(Verified {
         signer,
         body,
-        grants: signed.g.into_iter().map(|g| g.into_vec()).collect(),
+        grants: signed.g,
     })
 }
 

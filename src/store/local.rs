@@ -189,13 +189,12 @@ impl LocalStore {
     /// carries, at the time it wrote it (its version). A revoked grant authorises nothing.
     fn authorize(&self, checked: &record::Checked) -> Result<(), Refusal> {
         let header = &checked.header;
-        let grants: Vec<Vec<u8>> = checked.entry.grants.iter().map(|g| g.to_vec()).collect();
         let written = std::time::UNIX_EPOCH + std::time::Duration::from_micros(header.revision);
         self.auth
             .authorize(
                 crate::auth::Surface::Write,
                 checked.writer,
-                crate::auth::Grants::Carried(&grants),
+                crate::auth::Grants::Carried(&checked.entry.grants),
                 &[crate::auth::Resource::table(
                     &header.database,
                     &header.table,

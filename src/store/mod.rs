@@ -728,11 +728,7 @@ impl Store {
         };
         let identity = self.node().identity();
         let mut entry = record::sign(identity, self.node().network(), &header);
-        entry.grants = auth
-            .own_encoded()
-            .into_iter()
-            .map(serde_bytes::ByteBuf::from)
-            .collect();
+        entry.grants = auth.own_encoded();
         let record_bytes = record::encode_record(&entry, value);
         let index_entry = Checked {
             header,
