@@ -1,6 +1,11 @@
 //! Command-line options and measurements shared by the scenarios.
 
-use std::time::Duration;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt as _, future::BoxFuture};
 
 /// Options every scenario understands.
 #[derive(Debug, Clone)]
@@ -100,4 +105,35 @@ pub(crate) fn percentiles(mut samples: Vec<Duration>) -> serde_json::Value {
         "p99_ms": at(0.99),
         "max_ms": at(1.0),
     })
+}
+
+/// One call of a benchmark: a closure making a future per call.
+pub(crate) type Call = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// The latency of `n` calls made one after another.
+pub(crate) async fn latencies(call: &Call, n: usize) -> Vec<Duration> {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        call().await;
+        samples.push(started.elapsed());
+    }
+    samples
+}
+
+/// Calls per second with `in_flight` calls kept running for `duration`.
+pub(crate) async fn calls_per_second(call: &Call, in_flight: usize, duration: Duration) -> f64 {
+    let started = Instant::now();
+    let mut done = 0u64;
+    let mut running = futures::stream::FuturesUnordered::new();
+    for _ in 0..in_flight {
+        running.push(call());
+    }
+    while running.next().await.is_some() {
+        done += 1;
+        if started.elapsed() < duration {
+            running.push(call());
+        }
+    }
+    done as f64 / started.elapsed().as_secs_f64()
 }

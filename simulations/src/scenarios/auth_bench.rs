@@ -8,12 +8,8 @@
 //! latency p50/p99 at concurrency 1, and calls/s with 64 in flight; the two pairs alternate,
 //! `--rounds` times.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
-use futures::{StreamExt as _, future::BoxFuture};
 use micromesh::{
     Context, Identity, Service, Status,
     auth::{self, Grant},
@@ -22,9 +18,7 @@ use micromesh::{
 };
 use serde_bytes::ByteBuf;
 
-use crate::measure::{Options, percentiles, quantile_ms};
-
-type Call = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+use crate::measure::{Call, Options, calls_per_second, latencies, percentiles, quantile_ms};
 
 struct Pair {
     server: Service,
@@ -91,32 +85,6 @@ fn caller(service: &Service) -> Call {
             }
         })
     })
-}
-
-async fn latencies(call: &Call, n: usize) -> Vec<Duration> {
-    let mut samples = Vec::with_capacity(n);
-    for _ in 0..n {
-        let started = Instant::now();
-        call().await;
-        samples.push(started.elapsed());
-    }
-    samples
-}
-
-async fn calls_per_second(call: &Call, in_flight: usize, duration: Duration) -> f64 {
-    let started = Instant::now();
-    let mut done = 0u64;
-    let mut running = futures::stream::FuturesUnordered::new();
-    for _ in 0..in_flight {
-        running.push(call());
-    }
-    while running.next().await.is_some() {
-        done += 1;
-        if started.elapsed() < duration {
-            running.push(call());
-        }
-    }
-    done as f64 / started.elapsed().as_secs_f64()
 }
 
 pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> {

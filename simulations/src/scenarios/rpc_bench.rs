@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _, future::BoxFuture};
+use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, noise,
     request_response::{self, ProtocolSupport},
@@ -25,7 +25,7 @@ use micromesh::{
 use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::measure::{Options, percentiles, quantile_ms};
+use crate::measure::{Call, Options, calls_per_second, latencies, percentiles, quantile_ms};
 
 const STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/bench/stream/1.0.0");
 
@@ -159,34 +159,6 @@ async fn raw_pair() -> Result<RawPair, String> {
         server: server_id,
         _tasks: vec![server_task, sink_task, client_task],
     })
-}
-
-type Call = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
-
-async fn latencies(call: &Call, n: usize) -> Vec<Duration> {
-    let mut samples = Vec::with_capacity(n);
-    for _ in 0..n {
-        let started = Instant::now();
-        call().await;
-        samples.push(started.elapsed());
-    }
-    samples
-}
-
-async fn calls_per_second(call: &Call, in_flight: usize, duration: Duration) -> f64 {
-    let started = Instant::now();
-    let mut done = 0u64;
-    let mut running = futures::stream::FuturesUnordered::new();
-    for _ in 0..in_flight {
-        running.push(call());
-    }
-    while running.next().await.is_some() {
-        done += 1;
-        if started.elapsed() < duration {
-            running.push(call());
-        }
-    }
-    done as f64 / started.elapsed().as_secs_f64()
 }
 
 pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> {
