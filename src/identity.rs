@@ -217,26 +217,50 @@ impl Identity {
     }
 
     fn write_new(&self, path: &Path) -> Result<(), Error> {
-        let io_err = |action| {
-            move |source| Error::Io {
-                action,
-                path: path.to_owned(),
-                source,
-            }
-        };
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options.open(path).map_err(io_err("create"))?;
-        file.write_all(&self.to_protobuf_encoding())
-            .map_err(io_err("write"))?;
-        file.sync_all().map_err(io_err("write"))?;
-        Ok(())
+        write_private_file(path, &self.to_protobuf_encoding())
     }
+
+    /// Writes the key to a new file at `path` (owner-only permissions on Unix), in the format
+    /// [`Identity::load`] reads. Never replaces an existing file.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("issuer.key");
+    /// let id = micromesh::Identity::generate();
+    /// id.save(&path)?;
+    /// assert_eq!(micromesh::Identity::load(&path)?.peer_id(), id.peer_id());
+    /// assert!(id.save(&path).is_err(), "an existing file is kept");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the file exists or cannot be written.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), Error> {
+        self.write_new(path.as_ref())
+    }
+}
+
+/// Creates `path` anew with owner-only permissions (on Unix) and writes a secret into it.
+pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let io_err = |action| {
+        move |source| Error::Io {
+            action,
+            path: path.to_owned(),
+            source,
+        }
+    };
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(io_err("create"))?;
+    file.write_all(bytes).map_err(io_err("write"))?;
+    file.sync_all().map_err(io_err("write"))?;
+    Ok(())
 }
 
 impl fmt::Debug for Identity {

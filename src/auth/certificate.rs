@@ -124,6 +124,20 @@ impl Certificate {
         &self.key_pem
     }
 
+    /// Writes the private key (PKCS#8 PEM) to a new file at `path`, with owner-only
+    /// permissions on Unix. Never replaces an existing file.
+    ///
+    /// # Errors
+    ///
+    /// [`identity::Error::Io`](crate::identity::Error::Io) if the file exists or cannot be
+    /// written.
+    pub fn save_private_key(
+        &self,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<(), crate::identity::Error> {
+        crate::identity::write_private_file(path.as_ref(), self.key_pem.as_bytes())
+    }
+
     /// The peer the certificate stands for.
     pub fn peer_id(&self) -> PeerId {
         self.peer

@@ -2,7 +2,6 @@
 
 use std::{
     fs,
-    io::Write as _,
     path::{Path, PathBuf},
 };
 
@@ -59,8 +58,11 @@ fn new(global: &Global, args: &NewArgs) -> Result<(), BoxError> {
         )
         .into());
     }
+    if args.force {
+        let _ = fs::remove_file(&args.out);
+    }
     let identity = Identity::generate();
-    write_secret(&args.out, &identity.to_protobuf_encoding())?;
+    identity.save(&args.out)?;
     if global.json {
         println!(
             "{}",
@@ -115,7 +117,8 @@ fn cert(global: &Global, args: &CertArgs) -> Result<(), BoxError> {
     let identity = given(global)?;
     let cert = Certificate::new(&identity)?;
     if let Some(path) = &args.key_out {
-        write_secret(path, cert.private_key_pem().as_bytes())?;
+        let _ = fs::remove_file(path);
+        cert.save_private_key(path)?;
     }
     match &args.cert_out {
         Some(path) => fs::write(path, cert.pem())
@@ -132,24 +135,5 @@ fn cert(global: &Global, args: &CertArgs) -> Result<(), BoxError> {
             })
         );
     }
-    Ok(())
-}
-
-/// Writes a secret file with owner-only permissions, creating it anew.
-fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), BoxError> {
-    let _ = fs::remove_file(path);
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
-    }
-    let mut file = options
-        .open(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(())
 }
