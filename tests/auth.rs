@@ -458,6 +458,14 @@ async fn a_revocation_reaches_every_node_and_ends_the_grant() {
     }
 }
 
+/// A policy trusting `issuer`, with `rules` in their text form.
+fn guarded(issuer: &Identity, rules: &[&str]) -> auth::Config {
+    rules.iter().fold(
+        auth::Config::new().trust(issuer.peer_id()),
+        |config, rule| config.rule(rule.parse().unwrap()),
+    )
+}
+
 /// A cluster whose members have known identities, all with `policy`, member `i` also
 /// presenting `grants[i]`.
 async fn cluster(
@@ -488,10 +496,13 @@ async fn cluster(
 async fn an_unauthorised_publish_reaches_no_subscriber() {
     const NET: &str = "auth-broker";
     let issuer = Identity::generate();
-    let policy = auth::Config::new()
-        .trust(issuer.peer_id())
-        .rule("deny topic:alerts any 0".parse().unwrap())
-        .rule("allow topic:alerts role:alerter 10".parse().unwrap());
+    let policy = guarded(
+        &issuer,
+        &[
+            "deny topic:alerts any 0",
+            "allow topic:alerts role:alerter 10",
+        ],
+    );
     // Member 1 is the alerter; member 2 holds a grant for another role.
     let grants_issuer = issuer.clone();
     let (cluster, _) = cluster(NET, 5, policy, move |i, peer| match i {
@@ -622,10 +633,13 @@ async fn an_unauthorised_publish_reaches_no_subscriber() {
 async fn only_peers_allowed_to_offer_a_service_are_listed() {
     const NET: &str = "auth-registry";
     let issuer = Identity::generate();
-    let policy = auth::Config::new()
-        .trust(issuer.peer_id())
-        .rule("deny announce:vault any 0".parse().unwrap())
-        .rule("allow announce:vault role:vault-server 10".parse().unwrap());
+    let policy = guarded(
+        &issuer,
+        &[
+            "deny announce:vault any 0",
+            "allow announce:vault role:vault-server 10",
+        ],
+    );
     let grants_issuer = issuer.clone();
     let (cluster, _) = cluster(NET, 4, policy, move |i, peer| {
         (i == 1).then(|| grant(&grants_issuer, peer, "vault-server", NET))
@@ -686,10 +700,13 @@ async fn only_peers_allowed_to_offer_a_service_are_listed() {
 async fn queue_group_members_refuse_unauthorised_deliveries() {
     const NET: &str = "auth-queue";
     let issuer = Identity::generate();
-    let policy = auth::Config::new()
-        .trust(issuer.peer_id())
-        .rule("deny topic:jobs any 0".parse().unwrap())
-        .rule("allow topic:jobs role:dispatcher 10".parse().unwrap());
+    let policy = guarded(
+        &issuer,
+        &[
+            "deny topic:jobs any 0",
+            "allow topic:jobs role:dispatcher 10",
+        ],
+    );
     let grants_issuer = issuer.clone();
     let (cluster, _) = cluster(NET, 3, policy, move |i, peer| {
         (i == 1).then(|| grant(&grants_issuer, peer, "dispatcher", NET))
@@ -756,10 +773,13 @@ async fn queue_group_members_refuse_unauthorised_deliveries() {
 async fn an_unauthorised_store_write_is_held_by_no_replica() {
     const NET: &str = "auth-store";
     let issuer = Identity::generate();
-    let policy = auth::Config::new()
-        .trust(issuer.peer_id())
-        .rule("deny table:vault/* any 0".parse().unwrap())
-        .rule("allow table:vault/* role:writer 10".parse().unwrap());
+    let policy = guarded(
+        &issuer,
+        &[
+            "deny table:vault/* any 0",
+            "allow table:vault/* role:writer 10",
+        ],
+    );
     let grants_issuer = issuer.clone();
     let (cluster, ids) = cluster(NET, 8, policy, move |i, peer| {
         (i == 1).then(|| grant(&grants_issuer, peer, "writer", NET))
