@@ -838,18 +838,20 @@ fn identities_certificates_grants_and_revocations_from_the_command_line() {
             || said.contains("denied by rule"),
         "{said}"
     );
+    let read_k = || {
+        ok(run(&[
+            "store",
+            "read",
+            "k",
+            "--table",
+            "cli",
+            "--bootstrap",
+            &addr,
+        ]))
+    };
     let as_ops = ["--key", &path("ops.key"), "--grant", &path("ops.grant")];
     ok(write(&as_ops, "by ops"));
-    let read = ok(run(&[
-        "store",
-        "read",
-        "k",
-        "--table",
-        "cli",
-        "--bootstrap",
-        &addr,
-    ]));
-    assert_eq!(read, "by ops");
+    assert_eq!(read_k(), "by ops");
 
     // Revoked: the node takes it, and the grant writes nothing more.
     let revoked: serde_json::Value = serde_json::from_str(&ok(run(&[
@@ -865,14 +867,5 @@ fn identities_certificates_grants_and_revocations_from_the_command_line() {
     .unwrap();
     assert!(revoked["peers_reached"].as_u64().unwrap() >= 1, "{revoked}");
     assert!(!write(&as_ops, "after revocation").status.success());
-    let read = ok(run(&[
-        "store",
-        "read",
-        "k",
-        "--table",
-        "cli",
-        "--bootstrap",
-        &addr,
-    ]));
-    assert_eq!(read, "by ops");
+    assert_eq!(read_k(), "by ops");
 }
