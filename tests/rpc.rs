@@ -232,7 +232,38 @@ async fn every_error_case_yields_its_status_and_the_server_keeps_serving() {
         .unwrap();
     let err = stream.recv().await.unwrap().unwrap_err();
     assert_eq!(err.status().code(), Code::BadRequest, "{err}");
-    for s in [client, server, mesh.bootstrap] {
+
+    // A peer of another network does not speak this network's RPC protocol. Streams are
+    // negotiated optimistically, so its refusal arrives in answer to the call's first bytes:
+    // still a dial error that says why, not a broken response.
+    let stranger = Service::builder("greeter")
+        .preset(Preset::Local)
+        .network("rpc-errors-elsewhere")
+        .handle("Greeter.Hello", hello)
+        .build()
+        .await
+        .unwrap();
+    let stranger_addr = stranger.node().listen_addrs().await.unwrap().remove(0);
+    client.node().dial(stranger_addr).await.unwrap();
+    let err = c
+        .call_with::<_, HelloReply>(
+            "greeter",
+            "Greeter.Hello",
+            &ada,
+            CallOptions::default().peer(stranger.peer_id()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.phase(), Phase::Dial, "{err}");
+    assert_eq!(err.peer(), Some(stranger.peer_id()));
+    assert!(
+        err.to_string().contains("serves no RPC on this network"),
+        "{err}"
+    );
+    // The refusal spoils nothing: the next call on this network is served.
+    let ok: HelloReply = c.call("greeter", "Greeter.Hello", &ada).await.unwrap();
+    assert!(ok.msg.starts_with("Hello, Ada"));
+    for s in [client, server, stranger, mesh.bootstrap] {
         s.stop().await.unwrap();
     }
 }

@@ -133,12 +133,17 @@ impl Client {
         let result = async {
             let mut stream = self.open(&selected, options).await?;
             let head = head(service, endpoint, CallKind::Unary, options, deadline);
-            send_all(
-                &mut stream,
-                peer,
-                &[head, Frame::Data(body.to_vec()), Frame::End],
-            )
-            .await?;
+            let mut request = Vec::with_capacity(body.len() + 256);
+            head.put(&mut request)
+                .and_then(|()| transport::wire::put_data(&mut request, body))
+                .and_then(|()| Frame::End.put(&mut request))
+                .map_err(|e| Error::Encode(e.to_string()))?;
+            frame::write_buf(&mut stream, &request)
+                .await
+                .map_err(|e| Error::Send {
+                    peer,
+                    reason: e.to_string(),
+                })?;
             receive_unary(&mut stream, peer, self.inner.config.max_message).await
         }
         .await;
@@ -223,9 +228,7 @@ impl Client {
                 .map_err(|e| Error::Dial {
                     peer,
                     reason: match e {
-                        crate::node::OpenError::Unsupported(_) => {
-                            "the peer serves no RPC on this network".into()
-                        }
+                        crate::node::OpenError::Unsupported(_) => NO_RPC.into(),
                         other => other.to_string(),
                     },
                 })
@@ -240,6 +243,9 @@ impl Client {
             })
     }
 }
+
+/// Why a call to a peer that does not speak this network's RPC protocol failed.
+const NO_RPC: &str = "the peer serves no RPC on this network";
 
 fn pinned(service: &str, peer: PeerId) -> registry::Service {
     registry::Service {
@@ -279,9 +285,11 @@ pub(crate) async fn send_all<W: futures::AsyncWrite + Unpin>(
     peer: PeerId,
     frames: &[Frame],
 ) -> Result<(), Error> {
-    let encoded: Vec<Vec<u8>> = frames.iter().map(Frame::encode).collect();
-    let payloads: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
-    frame::write_many(writer, &payloads)
+    let mut buf = Vec::new();
+    for f in frames {
+        f.put(&mut buf).map_err(|e| Error::Encode(e.to_string()))?;
+    }
+    frame::write_buf(writer, &buf)
         .await
         .map_err(|e: std::io::Error| Error::Send {
             peer,
@@ -295,17 +303,25 @@ pub(crate) async fn receive<R: futures::AsyncRead + Unpin>(
     peer: PeerId,
     max: usize,
 ) -> Result<Frame, Error> {
-    let bytes = frame::read(reader, max).await.map_err(|e| Error::Receive {
-        peer,
-        reason: match e {
-            ReadError::Eof => "the stream ended before the call's trailer".into(),
-            ReadError::TooLarge { size, max } => {
-                format!("a response of {size} bytes exceeds this client's limit of {max} bytes")
-            }
-            ReadError::Io(e) => e.to_string(),
+    let bytes = frame::read(reader, max).await.map_err(|e| match e {
+        // The stream was opened optimistically: a peer without RPC on this network says so
+        // only now, in answer to the call's first bytes.
+        ReadError::Io(e) if crate::node::streams::refused(&e) => Error::Dial {
+            peer,
+            reason: NO_RPC.into(),
+        },
+        e => Error::Receive {
+            peer,
+            reason: match e {
+                ReadError::Eof => "the stream ended before the call's trailer".into(),
+                ReadError::TooLarge { size, max } => {
+                    format!("a response of {size} bytes exceeds this client's limit of {max} bytes")
+                }
+                ReadError::Io(e) => e.to_string(),
+            },
         },
     })?;
-    Frame::decode(&bytes).map_err(|e| Error::Receive {
+    Frame::decode(bytes).map_err(|e| Error::Receive {
         peer,
         reason: format!("malformed frame: {e}"),
     })

@@ -268,7 +268,13 @@ pub(crate) fn build_swarm(
                     }
                 })
                 .map_err(|e| built.take().unwrap_or_else(|| transport_error(e)))?
-                .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
+                .with_swarm_config(|c| {
+                    c.with_idle_connection_timeout(idle_timeout)
+                        // Optimistic negotiation: a stream's protocol proposal leaves with its
+                        // first bytes instead of waiting a round trip for the peer's
+                        // confirmation (see `streams::refused`).
+                        .with_substream_upgrade_protocol_override(Version::V1Lazy)
+                })
                 .build();
             Ok(swarm)
         }};

@@ -14,6 +14,13 @@
 //!
 //! Opening a stream takes no trip through the swarm's event loop: the caller talks to the
 //! connection's handler directly.
+//!
+//! Outbound streams, of every protocol the node speaks, are negotiated optimistically
+//! (multistream-select's "lazy" dialer, identical on the wire): the protocol proposal leaves
+//! together with the stream's first bytes, and the peer's confirmation is read before its first
+//! reply. A call therefore costs one round trip, not two. The price is that a peer refusing the
+//! protocol is noticed at the first read, not when the stream opens: [`refused`] tells such an
+//! error apart.
 
 use std::{
     collections::HashMap,
@@ -28,7 +35,7 @@ use libp2p::{
     Multiaddr, PeerId, Stream, StreamProtocol,
     core::{
         Endpoint, InboundUpgrade, OutboundUpgrade, UpgradeInfo, multiaddr::Protocol,
-        transport::PortUse,
+        transport::PortUse, upgrade::NegotiationError,
     },
     swarm::{
         ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
@@ -57,6 +64,17 @@ pub(crate) enum OpenError {
     Closed,
     #[error("{0}")]
     Failed(String),
+}
+
+/// Whether an I/O error on an outbound stream means the peer does not speak its protocol.
+///
+/// With optimistic negotiation the peer's refusal arrives as the error of the first read (or
+/// of a write after it), not as an error of [`Opener::open`].
+pub(crate) fn refused(error: &std::io::Error) -> bool {
+    error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<NegotiationError>())
+        .is_some_and(|e| matches!(e, NegotiationError::Failed))
 }
 
 type Reply = oneshot::Sender<Result<Stream, OpenError>>;

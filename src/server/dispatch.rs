@@ -189,7 +189,9 @@ async fn write_frame<W: futures::AsyncWrite + Unpin>(
     writer: &mut W,
     frame: &Frame,
 ) -> std::io::Result<()> {
-    frame::write(writer, &frame.encode()).await
+    let mut buf = Vec::new();
+    frame.put(&mut buf)?;
+    frame::write_buf(writer, &buf).await
 }
 
 /// Writes the trailer and closes. A status without an id gets `id`: the service's name for
@@ -222,7 +224,7 @@ async fn read_head(inner: &Inner, stream: &mut libp2p::Stream) -> Result<Head, O
         ))),
         // The caller went away before saying anything: nothing to answer.
         Ok(Err(ReadError::Eof | ReadError::Io(_))) => Err(None),
-        Ok(Ok(bytes)) => match Frame::decode(&bytes) {
+        Ok(Ok(bytes)) => match Frame::decode(bytes) {
             Ok(Frame::Head(head)) => Ok(head),
             Ok(_) => Err(Some(Status::bad_request(
                 "a call must begin with a head frame",
@@ -378,13 +380,18 @@ async fn serve_unary(
         )));
     }
     // The reply and its trailer leave in one write.
-    let data = Frame::Data(response.body).encode();
-    let trailer = Frame::Trailer(Trailer::from_status(
-        &Status::new(crate::status::Code::Ok, ""),
-        response.metadata,
-    ))
-    .encode();
-    if frame::write_many(stream, &[&data, &trailer]).await.is_ok() {
+    let mut buf = Vec::new();
+    let written = transport::wire::put_data(&mut buf, &response.body).and_then(|()| {
+        Frame::Trailer(Trailer::from_status(
+            &Status::new(crate::status::Code::Ok, ""),
+            response.metadata,
+        ))
+        .put(&mut buf)
+    });
+    if let Err(e) = written {
+        return Some(Status::internal(format!("cannot frame the response: {e}")));
+    }
+    if frame::write_buf(stream, &buf).await.is_ok() {
         let _ = stream.close().await;
     }
     None
@@ -395,7 +402,7 @@ async fn read_body(stream: &mut libp2p::Stream, max: usize) -> Result<Vec<u8>, O
     let mut body = None;
     loop {
         match frame::read(stream, max).await {
-            Ok(bytes) => match Frame::decode(&bytes) {
+            Ok(bytes) => match Frame::decode(bytes) {
                 Ok(Frame::Data(data)) if body.is_none() => body = Some(data),
                 Ok(Frame::End) => {
                     return body.ok_or_else(|| {
@@ -446,7 +453,7 @@ async fn serve_stream(
     let read = async move {
         loop {
             match frame::read(&mut reader, max).await {
-                Ok(bytes) => match Frame::decode(&bytes) {
+                Ok(bytes) => match Frame::decode(bytes) {
                     Ok(Frame::Data(data)) => {
                         if in_tx.send(data).await.is_err() {
                             return Ok(());

@@ -15,14 +15,11 @@ pub(crate) enum ReadError {
     Io(#[from] std::io::Error),
 }
 
-/// Appends one frame (length, then payload) to `buf`.
-pub(crate) fn append(buf: &mut Vec<u8>, payload: &[u8]) -> std::io::Result<()> {
-    let len = u32::try_from(payload.len())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame over 4 GiB"))?;
-    buf.reserve(4 + payload.len());
-    buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(payload);
-    Ok(())
+/// The length prefix of a frame whose payload is `len` bytes.
+pub(crate) fn prefix(len: usize) -> std::io::Result<[u8; 4]> {
+    u32::try_from(len)
+        .map(u32::to_be_bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame over 4 GiB"))
 }
 
 /// Writes one frame and flushes.
@@ -30,20 +27,20 @@ pub(crate) async fn write<S: futures::AsyncWrite + Unpin>(
     stream: &mut S,
     payload: &[u8],
 ) -> std::io::Result<()> {
-    write_many(stream, &[payload]).await
+    let mut buf = Vec::with_capacity(4 + payload.len());
+    buf.extend_from_slice(&prefix(payload.len())?);
+    buf.extend_from_slice(payload);
+    write_buf(stream, &buf).await
 }
 
-/// Writes several frames with one write and one flush: one muxer frame, one packet, where a
-/// write per frame would cost a system call each.
-pub(crate) async fn write_many<S: futures::AsyncWrite + Unpin>(
+/// Writes frames already laid out in `buf` (each with its length prefix) with one write and
+/// one flush: one muxer frame, one packet, where a write per frame would cost a system call
+/// each.
+pub(crate) async fn write_buf<S: futures::AsyncWrite + Unpin>(
     stream: &mut S,
-    payloads: &[&[u8]],
+    buf: &[u8],
 ) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(payloads.iter().map(|p| 4 + p.len()).sum());
-    for payload in payloads {
-        append(&mut buf, payload)?;
-    }
-    stream.write_all(&buf).await?;
+    stream.write_all(buf).await?;
     stream.flush().await
 }
 

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::frame;
 use crate::{Metadata, Status};
 
 /// The shape of a call.
@@ -60,16 +61,110 @@ pub(crate) enum Frame {
     Trailer(Trailer),
 }
 
+/// The CBOR a data frame begins with: a map of one entry, whose key is the text `"data"`.
+const DATA_KEY: [u8; 6] = [0xa1, 0x64, b'd', b'a', b't', b'a'];
+
 impl Frame {
+    /// The frame's payload (without its length prefix).
+    #[cfg(test)]
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        ciborium::into_writer(self, &mut out).expect("writing CBOR to a Vec cannot fail");
-        out
+        let mut buf = Vec::new();
+        self.put(&mut buf).expect("test frames are small");
+        buf.split_off(4)
     }
 
-    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, String> {
-        ciborium::de::from_reader_with_recursion_limit(bytes, 16).map_err(|e| e.to_string())
+    /// Appends the frame, length prefix first, to `buf`: what goes on the wire.
+    pub(crate) fn put(&self, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        if let Self::Data(body) = self {
+            return put_data(buf, body);
+        }
+        let start = buf.len();
+        buf.extend_from_slice(&[0; 4]);
+        ciborium::into_writer(self, &mut *buf).expect("writing CBOR to a Vec cannot fail");
+        let prefix = frame::prefix(buf.len() - start - 4)?;
+        buf[start..start + 4].copy_from_slice(&prefix);
+        Ok(())
     }
+
+    /// Decodes a frame's payload. A data frame's body is taken out of `bytes`, not copied.
+    pub(crate) fn decode(mut bytes: Vec<u8>) -> Result<Self, String> {
+        if let Some(start) = data_body_start(&bytes) {
+            bytes.drain(..start);
+            return Ok(Self::Data(bytes));
+        }
+        let mut reader = &bytes[..];
+        let frame = ciborium::de::from_reader_with_recursion_limit(&mut reader, 16)
+            .map_err(|e| e.to_string())?;
+        if !reader.is_empty() {
+            return Err(format!(
+                "{} bytes after the frame's CBOR item",
+                reader.len()
+            ));
+        }
+        Ok(frame)
+    }
+}
+
+/// Appends a data frame carrying `body`, length prefix first, to `buf`: the bytes of
+/// `Frame::Data(body.to_vec()).put(buf)`, with the body copied once.
+pub(crate) fn put_data(buf: &mut Vec<u8>, body: &[u8]) -> std::io::Result<()> {
+    // The shortest CBOR head of a byte string of this length (RFC 8949 §3.1).
+    let len = body.len() as u64;
+    let mut head = [0u8; 9];
+    let head = match len {
+        0..=23 => {
+            head[0] = 0x40 | len as u8;
+            &head[..1]
+        }
+        24..=0xff => {
+            head[..2].copy_from_slice(&[0x58, len as u8]);
+            &head[..2]
+        }
+        0x100..=0xffff => {
+            head[0] = 0x59;
+            head[1..3].copy_from_slice(&(len as u16).to_be_bytes());
+            &head[..3]
+        }
+        0x1_0000..=0xffff_ffff => {
+            head[0] = 0x5a;
+            head[1..5].copy_from_slice(&(len as u32).to_be_bytes());
+            &head[..5]
+        }
+        _ => {
+            head[0] = 0x5b;
+            head[1..9].copy_from_slice(&len.to_be_bytes());
+            &head[..9]
+        }
+    };
+    let prefix = frame::prefix(DATA_KEY.len() + head.len() + body.len())?;
+    buf.reserve(prefix.len() + DATA_KEY.len() + head.len() + body.len());
+    buf.extend_from_slice(&prefix);
+    buf.extend_from_slice(&DATA_KEY);
+    buf.extend_from_slice(head);
+    buf.extend_from_slice(body);
+    Ok(())
+}
+
+/// Where the body of a data frame begins, if `bytes` is exactly one data frame with a
+/// definite-length body; anything else is left to the general decoder.
+fn data_body_start(bytes: &[u8]) -> Option<usize> {
+    let rest = bytes.strip_prefix(&DATA_KEY)?;
+    let (&first, rest) = rest.split_first()?;
+    let argument = |n: usize| -> Option<u64> {
+        let mut be = [0u8; 8];
+        be[8 - n..].copy_from_slice(rest.get(..n)?);
+        Some(u64::from_be_bytes(be))
+    };
+    let (len, extra) = match first {
+        0x40..=0x57 => (u64::from(first & 0x1f), 0),
+        0x58 => (argument(1)?, 1),
+        0x59 => (argument(2)?, 2),
+        0x5a => (argument(4)?, 4),
+        0x5b => (argument(8)?, 8),
+        _ => return None,
+    };
+    let start = DATA_KEY.len() + 1 + extra;
+    (u64::try_from(bytes.len() - start).ok()? == len).then_some(start)
 }
 
 #[cfg(test)]
@@ -115,7 +210,7 @@ mod tests {
                 hex(&bytes),
                 "{name}: the encoder changed"
             );
-            assert_eq!(Frame::decode(&bytes).unwrap(), frame, "{name}");
+            assert_eq!(Frame::decode(bytes).unwrap(), frame, "{name}");
         }
     }
 
@@ -129,8 +224,40 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error() {
-        assert!(Frame::decode(b"").is_err());
-        assert!(Frame::decode(b"\xa1\x64head\xf6").is_err());
-        assert!(Frame::decode(&[0x81; 10_000]).is_err());
+        assert!(Frame::decode(b"".to_vec()).is_err());
+        assert!(Frame::decode(b"\xa1\x64head\xf6".to_vec()).is_err());
+        assert!(Frame::decode(vec![0x81; 10_000]).is_err());
+        // A data frame whose body is shorter or longer than its head says.
+        assert!(Frame::decode(b"\xa1\x64data\x43ab".to_vec()).is_err());
+        assert!(Frame::decode(b"\xa1\x64data\x41ab".to_vec()).is_err());
+        // Bytes after any other frame.
+        let mut end = Frame::End.encode();
+        end.push(0);
+        assert!(Frame::decode(end).is_err());
+    }
+
+    #[test]
+    fn data_frames_are_the_cbor_of_the_general_encoder_at_every_length_boundary() {
+        for len in [0, 1, 23, 24, 255, 256, 65_535, 65_536, 100_000] {
+            let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut general = Vec::new();
+            ciborium::into_writer(&Frame::Data(body.clone()), &mut general).unwrap();
+            let mut framed = Vec::new();
+            put_data(&mut framed, &body).unwrap();
+            assert_eq!(framed[..4], (general.len() as u32).to_be_bytes(), "{len}");
+            assert_eq!(framed[4..], general[..], "{len}");
+            assert_eq!(Frame::decode(general).unwrap(), Frame::Data(body), "{len}");
+        }
+        // A longer head than needed is still CBOR, and means the same.
+        for head in [&b"\x58\x03"[..], b"\x59\x00\x03", b"\x5a\x00\x00\x00\x03"] {
+            let mut bytes = DATA_KEY.to_vec();
+            bytes.extend_from_slice(head);
+            bytes.extend_from_slice(b"abc");
+            assert_eq!(Frame::decode(bytes).unwrap(), Frame::Data(b"abc".to_vec()));
+        }
+        // An indefinite-length body goes to the general decoder.
+        let mut bytes = DATA_KEY.to_vec();
+        bytes.extend_from_slice(b"\x5f\x42ab\x41c\xff");
+        assert_eq!(Frame::decode(bytes).unwrap(), Frame::Data(b"abc".to_vec()));
     }
 }
