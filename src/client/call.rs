@@ -303,25 +303,29 @@ pub(crate) async fn receive<R: futures::AsyncRead + Unpin>(
     peer: PeerId,
     max: usize,
 ) -> Result<Frame, Error> {
-    let bytes = frame::read(reader, max).await.map_err(|e| match e {
-        // The stream was opened optimistically: a peer without RPC on this network says so
-        // only now, in answer to the call's first bytes.
-        ReadError::Io(e) if crate::node::streams::refused(&e) => Error::Dial {
-            peer,
-            reason: NO_RPC.into(),
-        },
-        e => Error::Receive {
-            peer,
-            reason: match e {
-                ReadError::Eof => "the stream ended before the call's trailer".into(),
-                ReadError::TooLarge { size, max } => {
-                    format!("a response of {size} bytes exceeds this client's limit of {max} bytes")
-                }
-                ReadError::Io(e) => e.to_string(),
+    let decoded = transport::wire::read(reader, max)
+        .await
+        .map_err(|e| match e {
+            // The stream was opened optimistically: a peer without RPC on this network says so
+            // only now, in answer to the call's first bytes.
+            ReadError::Io(e) if crate::node::streams::refused(&e) => Error::Dial {
+                peer,
+                reason: NO_RPC.into(),
             },
-        },
-    })?;
-    Frame::decode(bytes).map_err(|e| Error::Receive {
+            e => Error::Receive {
+                peer,
+                reason: match e {
+                    ReadError::Eof => "the stream ended before the call's trailer".into(),
+                    ReadError::TooLarge { size, max } => {
+                        format!(
+                            "a response of {size} bytes exceeds this client's limit of {max} bytes"
+                        )
+                    }
+                    ReadError::Io(e) => e.to_string(),
+                },
+            },
+        })?;
+    decoded.map_err(|e| Error::Receive {
         peer,
         reason: format!("malformed frame: {e}"),
     })

@@ -13,7 +13,10 @@ use crate::{
     PeerId,
     codec::{Codec as _, ContentType},
     selector::Selected,
-    transport::wire::{CallKind, Frame},
+    transport::{
+        frame,
+        wire::{CallKind, DataFrame, Frame},
+    },
 };
 
 /// A streaming call in progress: send requests, close the sending side, receive responses
@@ -65,18 +68,25 @@ impl<Req: Serialize, Resp: DeserializeOwned> CallStream<Req, Resp> {
                 reason: "the sending side was already closed".into(),
             });
         }
-        let body = self
-            .codec
-            .encode(request)
+        // The message is encoded straight into its frame.
+        let mut body = DataFrame::buffer();
+        self.codec
+            .encode_into(request, &mut body)
             .map_err(|e| Error::Encode(e.to_string()))?;
-        if body.len() > self.max {
+        let len = DataFrame::body_len(&body);
+        if len > self.max {
             return Err(Error::Encode(format!(
-                "a message of {} bytes exceeds the limit of {} bytes",
-                body.len(),
+                "a message of {len} bytes exceeds the limit of {} bytes",
                 self.max
             )));
         }
-        send_all(&mut self.writer, self.peer, &[Frame::Data(body)]).await
+        let data = DataFrame::new(body).map_err(|e| Error::Encode(e.to_string()))?;
+        frame::write_buf(&mut self.writer, data.bytes())
+            .await
+            .map_err(|e| Error::Send {
+                peer: self.peer,
+                reason: e.to_string(),
+            })
     }
 
     /// Ends the sending side: the server's request stream ends after the messages sent.

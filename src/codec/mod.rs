@@ -63,6 +63,31 @@ pub trait Codec {
     /// JSON, say).
     fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Vec<u8>, Error>;
 
+    /// Encodes a value at the end of `buf`, for callers that frame it in place. The default
+    /// encodes, then copies; the built-in codecs write into `buf` directly. On error `buf` may
+    /// hold part of the encoding.
+    ///
+    /// ```
+    /// use micromesh::codec::{Codec as _, ContentType};
+    ///
+    /// let mut buf = b"head:".to_vec();
+    /// ContentType::Json.encode_into(&[1, 2], &mut buf)?;
+    /// assert_eq!(buf, b"head:[1,2]");
+    /// # Ok::<(), micromesh::codec::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Codec::encode`].
+    fn encode_into<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), Error> {
+        buf.extend_from_slice(&self.encode(value)?);
+        Ok(())
+    }
+
     /// Decodes untrusted bytes.
     ///
     /// # Errors
@@ -108,17 +133,23 @@ impl Codec for ContentType {
     }
 
     fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Vec<u8>, Error> {
+        let mut out = Vec::new();
+        self.encode_into(value, &mut out)?;
+        Ok(out)
+    }
+
+    fn encode_into<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), Error> {
         let reason = |e: &dyn std::fmt::Display| Error::Encode {
             content_type: self.content_type(),
             reason: e.to_string(),
         };
         match self {
-            Self::Cbor => {
-                let mut out = Vec::new();
-                ciborium::into_writer(value, &mut out).map_err(|e| reason(&e))?;
-                Ok(out)
-            }
-            Self::Json => serde_json::to_vec(value).map_err(|e| reason(&e)),
+            Self::Cbor => ciborium::into_writer(value, &mut *buf).map_err(|e| reason(&e)),
+            Self::Json => serde_json::to_writer(&mut *buf, value).map_err(|e| reason(&e)),
         }
     }
 

@@ -24,7 +24,7 @@ use crate::{
     transport::{
         self,
         frame::{self, ReadError},
-        wire::{Frame, Head, Trailer},
+        wire::{DataFrame, Frame, Head, Trailer},
     },
 };
 
@@ -214,7 +214,7 @@ async fn write_trailer<W: futures::AsyncWrite + Unpin>(writer: &mut W, status: &
 async fn read_head(inner: &Inner, stream: &mut libp2p::Stream) -> Result<Head, Option<Status>> {
     let read = tokio::time::timeout(
         inner.config.head_timeout,
-        frame::read(stream, inner.config.max_message),
+        transport::wire::read(stream, inner.config.max_message),
     )
     .await;
     match read {
@@ -224,7 +224,7 @@ async fn read_head(inner: &Inner, stream: &mut libp2p::Stream) -> Result<Head, O
         ))),
         // The caller went away before saying anything: nothing to answer.
         Ok(Err(ReadError::Eof | ReadError::Io(_))) => Err(None),
-        Ok(Ok(bytes)) => match Frame::decode(bytes) {
+        Ok(Ok(decoded)) => match decoded {
             Ok(Frame::Head(head)) => Ok(head),
             Ok(_) => Err(Some(Status::bad_request(
                 "a call must begin with a head frame",
@@ -401,8 +401,8 @@ async fn serve_unary(
 async fn read_body(stream: &mut libp2p::Stream, max: usize) -> Result<Vec<u8>, Option<Status>> {
     let mut body = None;
     loop {
-        match frame::read(stream, max).await {
-            Ok(bytes) => match Frame::decode(bytes) {
+        match transport::wire::read(stream, max).await {
+            Ok(decoded) => match decoded {
                 Ok(Frame::Data(data)) if body.is_none() => body = Some(data),
                 Ok(Frame::End) => {
                     return body.ok_or_else(|| {
@@ -452,8 +452,8 @@ async fn serve_stream(
     // Requests: frames in, bodies to the handler, until the caller's end frame.
     let read = async move {
         loop {
-            match frame::read(&mut reader, max).await {
-                Ok(bytes) => match Frame::decode(bytes) {
+            match transport::wire::read(&mut reader, max).await {
+                Ok(decoded) => match decoded {
                     Ok(Frame::Data(data)) => {
                         if in_tx.send(data).await.is_err() {
                             return Ok(());
@@ -482,13 +482,15 @@ async fn serve_stream(
     // Responses: bodies from the handler out as data frames, as they come.
     let write = async {
         while let Some(body) = out_rx.recv().await {
-            if body.len() > max {
+            let len = DataFrame::body_len(&body);
+            if len > max {
                 return Err(Status::internal(format!(
-                    "a response message of {} bytes exceeds the limit of {max} bytes",
-                    body.len()
+                    "a response message of {len} bytes exceeds the limit of {max} bytes"
                 )));
             }
-            if write_frame(&mut writer, &Frame::Data(body)).await.is_err() {
+            let data = DataFrame::new(body)
+                .map_err(|e| Status::internal(format!("cannot frame a response: {e}")))?;
+            if frame::write_buf(&mut writer, data.bytes()).await.is_err() {
                 return Err(Status::unavailable("the caller went away"));
             }
         }

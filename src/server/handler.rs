@@ -17,7 +17,7 @@ use crate::{
     Metadata, Status,
     codec::{Codec as _, ContentType},
     error::BoxError,
-    transport::wire::CallKind,
+    transport::wire::{CallKind, DataFrame},
 };
 
 /// A unary call as the tower stack sees it.
@@ -44,7 +44,9 @@ pub struct Response {
 
 pub(crate) type BoxedUnary = BoxCloneSyncService<Request, Response, BoxError>;
 
-/// Bytes in, bytes out: the erased form of every streaming handler.
+/// Bytes in, bytes out: the erased form of every streaming handler. Requests come in as
+/// encoded bodies; responses go out encoded into [`DataFrame::buffer`]s, ready to be framed
+/// without a copy.
 pub(crate) type StreamHandler = Arc<
     dyn Fn(
             Context,
@@ -219,7 +221,10 @@ where
                 let stream = f(context, Streaming { rx }).await?;
                 let mut stream = std::pin::pin!(stream);
                 while let Some(item) = stream.next().await {
-                    let bytes = codec.encode(&item?).map_err(encode_error)?;
+                    let mut bytes = DataFrame::buffer();
+                    codec
+                        .encode_into(&item?, &mut bytes)
+                        .map_err(encode_error)?;
                     if raw_out.send(bytes).await.is_err() {
                         return Err(Status::unavailable("the caller went away"));
                     }

@@ -50,6 +50,17 @@ pub(crate) async fn read<S: futures::AsyncRead + Unpin>(
     stream: &mut S,
     max: usize,
 ) -> Result<Vec<u8>, ReadError> {
+    let size = read_len(stream, max).await?;
+    let mut payload = vec![0u8; size];
+    stream.read_exact(&mut payload).await?;
+    Ok(payload)
+}
+
+/// Reads a frame's length prefix, and checks it against `max`.
+pub(crate) async fn read_len<S: futures::AsyncRead + Unpin>(
+    stream: &mut S,
+    max: usize,
+) -> Result<usize, ReadError> {
     let mut len = [0u8; 4];
     let mut filled = 0;
     while filled < 4 {
@@ -63,9 +74,7 @@ pub(crate) async fn read<S: futures::AsyncRead + Unpin>(
     if size > max {
         return Err(ReadError::TooLarge { size, max });
     }
-    let mut payload = vec![0u8; size];
-    stream.read_exact(&mut payload).await?;
-    Ok(payload)
+    Ok(size)
 }
 
 #[cfg(test)]

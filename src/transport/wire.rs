@@ -105,49 +105,119 @@ impl Frame {
     }
 }
 
-/// Appends a data frame carrying `body`, length prefix first, to `buf`: the bytes of
-/// `Frame::Data(body.to_vec()).put(buf)`, with the body copied once.
-pub(crate) fn put_data(buf: &mut Vec<u8>, body: &[u8]) -> std::io::Result<()> {
-    // The shortest CBOR head of a byte string of this length (RFC 8949 §3.1).
-    let len = body.len() as u64;
+/// The shortest CBOR head of a byte string of `len` bytes (RFC 8949 §3.1), and its length.
+fn bytes_head(len: usize) -> ([u8; 9], usize) {
+    let len = len as u64;
     let mut head = [0u8; 9];
-    let head = match len {
+    let used = match len {
         0..=23 => {
             head[0] = 0x40 | len as u8;
-            &head[..1]
+            1
         }
         24..=0xff => {
             head[..2].copy_from_slice(&[0x58, len as u8]);
-            &head[..2]
+            2
         }
         0x100..=0xffff => {
             head[0] = 0x59;
             head[1..3].copy_from_slice(&(len as u16).to_be_bytes());
-            &head[..3]
+            3
         }
         0x1_0000..=0xffff_ffff => {
             head[0] = 0x5a;
             head[1..5].copy_from_slice(&(len as u32).to_be_bytes());
-            &head[..5]
+            5
         }
         _ => {
             head[0] = 0x5b;
             head[1..9].copy_from_slice(&len.to_be_bytes());
-            &head[..9]
+            9
         }
     };
-    let prefix = frame::prefix(DATA_KEY.len() + head.len() + body.len())?;
-    buf.reserve(prefix.len() + DATA_KEY.len() + head.len() + body.len());
+    (head, used)
+}
+
+/// Appends a data frame carrying `body`, length prefix first, to `buf`: the bytes of
+/// `Frame::Data(body.to_vec()).put(buf)`, with the body copied once.
+pub(crate) fn put_data(buf: &mut Vec<u8>, body: &[u8]) -> std::io::Result<()> {
+    let (head, used) = bytes_head(body.len());
+    let prefix = frame::prefix(DATA_KEY.len() + used + body.len())?;
+    buf.reserve(prefix.len() + DATA_KEY.len() + used + body.len());
     buf.extend_from_slice(&prefix);
     buf.extend_from_slice(&DATA_KEY);
-    buf.extend_from_slice(head);
+    buf.extend_from_slice(&head[..used]);
     buf.extend_from_slice(body);
     Ok(())
 }
 
-/// Where the body of a data frame begins, if `bytes` is exactly one data frame with a
-/// definite-length body; anything else is left to the general decoder.
-fn data_body_start(bytes: &[u8]) -> Option<usize> {
+/// Room kept in front of a body framed in place: length prefix, key, and the longest head.
+const BODY_ROOM: usize = 4 + DATA_KEY.len() + 9;
+
+/// A data frame whose body was encoded straight into the frame's buffer: the framing is filled
+/// in before the body afterwards, so the body is never copied.
+pub(crate) struct DataFrame {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl DataFrame {
+    /// A buffer to append a body to.
+    pub(crate) fn buffer() -> Vec<u8> {
+        vec![0; BODY_ROOM]
+    }
+
+    /// The length of the body appended to a [`DataFrame::buffer`].
+    pub(crate) fn body_len(buf: &[u8]) -> usize {
+        buf.len() - BODY_ROOM
+    }
+
+    /// Frames the body appended to a [`DataFrame::buffer`].
+    pub(crate) fn new(mut buf: Vec<u8>) -> std::io::Result<Self> {
+        let len = Self::body_len(&buf);
+        let (head, used) = bytes_head(len);
+        let start = BODY_ROOM - used - DATA_KEY.len() - 4;
+        let prefix = frame::prefix(DATA_KEY.len() + used + len)?;
+        buf[start..start + 4].copy_from_slice(&prefix);
+        buf[start + 4..start + 4 + DATA_KEY.len()].copy_from_slice(&DATA_KEY);
+        buf[BODY_ROOM - used..BODY_ROOM].copy_from_slice(&head[..used]);
+        Ok(Self { buf, start })
+    }
+
+    /// The frame, length prefix first.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+/// Reads one frame of at most `max` bytes: the read fails as [`frame::read`] does, the decoding
+/// as [`Frame::decode`]. A data frame's body is read straight into its own buffer.
+pub(crate) async fn read<S: futures::AsyncRead + Unpin>(
+    stream: &mut S,
+    max: usize,
+) -> Result<Result<Frame, String>, frame::ReadError> {
+    use futures::AsyncReadExt as _;
+
+    let size = frame::read_len(stream, max).await?;
+    let mut first = [0u8; DATA_KEY.len() + 9];
+    let peeked = size.min(first.len());
+    stream.read_exact(&mut first[..peeked]).await?;
+    if let Some((at, len)) = data_head(&first[..peeked])
+        && u64::try_from(size - at).ok() == Some(len)
+    {
+        let mut body = vec![0u8; size - at];
+        body[..peeked - at].copy_from_slice(&first[at..peeked]);
+        stream.read_exact(&mut body[peeked - at..]).await?;
+        return Ok(Ok(Frame::Data(body)));
+    }
+    let mut bytes = vec![0u8; size];
+    bytes[..peeked].copy_from_slice(&first[..peeked]);
+    stream.read_exact(&mut bytes[peeked..]).await?;
+    Ok(Frame::decode(bytes))
+}
+
+/// Where the body of a data frame begins and how long it says it is, if `bytes` begins with a
+/// data frame's key and a definite-length head; anything else is left to the general decoder.
+fn data_head(bytes: &[u8]) -> Option<(usize, u64)> {
     let rest = bytes.strip_prefix(&DATA_KEY)?;
     let (&first, rest) = rest.split_first()?;
     let argument = |n: usize| -> Option<u64> {
@@ -163,8 +233,14 @@ fn data_body_start(bytes: &[u8]) -> Option<usize> {
         0x5b => (argument(8)?, 8),
         _ => return None,
     };
-    let start = DATA_KEY.len() + 1 + extra;
-    (u64::try_from(bytes.len() - start).ok()? == len).then_some(start)
+    Some((DATA_KEY.len() + 1 + extra, len))
+}
+
+/// Where the body of a data frame begins, if `bytes` is exactly one data frame with a
+/// definite-length body.
+fn data_body_start(bytes: &[u8]) -> Option<usize> {
+    let (at, len) = data_head(bytes)?;
+    (u64::try_from(bytes.len() - at).ok()? == len).then_some(at)
 }
 
 #[cfg(test)]
@@ -248,6 +324,43 @@ mod tests {
             assert_eq!(framed[4..], general[..], "{len}");
             assert_eq!(Frame::decode(general).unwrap(), Frame::Data(body), "{len}");
         }
+        // Framed in place, and read back from a stream, at the same boundaries.
+        for len in [0, 1, 23, 24, 255, 256, 65_535, 65_536] {
+            let body: Vec<u8> = (0..len).map(|i| (i % 13) as u8).collect();
+            let mut buf = DataFrame::buffer();
+            buf.extend_from_slice(&body);
+            assert_eq!(DataFrame::body_len(&buf), len);
+            let framed = DataFrame::new(buf).unwrap();
+            let mut expected = Vec::new();
+            put_data(&mut expected, &body).unwrap();
+            assert_eq!(framed.bytes(), &expected[..], "{len}");
+            let mut stream = framed.bytes();
+            let read = futures::executor::block_on(read(&mut stream, 1 << 20));
+            assert_eq!(read.unwrap().unwrap(), Frame::Data(body), "{len}");
+        }
+        // Every other frame, and frames shorter than a data frame's head, read whole.
+        for frame in [
+            Frame::End,
+            vectors().remove(0).1,
+            vectors().pop().unwrap().1,
+        ] {
+            let mut buf = Vec::new();
+            frame.put(&mut buf).unwrap();
+            let read = futures::executor::block_on(read(&mut &buf[..], 1 << 20));
+            assert_eq!(read.unwrap().unwrap(), frame);
+        }
+        // A data frame with a byte more than its head says is refused, not cut short; a
+        // truncated one is an I/O error.
+        let mut buf = Vec::new();
+        put_data(&mut buf, b"abc").unwrap();
+        let mut longer = buf.clone();
+        longer[3] += 1;
+        longer.push(b'd');
+        let read_longer = futures::executor::block_on(read(&mut &longer[..], 100));
+        assert!(read_longer.unwrap().is_err());
+        let truncated = futures::executor::block_on(read(&mut &buf[..buf.len() - 1], 100));
+        assert!(matches!(truncated, Err(frame::ReadError::Io(_))));
+
         // A longer head than needed is still CBOR, and means the same.
         for head in [&b"\x58\x03"[..], b"\x59\x00\x03", b"\x5a\x00\x00\x00\x03"] {
             let mut bytes = DATA_KEY.to_vec();
