@@ -458,34 +458,32 @@ async fn a_revocation_reaches_every_node_and_ends_the_grant() {
     }
 }
 
-/// A policy trusting `issuer`, with `rules` in their text form.
-fn guarded(issuer: &Identity, rules: &[&str]) -> auth::Config {
-    rules.iter().fold(
-        auth::Config::new().trust(issuer.peer_id()),
-        |config, rule| config.rule(rule.parse().unwrap()),
-    )
-}
-
-/// A cluster whose members have known identities, all with `policy`, member `i` also
-/// presenting `grants[i]`.
-async fn cluster(
+/// A cluster of `size` members with known identities, all trusting one fresh issuer and
+/// enforcing `rules` (text form); member `i` of each `(i, role)` in `roles` presents a grant
+/// of that role.
+async fn guarded_cluster(
     network: &str,
     size: usize,
-    policy: auth::Config,
-    grants: impl Fn(usize, PeerId) -> Option<Grant> + Send + Sync + 'static,
+    rules: &[&str],
+    roles: &[(usize, &str)],
 ) -> (Cluster, Vec<Identity>) {
+    let issuer = Identity::generate();
+    let policy = rules.iter().fold(
+        auth::Config::new().trust(issuer.peer_id()),
+        |config, rule| config.rule(rule.parse().unwrap()),
+    );
     let ids: Vec<Identity> = (0..size).map(|_| Identity::generate()).collect();
+    let mut policies: Vec<auth::Config> = vec![policy; size];
+    for &(i, role) in roles {
+        policies[i] = policies[i]
+            .clone()
+            .grant(grant(&issuer, ids[i].peer_id(), role, network));
+    }
     let given = ids.clone();
     let cluster = Cluster::builder()
         .size(size)
         .network(network)
-        .configure(move |i, builder| {
-            let mut policy = policy.clone();
-            if let Some(g) = grants(i, given[i].peer_id()) {
-                policy = policy.grant(g);
-            }
-            builder.identity(given[i].clone()).auth(policy)
-        })
+        .configure(move |i, builder| builder.identity(given[i].clone()).auth(policies[i].clone()))
         .build()
         .await
         .unwrap();
@@ -495,21 +493,16 @@ async fn cluster(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unauthorised_publish_reaches_no_subscriber() {
     const NET: &str = "auth-broker";
-    let issuer = Identity::generate();
-    let policy = guarded(
-        &issuer,
+    // Member 1 is the alerter; member 2 holds a grant for another role.
+    let (cluster, _) = guarded_cluster(
+        NET,
+        5,
         &[
             "deny topic:alerts any 0",
             "allow topic:alerts role:alerter 10",
         ],
-    );
-    // Member 1 is the alerter; member 2 holds a grant for another role.
-    let grants_issuer = issuer.clone();
-    let (cluster, _) = cluster(NET, 5, policy, move |i, peer| match i {
-        1 => Some(grant(&grants_issuer, peer, "alerter", NET)),
-        2 => Some(grant(&grants_issuer, peer, "viewer", NET)),
-        _ => None,
-    })
+        &[(1, "alerter"), (2, "viewer")],
+    )
     .await;
     let received = Arc::new(Mutex::new(Vec::<(usize, Vec<u8>)>::new()));
     let mut subs = Vec::new();
@@ -632,18 +625,15 @@ async fn an_unauthorised_publish_reaches_no_subscriber() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_peers_allowed_to_offer_a_service_are_listed() {
     const NET: &str = "auth-registry";
-    let issuer = Identity::generate();
-    let policy = guarded(
-        &issuer,
+    let (cluster, _) = guarded_cluster(
+        NET,
+        4,
         &[
             "deny announce:vault any 0",
             "allow announce:vault role:vault-server 10",
         ],
-    );
-    let grants_issuer = issuer.clone();
-    let (cluster, _) = cluster(NET, 4, policy, move |i, peer| {
-        (i == 1).then(|| grant(&grants_issuer, peer, "vault-server", NET))
-    })
+        &[(1, "vault-server")],
+    )
     .await;
     // Member 1 may offer `vault`; member 2 offers it too, without a grant, and `open` besides.
     for i in [1, 2] {
@@ -699,18 +689,15 @@ async fn only_peers_allowed_to_offer_a_service_are_listed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_group_members_refuse_unauthorised_deliveries() {
     const NET: &str = "auth-queue";
-    let issuer = Identity::generate();
-    let policy = guarded(
-        &issuer,
+    let (cluster, _) = guarded_cluster(
+        NET,
+        3,
         &[
             "deny topic:jobs any 0",
             "allow topic:jobs role:dispatcher 10",
         ],
-    );
-    let grants_issuer = issuer.clone();
-    let (cluster, _) = cluster(NET, 3, policy, move |i, peer| {
-        (i == 1).then(|| grant(&grants_issuer, peer, "dispatcher", NET))
-    })
+        &[(1, "dispatcher")],
+    )
     .await;
     let handled = Arc::new(AtomicUsize::new(0));
     let count = handled.clone();
@@ -772,18 +759,15 @@ async fn queue_group_members_refuse_unauthorised_deliveries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unauthorised_store_write_is_held_by_no_replica() {
     const NET: &str = "auth-store";
-    let issuer = Identity::generate();
-    let policy = guarded(
-        &issuer,
+    let (cluster, ids) = guarded_cluster(
+        NET,
+        8,
         &[
             "deny table:vault/* any 0",
             "allow table:vault/* role:writer 10",
         ],
-    );
-    let grants_issuer = issuer.clone();
-    let (cluster, ids) = cluster(NET, 8, policy, move |i, peer| {
-        (i == 1).then(|| grant(&grants_issuer, peer, "writer", NET))
-    })
+        &[(1, "writer")],
+    )
     .await;
     for i in 0..8 {
         let node = cluster.node(i).clone();
