@@ -1227,7 +1227,10 @@ impl EventLoop {
         id: gossipsub::MessageId,
         message: gossipsub::Message,
     ) {
-        let verdict = self.check_gossip_message(via, message);
+        let (verdict, accepted) = match self.check_gossip_message(via, message) {
+            Ok(accepted) => (Validation::Accept, Some(accepted)),
+            Err(verdict) => (verdict, None),
+        };
         let acceptance = match verdict {
             Validation::Accept => gossipsub::MessageAcceptance::Accept,
             Validation::Reject => {
@@ -1236,26 +1239,38 @@ impl EventLoop {
             }
             Validation::Ignore => gossipsub::MessageAcceptance::Ignore,
         };
+        // Forward before delivering. Both wake other tasks (the connections to the mesh peers,
+        // the subscribers' readers), and tokio runs the task woken last first: a subscriber
+        // woken before the forwards would wait behind them and behind the work they cause on
+        // this runtime (measured on 50 in-process nodes: 3× the delivery latency).
         self.swarm
             .behaviour_mut()
             .gossipsub
             .report_message_validation_result(&id, &via, acceptance);
+        if let Some(message) = accepted {
+            self.deliver_gossip(&message);
+        }
     }
 
-    /// Validates a message and, when it is accepted, queues it to the topic's subscribers.
-    fn check_gossip_message(&mut self, via: PeerId, message: gossipsub::Message) -> Validation {
+    /// Validates a message: `Ok` with the message to deliver when it is accepted, the verdict
+    /// otherwise.
+    fn check_gossip_message(
+        &mut self,
+        via: PeerId,
+        message: gossipsub::Message,
+    ) -> Result<gossip::Message, Validation> {
         let Some(topic) = message.topic.as_str().strip_prefix(&self.gossip_prefix) else {
-            return Validation::Reject;
+            return Err(Validation::Reject);
         };
         let Some(source) = message.source else {
             // Strict validation rejects unsigned messages before they get here.
-            return Validation::Reject;
+            return Err(Validation::Reject);
         };
         if let Some(state) = self.peers.get_mut(&via) {
             state.last_active = Instant::now();
         }
         if !self.topics.contains_key(topic) {
-            return Validation::Ignore;
+            return Err(Validation::Ignore);
         }
         let delivered = gossip::Message {
             topic: topic.to_owned(),
@@ -1269,16 +1284,23 @@ impl EventLoop {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| validator(&delivered)));
             match verdict {
                 Ok(Validation::Accept) => {}
-                Ok(other) => return other,
+                Ok(other) => return Err(other),
                 Err(_) => {
                     tracing::error!(%topic, "a gossip validation hook panicked; message ignored");
-                    return Validation::Ignore;
+                    return Err(Validation::Ignore);
                 }
             }
         }
+        Ok(delivered)
+    }
+
+    /// Queues an accepted message to its topic's subscribers.
+    fn deliver_gossip(&mut self, message: &gossip::Message) {
         let metrics = &self.metrics_local;
-        let subscribers = self.topics.get_mut(topic).expect("checked above");
-        subscribers.retain(|s| match s.deliver(delivered.clone()) {
+        let Some(subscribers) = self.topics.get_mut(&message.topic) else {
+            return;
+        };
+        subscribers.retain(|s| match s.deliver(message.clone()) {
             Delivery::Queued => {
                 metrics.gossip_delivered.inc();
                 true
@@ -1290,10 +1312,8 @@ impl EventLoop {
             Delivery::Gone => false,
         });
         if subscribers.is_empty() {
-            let topic = topic.to_owned();
-            self.unsubscribe_topic(&topic);
+            self.unsubscribe_topic(&message.topic);
         }
-        Validation::Accept
     }
 
     fn on_kad_event(&mut self, event: kad::Event) {
