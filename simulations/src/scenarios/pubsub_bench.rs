@@ -1,16 +1,21 @@
 //! `pubsub-bench`: publish-to-deliver latency and delivery ratio of the micromesh broker against
 //! raw gossipsub, on N in-process nodes (memory transport, Noise, yamux), in one run.
 //!
-//! Three series: raw gossipsub on a bare libp2p swarm (the baseline), micromesh's node-level
-//! gossip (the same gossipsub inside micromesh's full libp2p stack, without the broker), and
-//! the broker. The first two differ by the stack (identify, ping, Kademlia, relay, hole
-//! punching, keep-alive, streams, metrics on every connection); the last two by the broker.
+//! Four series:
 //!
-//! Both meshes get the same shape: every node connected to every other, every node but the
+//! - **raw gossipsub**: gossipsub alone on a bare libp2p swarm (the baseline the issue names);
+//! - **libp2p stack**: the same bare swarm with the libp2p behaviours a micromesh node composes
+//!   beside gossipsub, configured as micromesh configures them (identify, ping every 10 s,
+//!   Kademlia, libp2p-stream accepting micromesh's four stream protocols, relay client, DCUtR),
+//!   and no micromesh code at all: what the stack costs by itself;
+//! - **micromesh node gossip**: the node's own gossip (`Node::publish`, `Node::subscribe`), i.e.
+//!   the stack plus micromesh's event loop, keep-alive, limits and subscriber queues;
+//! - **micromesh broker**: the broker on top (envelopes, validation, ordering, handlers).
+//!
+//! Every mesh gets the same shape: every node connected to every other, every node but the
 //! publisher subscribed, gossipsub's heartbeat at 500 ms and strict signing. One node publishes
 //! `MESSAGES` small messages at a steady rate (`--rate`, default 20 per second); each subscriber
-//! notes when each arrives. Rounds
-//! alternate baseline and micromesh to even out a noisy machine.
+//! notes when each arrives. Rounds alternate the series to even out a noisy machine.
 
 use std::{
     collections::HashMap,
@@ -20,10 +25,10 @@ use std::{
 
 use futures::StreamExt as _;
 use libp2p::{
-    Multiaddr, Swarm, SwarmBuilder,
+    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder,
     core::{Transport as _, transport::MemoryTransport, upgrade::Version},
-    gossipsub, noise,
-    swarm::SwarmEvent,
+    dcutr, gossipsub, identify, kad, noise, ping, relay,
+    swarm::{NetworkBehaviour, SwarmEvent},
     yamux,
 };
 use micromesh::{
@@ -90,39 +95,174 @@ async fn settle() -> f64 {
     cpu_time().saturating_sub(before).as_secs_f64() * 100.0 / IDLE_WINDOW.as_secs_f64()
 }
 
-fn raw_swarm() -> Result<Swarm<gossipsub::Behaviour>, String> {
+/// A bare swarm's behaviour: gossipsub, alone or with other behaviours beside it.
+trait Gossip: NetworkBehaviour + Send + 'static
+where
+    Self::ToSwarm: Send,
+{
+    fn gossipsub(&mut self) -> &mut gossipsub::Behaviour;
+    /// The gossipsub message in one of the behaviour's events.
+    fn message(event: Self::ToSwarm) -> Option<gossipsub::Message>;
+}
+
+impl Gossip for gossipsub::Behaviour {
+    fn gossipsub(&mut self) -> &mut gossipsub::Behaviour {
+        self
+    }
+
+    fn message(event: gossipsub::Event) -> Option<gossipsub::Message> {
+        match event {
+            gossipsub::Event::Message { message, .. } => Some(message),
+            _ => None,
+        }
+    }
+}
+
+/// Gossipsub with the libp2p behaviours a micromesh node runs beside it.
+#[derive(NetworkBehaviour)]
+struct Stack {
+    gossipsub: gossipsub::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    streams: libp2p_stream::Behaviour,
+    relay_client: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
+}
+
+impl Gossip for Stack {
+    fn gossipsub(&mut self) -> &mut gossipsub::Behaviour {
+        &mut self.gossipsub
+    }
+
+    fn message(event: StackEvent) -> Option<gossipsub::Message> {
+        match event {
+            StackEvent::Gossipsub(event) => gossipsub::Behaviour::message(event),
+            _ => None,
+        }
+    }
+}
+
+/// Which bare swarm a raw round runs.
+#[derive(Clone, Copy)]
+enum Baseline {
+    Gossipsub,
+    Stack,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn gossipsub_behaviour(key: &libp2p::identity::Keypair) -> Result<gossipsub::Behaviour, BoxError> {
+    let config = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(Duration::from_millis(500))
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .build()?;
+    Ok(gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        config,
+    )?)
+}
+
+/// The behaviours beside gossipsub, with micromesh's settings where it changes libp2p's.
+fn stack(
+    key: &libp2p::identity::Keypair,
+    relay_client: relay::client::Behaviour,
+) -> Result<Stack, BoxError> {
+    let peer = PeerId::from(key.public());
+    let network = "pubsub-bench";
+    let protocol =
+        |name: &str| StreamProtocol::try_from_owned(format!("/micromesh/{network}/{name}/1.0.0"));
+    let streams = libp2p_stream::Behaviour::new();
+    let mut control = streams.new_control();
+    for name in ["rpc", "registry", "broker", "auth"] {
+        // The incoming streams are never opened here; accepting registers the protocol.
+        let _incoming = control.accept(protocol(name)?)?;
+    }
+    let kad_config = kad::Config::new(protocol("kad")?);
+    Ok(Stack {
+        gossipsub: gossipsub_behaviour(key)?,
+        identify: identify::Behaviour::new(
+            identify::Config::new("/micromesh/1.0.0".into(), key.public())
+                .with_push_listen_addr_updates(true)
+                .with_interval(Duration::from_secs(300)),
+        ),
+        ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(10))),
+        kad: kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_config),
+        streams,
+        relay_client,
+        dcutr: dcutr::Behaviour::new(peer),
+    })
+}
+
+fn memory_transport(
+    key: &libp2p::identity::Keypair,
+) -> Result<libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing::StreamMuxerBox)>, BoxError>
+{
+    Ok(MemoryTransport::default()
+        .upgrade(Version::V1)
+        .authenticate(noise::Config::new(key)?)
+        .multiplex(yamux::Config::default())
+        .map(|(peer, muxer), _| (peer, libp2p::core::muxing::StreamMuxerBox::new(muxer)))
+        .boxed())
+}
+
+fn idle_timeout(c: libp2p::swarm::Config) -> libp2p::swarm::Config {
+    c.with_idle_connection_timeout(Duration::from_secs(300))
+}
+
+fn gossipsub_swarm() -> Result<Swarm<gossipsub::Behaviour>, String> {
     Ok(SwarmBuilder::with_new_identity()
         .with_tokio()
-        .with_other_transport(|key| {
-            Ok(MemoryTransport::default()
-                .upgrade(Version::V1)
-                .authenticate(noise::Config::new(key)?)
-                .multiplex(yamux::Config::default()))
-        })
+        .with_other_transport(memory_transport)
         .map_err(|e| e.to_string())?
-        .with_behaviour(|key| {
-            let config = gossipsub::ConfigBuilder::default()
-                .heartbeat_interval(Duration::from_millis(500))
-                .validation_mode(gossipsub::ValidationMode::Strict)
-                .build()?;
-            let behaviour = gossipsub::Behaviour::new(
-                gossipsub::MessageAuthenticity::Signed(key.clone()),
-                config,
-            )?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(behaviour)
-        })
+        .with_behaviour(gossipsub_behaviour)
         .map_err(|e| e.to_string())?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .with_swarm_config(idle_timeout)
         .build())
 }
 
-/// Raw gossipsub on `nodes` swarms: node 0 publishes, the others subscribe.
-async fn raw_round(nodes: usize, interval: Duration) -> Result<Round, String> {
+fn stack_swarm() -> Result<Swarm<Stack>, String> {
+    Ok(SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_other_transport(memory_transport)
+        .map_err(|e| e.to_string())?
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| e.to_string())?
+        .with_behaviour(stack)
+        .map_err(|e| e.to_string())?
+        .with_swarm_config(idle_timeout)
+        .build())
+}
+
+/// One raw round on the chosen bare swarm.
+async fn raw_round(nodes: usize, interval: Duration, baseline: Baseline) -> Result<Round, String> {
+    match baseline {
+        Baseline::Gossipsub => {
+            let swarms = (0..nodes)
+                .map(|_| gossipsub_swarm())
+                .collect::<Result<_, _>>()?;
+            bare_round(swarms, interval).await
+        }
+        Baseline::Stack => {
+            let swarms = (0..nodes)
+                .map(|_| stack_swarm())
+                .collect::<Result<_, _>>()?;
+            bare_round(swarms, interval).await
+        }
+    }
+}
+
+/// Gossipsub on bare swarms: swarm 0 publishes, the others subscribe.
+async fn bare_round<B>(mut built: Vec<Swarm<B>>, interval: Duration) -> Result<Round, String>
+where
+    B: Gossip,
+    B::ToSwarm: Send,
+{
+    let nodes = built.len();
     let topic = gossipsub::IdentTopic::new(TOPIC);
     let mut swarms = Vec::new();
     let mut addrs: Vec<Multiaddr> = Vec::new();
-    for _ in 0..nodes {
-        let mut swarm = raw_swarm()?;
+    for mut swarm in built.drain(..) {
         swarm
             .listen_on("/memory/0".parse().expect("valid"))
             .map_err(|e| e.to_string())?;
@@ -155,8 +295,8 @@ async fn raw_round(nodes: usize, interval: Duration) -> Result<Round, String> {
                     tokio::select! {
                         data = publish_rx.recv() => match data {
                             Some(data) => {
-                                if let Err(e) = swarm.behaviour_mut().publish(topic.clone(), data) {
-                                    eprintln!("raw publish failed: {e}");
+                                if let Err(e) = swarm.behaviour_mut().gossipsub().publish(topic.clone(), data) {
+                                    eprintln!("bare publish failed: {e}");
                                 }
                             }
                             None => break,
@@ -164,7 +304,8 @@ async fn raw_round(nodes: usize, interval: Duration) -> Result<Round, String> {
                         _ = swarm.select_next_some() => {}
                         _ = check.tick(), if !reported => {
                             let known = swarm
-                                .behaviour()
+                                .behaviour_mut()
+                                .gossipsub()
                                 .all_peers()
                                 .filter(|(_, topics)| topics.iter().any(|t| **t == topic.hash()))
                                 .count();
@@ -179,12 +320,13 @@ async fn raw_round(nodes: usize, interval: Duration) -> Result<Round, String> {
         } else {
             swarm
                 .behaviour_mut()
+                .gossipsub()
                 .subscribe(&topic)
                 .map_err(|e| e.to_string())?;
             tasks.push(tokio::spawn(async move {
                 loop {
-                    if let SwarmEvent::Behaviour(gossipsub::Event::Message { message, .. }) =
-                        swarm.select_next_some().await
+                    if let SwarmEvent::Behaviour(event) = swarm.select_next_some().await
+                        && let Some(message) = B::message(event)
                         && let Ok(bytes) = <[u8; 8]>::try_from(message.data.as_slice())
                     {
                         let at = Instant::now();
@@ -199,7 +341,7 @@ async fn raw_round(nodes: usize, interval: Duration) -> Result<Round, String> {
     }
     tokio::time::timeout(Duration::from_secs(60), ready_rx.recv())
         .await
-        .map_err(|_| "raw gossipsub: subscribers not known in time".to_owned())?;
+        .map_err(|_| "bare swarms: subscribers not known in time".to_owned())?;
     // Let the mesh form, as in the micromesh round.
     let idle = settle().await;
     let cpu_before = cpu_time();
@@ -213,7 +355,7 @@ async fn raw_round(nodes: usize, interval: Duration) -> Result<Round, String> {
         publish_tx
             .send(n.to_be_bytes().to_vec())
             .await
-            .map_err(|_| "raw publisher stopped")?;
+            .map_err(|_| "bare publisher stopped")?;
     }
     tokio::time::sleep(DRAIN).await;
     let busy = cpu_time().saturating_sub(cpu_before);
@@ -350,10 +492,13 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
     let nodes = options.nodes;
     let rounds = options.rounds.clamp(1, 4);
     let interval = Duration::from_secs(1) / options.rate as u32;
-    let (mut raw, mut node, mut broker) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut raw, mut stack, mut node, mut broker) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for n in 0..rounds {
         eprintln!("round {}: raw gossipsub", n + 1);
-        raw.push(raw_round(nodes, interval).await?);
+        raw.push(raw_round(nodes, interval, Baseline::Gossipsub).await?);
+        eprintln!("round {}: gossipsub in the libp2p stack", n + 1);
+        stack.push(raw_round(nodes, interval, Baseline::Stack).await?);
         eprintln!("round {}: micromesh node gossip", n + 1);
         node.push(micromesh_round(nodes, interval, Layer::Node).await?);
         eprintln!("round {}: micromesh broker", n + 1);
@@ -365,7 +510,8 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
             .flat_map(|r| r.latencies.iter().copied())
             .collect()
     };
-    let (raw_all, node_all, broker_all) = (all(&raw), all(&node), all(&broker));
+    let (raw_all, stack_all, node_all, broker_all) =
+        (all(&raw), all(&stack), all(&node), all(&broker));
     let report = |rounds: &[Round], latencies: &[Duration]| {
         serde_json::json!({
             "latency": percentiles(latencies.to_vec()),
@@ -374,7 +520,13 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
             "cpu_ms_per_message": rounds.iter().map(|r| r.cpu_ms_per_message).collect::<Vec<_>>(),
         })
     };
-    let ratio = |a: &[Duration], b: &[Duration], q: f64| quantile_ms(a, q) / quantile_ms(b, q);
+    let ratios = |a: &[Duration], b: &[Duration]| {
+        let ratio = |q: f64| quantile_ms(a, q) / quantile_ms(b, q);
+        serde_json::json!({
+            "latency_ratio_p50": ratio(0.5),
+            "latency_ratio_p99": ratio(0.99),
+        })
+    };
     Ok(serde_json::json!({
         "scenario": "pubsub-bench",
         "nodes": nodes,
@@ -382,16 +534,13 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
         "rate_per_second": options.rate,
         "rounds": rounds,
         "raw_gossipsub": report(&raw, &raw_all),
+        "libp2p_stack_gossipsub": report(&stack, &stack_all),
         "micromesh_node_gossip": report(&node, &node_all),
         "micromesh_broker": report(&broker, &broker_all),
-        "broker_vs_raw_gossipsub": {
-            "latency_ratio_p50": ratio(&broker_all, &raw_all, 0.5),
-            "latency_ratio_p99": ratio(&broker_all, &raw_all, 0.99),
-        },
-        "broker_vs_node_gossip": {
-            "latency_ratio_p50": ratio(&broker_all, &node_all, 0.5),
-            "latency_ratio_p99": ratio(&broker_all, &node_all, 0.99),
-        },
+        "broker_vs_raw_gossipsub": ratios(&broker_all, &raw_all),
+        "libp2p_stack_vs_raw_gossipsub": ratios(&stack_all, &raw_all),
+        "broker_vs_libp2p_stack": ratios(&broker_all, &stack_all),
+        "broker_vs_node_gossip": ratios(&broker_all, &node_all),
         "target": "broker latency <= 1.1x raw gossipsub",
     }))
 }
