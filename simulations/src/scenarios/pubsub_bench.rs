@@ -163,10 +163,12 @@ fn gossipsub_behaviour(key: &libp2p::identity::Keypair) -> Result<gossipsub::Beh
     )?)
 }
 
-/// The behaviours beside gossipsub, with micromesh's settings where it changes libp2p's.
+/// The behaviours beside gossipsub, with micromesh's settings where it changes libp2p's. The
+/// stream protocols stay supported as long as `incoming` holds their (never read) receivers.
 fn stack(
     key: &libp2p::identity::Keypair,
     relay_client: relay::client::Behaviour,
+    incoming: &mut Vec<libp2p_stream::IncomingStreams>,
 ) -> Result<Stack, BoxError> {
     let peer = PeerId::from(key.public());
     let network = "pubsub-bench";
@@ -175,8 +177,7 @@ fn stack(
     let streams = libp2p_stream::Behaviour::new();
     let mut control = streams.new_control();
     for name in ["rpc", "registry", "broker", "auth"] {
-        // The incoming streams are never opened here; accepting registers the protocol.
-        let _incoming = control.accept(protocol(name)?)?;
+        incoming.push(control.accept(protocol(name)?)?);
     }
     let kad_config = kad::Config::new(protocol("kad")?);
     Ok(Stack {
@@ -221,14 +222,14 @@ fn gossipsub_swarm() -> Result<Swarm<gossipsub::Behaviour>, String> {
         .build())
 }
 
-fn stack_swarm() -> Result<Swarm<Stack>, String> {
+fn stack_swarm(incoming: &mut Vec<libp2p_stream::IncomingStreams>) -> Result<Swarm<Stack>, String> {
     Ok(SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_other_transport(memory_transport)
         .map_err(|e| e.to_string())?
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| e.to_string())?
-        .with_behaviour(stack)
+        .with_behaviour(|key, relay_client| stack(key, relay_client, incoming))
         .map_err(|e| e.to_string())?
         .with_swarm_config(idle_timeout)
         .build())
@@ -244,10 +245,13 @@ async fn raw_round(nodes: usize, interval: Duration, baseline: Baseline) -> Resu
             bare_round(swarms, interval).await
         }
         Baseline::Stack => {
+            let mut incoming = Vec::new();
             let swarms = (0..nodes)
-                .map(|_| stack_swarm())
+                .map(|_| stack_swarm(&mut incoming))
                 .collect::<Result<_, _>>()?;
-            bare_round(swarms, interval).await
+            let round = bare_round(swarms, interval).await;
+            drop(incoming);
+            round
         }
     }
 }
