@@ -143,13 +143,6 @@ impl Gossip for Stack {
     }
 }
 
-/// Which bare swarm a raw round runs.
-#[derive(Clone, Copy)]
-enum Baseline {
-    Gossipsub,
-    Stack,
-}
-
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn gossipsub_behaviour(key: &libp2p::identity::Keypair) -> Result<gossipsub::Behaviour, BoxError> {
@@ -235,29 +228,16 @@ fn stack_swarm(incoming: &mut Vec<libp2p_stream::IncomingStreams>) -> Result<Swa
         .build())
 }
 
-/// One raw round on the chosen bare swarm.
-async fn raw_round(nodes: usize, interval: Duration, baseline: Baseline) -> Result<Round, String> {
-    match baseline {
-        Baseline::Gossipsub => {
-            let swarms = (0..nodes)
-                .map(|_| gossipsub_swarm())
-                .collect::<Result<_, _>>()?;
-            bare_round(swarms, interval).await
-        }
-        Baseline::Stack => {
-            let mut incoming = Vec::new();
-            let swarms = (0..nodes)
-                .map(|_| stack_swarm(&mut incoming))
-                .collect::<Result<_, _>>()?;
-            let round = bare_round(swarms, interval).await;
-            drop(incoming);
-            round
-        }
-    }
+/// `nodes` bare swarms from `build`.
+fn swarms<B: NetworkBehaviour>(
+    nodes: usize,
+    build: impl FnMut() -> Result<Swarm<B>, String>,
+) -> Result<Vec<Swarm<B>>, String> {
+    std::iter::repeat_with(build).take(nodes).collect()
 }
 
 /// Gossipsub on bare swarms: swarm 0 publishes, the others subscribe.
-async fn bare_round<B>(mut built: Vec<Swarm<B>>, interval: Duration) -> Result<Round, String>
+async fn bare_round<B>(built: Vec<Swarm<B>>, interval: Duration) -> Result<Round, String>
 where
     B: Gossip,
     B::ToSwarm: Send,
@@ -266,7 +246,7 @@ where
     let topic = gossipsub::IdentTopic::new(TOPIC);
     let mut swarms = Vec::new();
     let mut addrs: Vec<Multiaddr> = Vec::new();
-    for mut swarm in built.drain(..) {
+    for mut swarm in built {
         swarm
             .listen_on("/memory/0".parse().expect("valid"))
             .map_err(|e| e.to_string())?;
@@ -500,9 +480,13 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for n in 0..rounds {
         eprintln!("round {}: raw gossipsub", n + 1);
-        raw.push(raw_round(nodes, interval, Baseline::Gossipsub).await?);
+        raw.push(bare_round(swarms(nodes, gossipsub_swarm)?, interval).await?);
         eprintln!("round {}: gossipsub in the libp2p stack", n + 1);
-        stack.push(raw_round(nodes, interval, Baseline::Stack).await?);
+        // Holds the stack's stream protocols registered until the round is over.
+        let mut incoming = Vec::new();
+        let built = swarms(nodes, || stack_swarm(&mut incoming))?;
+        stack.push(bare_round(built, interval).await?);
+        drop(incoming);
         eprintln!("round {}: micromesh node gossip", n + 1);
         node.push(micromesh_round(nodes, interval, Layer::Node).await?);
         eprintln!("round {}: micromesh broker", n + 1);
