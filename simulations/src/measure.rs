@@ -110,15 +110,27 @@ pub(crate) fn percentiles(mut samples: Vec<Duration>) -> serde_json::Value {
 /// One call of a benchmark: a closure making a future per call.
 pub(crate) type Call = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
 
-/// The latency of `n` calls made one after another.
-pub(crate) async fn latencies(call: &Call, n: usize) -> Vec<Duration> {
-    let mut samples = Vec::with_capacity(n);
-    for _ in 0..n {
-        let started = Instant::now();
-        call().await;
-        samples.push(started.elapsed());
+/// The latency of `n` calls of `a` and `n` calls of `b`, made one at a time and interleaved
+/// (a b, b a, a b, …), so that a burst of load from elsewhere on the machine falls on both series
+/// alike instead of on whichever was running: what makes a p99 ratio worth reading on a shared
+/// machine.
+pub(crate) async fn paired_latencies(
+    a: &Call,
+    b: &Call,
+    n: usize,
+) -> (Vec<Duration>, Vec<Duration>) {
+    let mut samples = [Vec::with_capacity(n), Vec::with_capacity(n)];
+    for i in 0..n {
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for which in order {
+            let call = if which == 0 { a } else { b };
+            let started = Instant::now();
+            call().await;
+            samples[which].push(started.elapsed());
+        }
     }
-    samples
+    let [of_a, of_b] = samples;
+    (of_a, of_b)
 }
 
 /// Calls per second with `in_flight` calls kept running for `duration`.

@@ -18,7 +18,7 @@ use micromesh::{
 };
 use serde_bytes::ByteBuf;
 
-use crate::measure::{Call, Options, calls_per_second, latencies, percentiles, quantile_ms};
+use crate::measure::{Call, Options, calls_per_second, paired_latencies, percentiles, quantile_ms};
 
 struct Pair {
     server: Service,
@@ -119,18 +119,18 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
     let (off_call, on_call) = (caller(&off.client), caller(&on.client));
 
     // The first call of each client: with auth on, it pays the grant exchange.
-    let first_off = latencies(&off_call, 1).await[0];
-    let first_on = latencies(&on_call, 1).await[0];
+    let (first_off, first_on) = paired_latencies(&off_call, &on_call, 1).await;
+    let (first_off, first_on) = (first_off[0], first_on[0]);
     eprintln!("warm-up");
-    latencies(&off_call, 300).await;
-    latencies(&on_call, 300).await;
+    paired_latencies(&off_call, &on_call, 300).await;
 
     let (mut off_lat, mut on_lat, mut off_tput, mut on_tput) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         eprintln!("round {}", round + 1);
-        off_lat.extend(latencies(&off_call, 1000).await);
-        on_lat.extend(latencies(&on_call, 1000).await);
+        let (off, on) = paired_latencies(&off_call, &on_call, 1000).await;
+        off_lat.extend(off);
+        on_lat.extend(on);
         off_tput.push(calls_per_second(&off_call, 64, Duration::from_secs(3)).await);
         on_tput.push(calls_per_second(&on_call, 64, Duration::from_secs(3)).await);
     }

@@ -3,8 +3,9 @@
 //! when the peer lacks TLS, then yamux), in one run.
 //!
 //! Figures: latency p50/p99 at concurrency 1, calls/s with 64 in flight, both with small
-//! (64 B) and 64 KiB payloads; stream throughput in MiB/s. Each pair is measured twice,
-//! baseline and micromesh alternating, to even out a noisy machine.
+//! (64 B) and 64 KiB payloads; stream throughput in MiB/s. Latency samples interleave baseline
+//! and micromesh call by call; throughput and stream runs alternate them once per round: both to
+//! even out a noisy machine.
 
 use std::{
     collections::HashMap,
@@ -25,7 +26,7 @@ use micromesh::{
 use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::measure::{Call, Options, calls_per_second, latencies, percentiles, quantile_ms};
+use crate::measure::{Call, Options, calls_per_second, paired_latencies, percentiles, quantile_ms};
 
 const STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/bench/stream/1.0.0");
 
@@ -241,13 +242,13 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
         };
         // Warm up both paths.
         eprintln!("{label}: warm-up");
-        latencies(&raw_call, 200).await;
-        latencies(&mm_call, 200).await;
+        paired_latencies(&raw_call, &mm_call, 200).await;
         let (mut raw_lat, mut mm_lat, mut raw_tput, mut mm_tput) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
-            raw_lat.extend(latencies(&raw_call, 1000).await);
-            mm_lat.extend(latencies(&mm_call, 1000).await);
+            let (raw, mm) = paired_latencies(&raw_call, &mm_call, 1000).await;
+            raw_lat.extend(raw);
+            mm_lat.extend(mm);
             eprintln!("{label}: throughput");
             raw_tput.push(calls_per_second(&raw_call, 64, Duration::from_secs(3)).await);
             mm_tput.push(calls_per_second(&mm_call, 64, Duration::from_secs(3)).await);
@@ -259,6 +260,7 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
                 "payload_bytes": size,
                 "latency_c1": { "raw": percentiles(raw_lat.clone()), "micromesh": percentiles(mm_lat.clone()) },
                 "latency_p50_ratio": quantile_ms(&mm_lat, 0.5) / quantile_ms(&raw_lat, 0.5),
+                "latency_p99_ratio": quantile_ms(&mm_lat, 0.99) / quantile_ms(&raw_lat, 0.99),
                 "calls_per_second_64_in_flight": { "raw": raw_tput, "micromesh": mm_tput },
                 "throughput_ratio": mean(&mm_tput) / mean(&raw_tput),
             }),
