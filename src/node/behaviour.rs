@@ -1,7 +1,9 @@
 //! The composed libp2p behaviour and the swarm it runs in.
 //!
-//! Every protocol the node speaks is a field here. Optional ones are `Toggle`s, so a
-//! configuration that turns a protocol off takes the same code path with the field empty.
+//! Every protocol the node speaks is a field here. The ones a configuration may leave out are
+//! `Toggle`s inside [`Optional`], itself one `Toggle`: a configuration that turns a protocol
+//! off takes the same code path with the field empty, and a node with none of them (every
+//! [`Preset::Local`](super::Preset::Local) node) carries a single empty link for all five.
 
 use std::{num::NonZeroUsize, time::Duration};
 
@@ -44,19 +46,40 @@ pub(crate) const MAX_KAD_PACKET: usize = MAX_RECORD_SIZE + 64 * 1024;
 #[derive(libp2p::swarm::NetworkBehaviour)]
 pub(crate) struct Behaviour {
     pub(crate) limits: connection_limits::Behaviour,
-    pub(crate) memory_limits: Toggle<memory_connection_limits::Behaviour>,
+    pub(crate) optional: Toggle<Optional>,
     pub(crate) keep_alive: keep_alive::Behaviour,
     pub(crate) identify: identify::Behaviour,
     pub(crate) ping: ping::Behaviour,
     pub(crate) kad: kad::Behaviour<LocalStore>,
     pub(crate) gossipsub: gossipsub::Behaviour<gossipsub::IdentityTransform, gossip::Filter>,
     pub(crate) streams: streams::Behaviour,
-    pub(crate) autonat: Toggle<autonat::Behaviour>,
     pub(crate) relay_client: relay::client::Behaviour,
-    pub(crate) relay_server: Toggle<relay::Behaviour>,
     pub(crate) dcutr: dcutr::Behaviour,
+}
+
+/// The behaviours a node runs only when configured to, grouped so that they cost one link of
+/// the connection handler when all are off.
+///
+/// A connection's handler chains one handler per behaviour, and libp2p polls the whole chain
+/// and collects its protocols on every wake-up of the connection: five switched-off behaviours
+/// as five `Toggle`s of [`Behaviour`] were five links on every message and every call.
+#[derive(libp2p::swarm::NetworkBehaviour)]
+pub(crate) struct Optional {
+    pub(crate) memory_limits: Toggle<memory_connection_limits::Behaviour>,
+    pub(crate) autonat: Toggle<autonat::Behaviour>,
+    pub(crate) relay_server: Toggle<relay::Behaviour>,
     pub(crate) upnp: Toggle<upnp::tokio::Behaviour>,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+impl Optional {
+    fn is_empty(&self) -> bool {
+        !(self.memory_limits.is_enabled()
+            || self.autonat.is_enabled()
+            || self.relay_server.is_enabled()
+            || self.upnp.is_enabled()
+            || self.mdns.is_enabled())
+    }
 }
 
 impl Behaviour {
@@ -168,21 +191,24 @@ impl Behaviour {
             None
         });
 
+        let optional = Optional {
+            memory_limits,
+            autonat,
+            relay_server,
+            upnp,
+            mdns,
+        };
         Ok(Self {
             limits,
-            memory_limits,
+            optional: Toggle::from((!optional.is_empty()).then_some(optional)),
             keep_alive: keep_alive::Behaviour::new(keep_alive_protocol(network)),
             identify,
             ping,
             kad,
             gossipsub,
             streams,
-            autonat,
             relay_client,
-            relay_server,
             dcutr: dcutr::Behaviour::new(peer_id),
-            upnp,
-            mdns,
         })
     }
 }

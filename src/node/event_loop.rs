@@ -28,7 +28,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
     Command, DhtMode, DhtPeer, Error, Event, ExitReason, FoundRecord, PeerInfo, PublishError,
-    behaviour::{Behaviour, BehaviourEvent, kad_protocol, keep_alive_protocol},
+    behaviour::{Behaviour, BehaviourEvent, OptionalEvent, kad_protocol, keep_alive_protocol},
     config::Config,
     gossip::{self, Delivery, Subscriber, Validation},
     metrics::NodeMetrics,
@@ -1137,7 +1137,7 @@ impl EventLoop {
                     _ => {}
                 }
             }
-            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+            BehaviourEvent::Optional(OptionalEvent::Mdns(mdns::Event::Discovered(found))) => {
                 let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
                 for (peer, addr) in found {
                     by_peer.entry(peer).or_default().push(addr);
@@ -1153,7 +1153,10 @@ impl EventLoop {
                     }
                 }
             }
-            BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
+            BehaviourEvent::Optional(OptionalEvent::Autonat(autonat::Event::StatusChanged {
+                old,
+                new,
+            })) => {
                 tracing::info!(?old, ?new, "reachability changed");
                 if self.dht_mode == DhtMode::Auto {
                     match new {
@@ -1163,13 +1166,18 @@ impl EventLoop {
                     }
                 }
             }
-            BehaviourEvent::Upnp(upnp::Event::NewExternalAddr { external_addr, .. }) => {
+            BehaviourEvent::Optional(OptionalEvent::Upnp(upnp::Event::NewExternalAddr {
+                external_addr,
+                ..
+            })) => {
                 tracing::info!(%external_addr, "UPnP mapped an external address");
             }
-            BehaviourEvent::Upnp(upnp::Event::NonRoutableGateway) => {
+            BehaviourEvent::Optional(OptionalEvent::Upnp(upnp::Event::NonRoutableGateway)) => {
                 tracing::debug!("UPnP gateway is not routable");
             }
-            BehaviourEvent::RelayServer(event) => self.metrics.record(&event),
+            BehaviourEvent::Optional(OptionalEvent::RelayServer(event)) => {
+                self.metrics.record(&event)
+            }
             BehaviourEvent::Dcutr(event) => {
                 self.metrics.record(&event);
                 tracing::debug!(?event, "hole punching");
