@@ -468,3 +468,55 @@ async fn metrics_hold_libp2p_counters() {
     );
     cluster.shutdown().await.unwrap();
 }
+
+/// A node with the relay server on (the optional behaviours' link enabled) relays: `b` reserves
+/// a circuit on it, and `c`, which only knows `b`'s circuit address, reaches `b` through it.
+/// In-process, the relay's only external address is the one it is told to advertise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_server_carries_a_circuit_between_two_peers() {
+    let relay_addr: Multiaddr = format!("/memory/{}", rand_port()).parse().unwrap();
+    let relay = Node::builder()
+        .preset(Preset::Local)
+        .listen(relay_addr.clone())
+        .external_address(relay_addr.clone())
+        .relay_server(true)
+        .build()
+        .await
+        .unwrap();
+    let relay_addr = relay.listen_addrs().await.unwrap().remove(0);
+    let circuit: Multiaddr = format!("{relay_addr}/p2p-circuit").parse().unwrap();
+    let b = Node::builder()
+        .preset(Preset::Local)
+        .bootstrap(relay_addr.clone())
+        .listen(circuit.clone())
+        .build()
+        .await
+        .unwrap();
+    let b_via_relay: Multiaddr = format!("{circuit}/p2p/{}", b.peer_id()).parse().unwrap();
+    let c = Node::builder().preset(Preset::Local).build().await.unwrap();
+
+    // The reservation is made once b is connected to the relay; until then dials fail.
+    let reached = wait_until(WAIT, || async { c.dial(b_via_relay.clone()).await.is_ok() }).await;
+    assert!(reached.is_ok(), "c never reached b through the relay");
+    let peers = c.peers().await.unwrap();
+    let to_b = peers
+        .iter()
+        .find(|p| p.peer_id == b.peer_id())
+        .expect("c is connected to b");
+    assert!(
+        to_b.addresses
+            .iter()
+            .any(|a| a.to_string().contains("/p2p-circuit")),
+        "c's connection to b is not relayed: {:?}",
+        to_b.addresses
+    );
+    for node in [c, b, relay] {
+        node.shutdown().await;
+    }
+}
+
+/// A free-enough in-process port: random, so tests running at once do not collide.
+fn rand_port() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now()) | 1
+}

@@ -116,6 +116,7 @@ pub(crate) struct Config {
     pub(crate) data_dir: Option<PathBuf>,
     pub(crate) listen: Vec<Multiaddr>,
     pub(crate) bootstrap: Vec<Multiaddr>,
+    pub(crate) external: Vec<Multiaddr>,
     pub(crate) mdns: bool,
     pub(crate) upnp: bool,
     pub(crate) autonat: bool,
@@ -163,6 +164,7 @@ impl Config {
             data_dir: None,
             listen,
             bootstrap: Vec::new(),
+            external: Vec::new(),
             mdns: !local,
             upnp: !local,
             autonat: !local,
@@ -317,6 +319,25 @@ impl Builder {
     pub fn no_listen(mut self) -> Self {
         self.config.listen.clear();
         self.listen_set = true;
+        self
+    }
+
+    /// Advertises an address at which peers reach this node, beside the ones it learns itself
+    /// (its listen addresses, identify's observations, AutoNAT, UPnP): the address of a port
+    /// forward or a load balancer in front of it (go-micro's `Advertise`). It is offered to
+    /// peers in identify, in the DHT and in relay reservations; a relay server hands out
+    /// circuits only while it knows at least one such address. Repeatable; default is none.
+    ///
+    /// ```
+    /// use micromesh::node::{Node, Preset};
+    ///
+    /// let builder = Node::builder()
+    ///     .preset(Preset::Local)
+    ///     .external_address("/dns4/mesh.example.com/tcp/4001".parse()?);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn external_address(mut self, addr: Multiaddr) -> Self {
+        self.config.external.push(addr);
         self
     }
 

@@ -221,6 +221,9 @@ impl EventLoop {
     /// spawned, so that listen errors reach the caller of `build`, and returns once every
     /// listener has reported its first address.
     pub(crate) async fn start(&mut self, config: &Config) -> Result<(), Error> {
+        for addr in &config.external {
+            self.swarm.add_external_address(addr.clone());
+        }
         let mut listeners = HashMap::new();
         for addr in &config.listen {
             if config.psk.is_some() && is_quic(addr) {

@@ -35,9 +35,13 @@ pub(crate) struct NodeArgs {
     /// Do not probe reachability with AutoNAT.
     #[arg(long)]
     no_autonat: bool,
-    /// Offer circuit-relay service to peers behind NAT.
+    /// Offer circuit-relay service to peers behind NAT. A relay needs an address peers reach
+    /// it at: one confirmed by AutoNAT, or one given with `--advertise`.
     #[arg(long)]
     relay: bool,
+    /// An address peers reach this node at, e.g. a port forward's (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    advertise: Vec<Multiaddr>,
     /// The most bytes of store records this node keeps for the mesh, e.g. `512MiB`, `2GiB`.
     #[arg(long, env = "MICROMESH_STORE_CAPACITY", default_value = "256MiB", value_parser = parse_size)]
     store_capacity: u64,
@@ -97,6 +101,7 @@ pub(crate) async fn run(global: &Global, args: &NodeArgs) -> Result<(), BoxError
         builder = builder.bootstrap(addr.clone());
     }
     let key = global.pre_shared_key()?;
+    let advertise = args.advertise.clone();
     let (no_mdns, no_upnp, no_autonat, relay, capacity) = (
         args.no_mdns,
         args.no_upnp,
@@ -107,6 +112,9 @@ pub(crate) async fn run(global: &Global, args: &NodeArgs) -> Result<(), BoxError
     builder = builder.configure_node(move |mut node| {
         if let Some(key) = key {
             node = node.pre_shared_key(key);
+        }
+        for addr in &advertise {
+            node = node.external_address(addr.clone());
         }
         node.mdns(!no_mdns)
             .upnp(!no_upnp)
