@@ -324,9 +324,10 @@ impl Builder {
 
     /// Advertises an address at which peers reach this node, beside the ones it learns itself
     /// (its listen addresses, identify's observations, AutoNAT, UPnP): the address of a port
-    /// forward or a load balancer in front of it (go-micro's `Advertise`). It is offered to
-    /// peers in identify, in the DHT and in relay reservations; a relay server hands out
-    /// circuits only while it knows at least one such address. Repeatable; default is none.
+    /// forward or a load balancer in front of it (go-micro's `Advertise`). Peers learn it through
+    /// identify (and put it in their DHT routing tables) and in relay reservations; a relay
+    /// server hands out circuits only while it knows at least one such address. Repeatable;
+    /// default is none.
     ///
     /// ```
     /// use micromesh::node::{Node, Preset};
