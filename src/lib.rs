@@ -55,8 +55,9 @@
 //!   redelivery.
 //! - [`client`]: calls by service name, with timeouts, safe retries on other nodes, a pinned
 //!   peer, selector strategy and filters; errors name the phase and the peer.
-//! - [`transport`] and [`codec`]: one libp2p stream per call with length-prefixed CBOR
-//!   frames and explicit end-of-stream; CBOR or JSON bodies, answered in the caller's codec.
+//! - [`transport`] and [`codec`]: libp2p streams carrying length-prefixed CBOR frames with
+//!   explicit end-of-stream, kept open between unary calls to the same peer; CBOR or JSON
+//!   bodies, answered in the caller's codec.
 //! - [`status`]: the [`Status`] that crosses the wire (go-micro's codes, id and detail).
 //! - `testing` (feature `testing`): in-process clusters with fault injection.
 //!

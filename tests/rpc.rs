@@ -614,3 +614,173 @@ async fn tower_layers_work_unchanged() {
         s.stop().await.unwrap();
     }
 }
+
+/// The value of one metric line in Prometheus text, 0 when absent.
+fn metric(service: &Service, name: &str) -> u64 {
+    service
+        .node()
+        .encode_metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+const STREAMS: &str = "micromesh_server_streams_total ";
+const STREAMS_OPEN: &str = "micromesh_server_streams_open ";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_calls_follow_one_another_on_one_stream_until_it_fails_or_idles() {
+    let mesh = Mesh::new("rpc-reuse").await;
+    let idle = transport::Config::default().idle_timeout(Duration::from_millis(500));
+    let server = mesh
+        .service("greeter")
+        .transport_config(idle)
+        .handle("Greeter.Hello", hello)
+        .build()
+        .await
+        .unwrap();
+    let client = mesh.client().await;
+    resolvable(&client, "greeter", 1).await;
+    let c = client.client();
+    let greet = |name: &str| {
+        let request = HelloRequest { name: name.into() };
+        async move {
+            c.call::<_, HelloReply>("greeter", "Greeter.Hello", &request)
+                .await
+        }
+    };
+
+    for i in 0..20 {
+        let reply = greet(&format!("n{i}")).await.unwrap();
+        assert_eq!(reply.msg, format!("Hello, n{i}! (from greeter)"));
+    }
+    assert_eq!(
+        metric(&server, STREAMS),
+        1,
+        "20 calls in a row share a stream"
+    );
+
+    // An error status closes the stream; the next call opens another.
+    let err = greet("").await.unwrap_err();
+    assert_eq!(err.status().code(), Code::Conflict, "{err}");
+    greet("after an error").await.unwrap();
+    assert_eq!(metric(&server, STREAMS), 2);
+
+    // The server closes the stream once it idles past 500 ms; the client still holds it, and
+    // its next call, which meets the server's `end`, goes on a new stream without an error.
+    wait_until(WAIT, || async { metric(&server, STREAMS_OPEN) == 0 })
+        .await
+        .expect("the server closes an idle stream");
+    let reply = greet("after idling").await.unwrap();
+    assert_eq!(reply.msg, "Hello, after idling! (from greeter)");
+    assert_eq!(metric(&server, STREAMS), 3);
+    assert_eq!(metric(&server, "micromesh_server_calls_total "), 23);
+    for s in [client, server, mesh.bootstrap] {
+        s.stop().await.unwrap();
+    }
+}
+
+/// Counts its drops: the handler's future owns one.
+struct DropCount(Arc<AtomicUsize>);
+
+impl Drop for DropCount {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_call_drops_its_handler_and_the_server_keeps_serving() {
+    let mesh = Mesh::new("rpc-abandon").await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let (s, d) = (started.clone(), dropped.clone());
+    let server = mesh
+        .service("waiter")
+        .handle("Wait.Forever", move |_: Context, _: u32| {
+            let guard = DropCount(d.clone());
+            s.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let _guard = guard;
+                futures::future::pending::<Result<u32, Status>>().await
+            }
+        })
+        .handle("Wait.Not", |_: Context, n: u32| async move {
+            Ok::<_, Status>(n)
+        })
+        .build()
+        .await
+        .unwrap();
+    let client = mesh.client().await;
+    resolvable(&client, "waiter", 1).await;
+    let c = client.client().clone();
+    // Warm the client's kept stream, so the abandoned call runs on a reused one.
+    assert_eq!(c.call::<_, u32>("waiter", "Wait.Not", &1).await.unwrap(), 1);
+
+    // A call with a 60 s budget, dropped by its caller once the handler runs.
+    let patient = CallOptions::default().timeout(Duration::from_secs(60));
+    let call = tokio::spawn({
+        let c = c.clone();
+        async move {
+            c.call_with::<_, u32>("waiter", "Wait.Forever", &0, patient)
+                .await
+        }
+    });
+    wait_until(WAIT, || async { started.load(Ordering::SeqCst) == 1 })
+        .await
+        .expect("the handler starts");
+    call.abort();
+    // Without abandonment the handler would live until the call's deadline, a minute away.
+    wait_until(WAIT, || async { dropped.load(Ordering::SeqCst) == 1 })
+        .await
+        .expect("the server drops the abandoned call's handler");
+    wait_until(WAIT, || async {
+        metric(&server, "micromesh_server_calls_total ") == 2 && metric(&server, STREAMS_OPEN) == 0
+    })
+    .await
+    .expect("the abandoned call's stream closes");
+    assert_eq!(c.call::<_, u32>("waiter", "Wait.Not", &2).await.unwrap(), 2);
+    for s in [client, server, mesh.bootstrap] {
+        s.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_calling_closes_its_kept_streams() {
+    let mesh = Mesh::new("rpc-release").await;
+    let server = mesh
+        .service("greeter")
+        .handle("Greeter.Hello", hello)
+        .build()
+        .await
+        .unwrap();
+    // The server would keep an idle stream for 30 s; this client lets go after 300 ms.
+    let client = mesh
+        .service("client")
+        .register(false)
+        .transport_config(transport::Config::default().idle_timeout(Duration::from_millis(300)))
+        .build()
+        .await
+        .unwrap();
+    resolvable(&client, "greeter", 1).await;
+    let requests: Vec<_> = (0..4)
+        .map(|i| HelloRequest {
+            name: format!("n{i}"),
+        })
+        .collect();
+    let calls = requests.iter().map(|r| {
+        client
+            .client()
+            .call::<_, HelloReply>("greeter", "Greeter.Hello", r)
+    });
+    for reply in futures::future::join_all(calls).await {
+        reply.unwrap();
+    }
+    assert!(metric(&server, STREAMS) >= 1);
+    wait_until(WAIT, || async { metric(&server, STREAMS_OPEN) == 0 })
+        .await
+        .expect("the client closes the streams it no longer uses");
+    for s in [client, server, mesh.bootstrap] {
+        s.stop().await.unwrap();
+    }
+}

@@ -144,7 +144,7 @@ impl Handle {
             .opener
             .as_ref()
             .ok_or(crate::node::streams::OpenError::NotConnected)?;
-        let mut stream = opener.open(peer, self.protocol.clone()).await?;
+        let (mut stream, _) = opener.open(peer, self.protocol.clone()).await?;
         let hello = hello_of(auth, revocations);
         frame::write(&mut stream, &hello.encode()).await?;
         let reply = frame::read(&mut stream, MAX_HELLO).await?;

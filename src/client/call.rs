@@ -1,7 +1,11 @@
 //! Unary calls, and the steps every call shares: resolve, select, connect.
+//!
+//! A unary call goes on a stream kept from an earlier call to the same peer when there is one
+//! (see [`super::pool`]), else on a new stream.
 
 use std::time::{Duration, Instant};
 
+use libp2p::swarm::ConnectionId;
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{CallOptions, Client, Error};
@@ -131,24 +135,70 @@ impl Client {
         tried.push(peer);
         let started = Instant::now();
         let result = async {
-            let mut stream = self.open(&selected, options).await?;
             let head = head(service, endpoint, CallKind::Unary, options, deadline);
             let mut request = Vec::with_capacity(body.len() + 256);
             head.put(&mut request)
                 .and_then(|()| transport::wire::put_data(&mut request, body))
                 .and_then(|()| Frame::End.put(&mut request))
                 .map_err(|e| Error::Encode(e.to_string()))?;
-            frame::write_buf(&mut stream, &request)
-                .await
-                .map_err(|e| Error::Send {
-                    peer,
-                    reason: e.to_string(),
-                })?;
-            receive_unary(&mut stream, peer, self.inner.config.max_message).await
+            self.exchange(&selected, options, &request).await
         }
         .await;
         selected.finish(outcome_of(&result, started));
         result
+    }
+
+    /// Sends a unary request (its frames laid out in `request`) to the selected node and
+    /// reads the response: on a kept stream when there is one, else on a new stream. The
+    /// stream is kept for the next call when the call succeeded.
+    async fn exchange(
+        &self,
+        selected: &Selected,
+        options: &CallOptions,
+        request: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let peer = selected.peer_id();
+        let node = &self.inner.node;
+        let pool = &self.inner.pool;
+        if let Some(best) = node.best_connection(&peer)
+            && let Some(mut stream) = pool.take(&peer, best)
+        {
+            match self.unary_on(&mut stream, peer, request).await? {
+                Unary::Answered(body) => {
+                    pool.put(peer, best, stream);
+                    return Ok(body);
+                }
+                // The server closed the stream before reading this call (it had been idle
+                // too long): the call never ran, so it goes on a new stream.
+                Unary::Closed => {}
+            }
+        }
+        let (mut stream, connection) = self.open(selected, options).await?;
+        match self.unary_on(&mut stream, peer, request).await? {
+            Unary::Answered(body) => {
+                pool.put(peer, connection, stream);
+                Ok(body)
+            }
+            Unary::Closed => Err(Error::Receive {
+                peer,
+                reason: "the server closed a new stream without answering".into(),
+            }),
+        }
+    }
+
+    async fn unary_on(
+        &self,
+        stream: &mut libp2p::Stream,
+        peer: PeerId,
+        request: &[u8],
+    ) -> Result<Unary, Error> {
+        frame::write_buf(stream, request)
+            .await
+            .map_err(|e| Error::Send {
+                peer,
+                reason: e.to_string(),
+            })?;
+        receive_unary(stream, peer, self.inner.config.max_message).await
     }
 
     /// Resolves `service` and picks a node: the pinned peer, or the selector's choice among
@@ -203,12 +253,12 @@ impl Client {
         }
     }
 
-    /// Connects to the selected node and opens a call stream.
+    /// Connects to the selected node and opens a call stream; says on which connection.
     pub(crate) async fn open(
         &self,
         selected: &Selected,
         options: &CallOptions,
-    ) -> Result<libp2p::Stream, Error> {
+    ) -> Result<(libp2p::Stream, ConnectionId), Error> {
         let peer = selected.peer_id();
         let node = &self.inner.node;
         let addrs: Vec<Multiaddr> = selected
@@ -223,7 +273,7 @@ impl Client {
                     reason: e.to_string(),
                 })?;
             }
-            node.open_stream(peer, transport::protocol(node.network()))
+            node.open_stream_on_best(peer, transport::protocol(node.network()))
                 .await
                 .map_err(|e| Error::Dial {
                     peer,
@@ -331,14 +381,23 @@ pub(crate) async fn receive<R: futures::AsyncRead + Unpin>(
     })
 }
 
+/// How a unary exchange on a stream ended, when it did not fail.
+enum Unary {
+    /// The server answered with this body and status 200; the stream may carry another call.
+    Answered(Vec<u8>),
+    /// The server closed the stream (with `end`) instead of reading the call.
+    Closed,
+}
+
 async fn receive_unary(
     stream: &mut libp2p::Stream,
     peer: PeerId,
     max: usize,
-) -> Result<Vec<u8>, Error> {
+) -> Result<Unary, Error> {
     let mut body = None;
     loop {
         match receive(stream, peer, max).await? {
+            Frame::End if body.is_none() => return Ok(Unary::Closed),
             Frame::Data(data) if body.is_none() => body = Some(data),
             Frame::Trailer(trailer) => {
                 let status = trailer.status();
@@ -348,7 +407,7 @@ async fn receive_unary(
                         status: Box::new(status),
                     });
                 }
-                return body.ok_or_else(|| Error::Receive {
+                return body.map(Unary::Answered).ok_or_else(|| Error::Receive {
                     peer,
                     reason: "the call succeeded without a response body".into(),
                 });

@@ -33,6 +33,7 @@
 //! ```
 
 mod call;
+mod pool;
 mod stream;
 
 use std::{
@@ -312,6 +313,7 @@ pub(crate) struct Inner {
     pub(crate) registry: Registry,
     pub(crate) selector: Selector,
     pub(crate) config: transport::Config,
+    pub(crate) pool: Arc<pool::Pool>,
 }
 
 /// Calls services of the mesh. Cheap to clone. From `service.client()`.
@@ -340,6 +342,7 @@ impl Client {
                 node,
                 registry,
                 selector,
+                pool: pool::Pool::new(config.idle_timeout),
                 config,
             }),
         }

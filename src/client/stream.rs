@@ -198,7 +198,7 @@ impl Client {
             let result = async {
                 let selected = self.pick(service, &options, &tried).await?;
                 match self.open(&selected, &options).await {
-                    Ok(stream) => Ok((selected, stream)),
+                    Ok((stream, _)) => Ok((selected, stream)),
                     Err(e) => {
                         tried.push(selected.peer_id());
                         selected.finish(crate::selector::Outcome::Failure);

@@ -44,7 +44,7 @@ use std::{
     time::Duration,
 };
 
-use libp2p::StreamProtocol;
+use libp2p::{StreamProtocol, swarm::ConnectionId};
 use prometheus_client::registry::Registry;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::Instrument as _;
@@ -637,7 +637,22 @@ impl Node {
         peer: PeerId,
         protocol: StreamProtocol,
     ) -> Result<libp2p::Stream, streams::OpenError> {
+        Ok(self.inner.opener.open(peer, protocol).await?.0)
+    }
+
+    /// As [`Node::open_stream`], and says on which connection the stream was opened.
+    pub(crate) async fn open_stream_on_best(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<(libp2p::Stream, ConnectionId), streams::OpenError> {
         self.inner.opener.open(peer, protocol).await
+    }
+
+    /// The connection to `peer` that [`Node::open_stream`] would use now, if any: streams
+    /// kept open on another one are no longer on the best path.
+    pub(crate) fn best_connection(&self, peer: &PeerId) -> Option<ConnectionId> {
+        self.inner.opener.best(peer)
     }
 
     /// The queue of inbound streams of one of micromesh's own protocols (see

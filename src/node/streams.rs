@@ -96,6 +96,16 @@ struct Shared {
     connections: HashMap<PeerId, Vec<Connection>>,
 }
 
+impl Shared {
+    /// A direct connection before a relayed one, the newest before older ones.
+    fn best<'a>(&'a self, peer: &PeerId) -> Option<&'a Connection> {
+        self.connections
+            .get(peer)?
+            .iter()
+            .max_by_key(|c| (!c.relayed, c.established))
+    }
+}
+
 /// Opens outbound streams. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Opener {
@@ -103,25 +113,26 @@ pub(crate) struct Opener {
 }
 
 impl Opener {
-    /// Opens a stream of `protocol` to `peer` on its best connection.
+    /// Opens a stream of `protocol` to `peer` on its best connection, and says which one.
     pub(crate) async fn open(
         &self,
         peer: PeerId,
         protocol: StreamProtocol,
-    ) -> Result<Stream, OpenError> {
-        let requests = {
+    ) -> Result<(Stream, ConnectionId), OpenError> {
+        let (id, requests) = {
             let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-            let best = shared.connections.get(&peer).and_then(|connections| {
-                connections
-                    .iter()
-                    .max_by_key(|c| (!c.relayed, c.established))
-            });
-            match best {
-                Some(connection) => connection.requests.clone(),
+            match Shared::best(&shared, &peer) {
+                Some(connection) => (connection.id, connection.requests.clone()),
                 None => return Err(OpenError::NotConnected),
             }
         };
-        Self::request(requests, protocol).await
+        Ok((Self::request(requests, protocol).await?, id))
+    }
+
+    /// The connection to `peer` that [`Opener::open`] would use now, if any.
+    pub(crate) fn best(&self, peer: &PeerId) -> Option<ConnectionId> {
+        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        Shared::best(&shared, peer).map(|c| c.id)
     }
 
     /// Opens a stream of `protocol` on one given connection to `peer`.

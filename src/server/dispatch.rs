@@ -11,7 +11,7 @@ use std::{
 };
 
 use futures::{AsyncReadExt as _, AsyncWriteExt as _, FutureExt as _};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::sync::{Notify, mpsc};
 use tower::ServiceExt as _;
 use tracing::Instrument as _;
@@ -36,6 +36,8 @@ struct Metrics {
     calls: Counter,
     failed: Counter,
     refused: Counter,
+    streams: Counter,
+    streams_open: Gauge,
 }
 
 struct Inner {
@@ -103,6 +105,16 @@ impl Server {
                 "Calls refused before a handler ran (limits, draining, unknown endpoint, bad input)",
                 metrics.refused.clone(),
             );
+            registry.register(
+                "streams",
+                "Call streams accepted (a stream carries one call, or unary calls one after another)",
+                metrics.streams.clone(),
+            );
+            registry.register(
+                "streams_open",
+                "Call streams open now, in a call or waiting for the next one",
+                metrics.streams_open.clone(),
+            );
         });
         let server = Self {
             inner: Arc::new(Inner {
@@ -134,35 +146,13 @@ impl Server {
 
     fn spawn_call(&self, peer: PeerId, stream: libp2p::Stream) {
         let inner = self.inner.clone();
-        inner.in_flight.fetch_add(1, Ordering::AcqRel);
-        let over_peer_limit = {
-            let mut per_peer = inner.per_peer.lock().unwrap_or_else(|e| e.into_inner());
-            let n = per_peer.entry(peer).or_default();
-            *n += 1;
-            *n > inner.config.max_calls_per_peer
-        };
-        let guard = CallGuard {
-            inner: inner.clone(),
-            peer,
-        };
-        let over_total = inner.in_flight.load(Ordering::Acquire) > inner.config.max_calls;
-        let span = tracing::debug_span!("call", %peer);
+        let span = tracing::debug_span!("calls", %peer);
+        inner.metrics.streams.inc();
+        inner.metrics.streams_open.inc();
         tokio::spawn(
             async move {
-                let _guard = guard;
-                let refusal = if inner.draining.load(Ordering::Acquire) {
-                    Some(Status::unavailable("the service is shutting down"))
-                } else if over_peer_limit {
-                    Some(Status::too_many_requests(format!(
-                        "more than {} calls in flight from this peer",
-                        inner.config.max_calls_per_peer
-                    )))
-                } else if over_total {
-                    Some(Status::unavailable("the server is at its call limit"))
-                } else {
-                    None
-                };
-                serve(&inner, peer, stream, refusal).await;
+                serve(&inner, peer, stream).await;
+                inner.metrics.streams_open.dec();
             }
             .instrument(span),
         );
@@ -210,59 +200,139 @@ async fn write_trailer<W: futures::AsyncWrite + Unpin>(writer: &mut W, status: &
     let _ = writer.close().await;
 }
 
+/// Counts a call in flight, and says whether it must be refused: while draining, or over a
+/// limit.
+fn admit(inner: &Arc<Inner>, peer: PeerId) -> (CallGuard, Option<Status>) {
+    inner.in_flight.fetch_add(1, Ordering::AcqRel);
+    let over_peer_limit = {
+        let mut per_peer = inner.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let n = per_peer.entry(peer).or_default();
+        *n += 1;
+        *n > inner.config.max_calls_per_peer
+    };
+    let guard = CallGuard {
+        inner: inner.clone(),
+        peer,
+    };
+    let refusal = if inner.draining.load(Ordering::Acquire) {
+        Some(Status::unavailable("the service is shutting down"))
+    } else if over_peer_limit {
+        Some(Status::too_many_requests(format!(
+            "more than {} calls in flight from this peer",
+            inner.config.max_calls_per_peer
+        )))
+    } else if inner.in_flight.load(Ordering::Acquire) > inner.config.max_calls {
+        Some(Status::unavailable("the server is at its call limit"))
+    } else {
+        None
+    };
+    (guard, refusal)
+}
+
+/// Serves the calls of one stream: one call, or a sequence of unary calls, each begun once the
+/// one before it succeeded.
+async fn serve(inner: &Arc<Inner>, peer: PeerId, mut stream: libp2p::Stream) {
+    let mut wait = Wait::Head;
+    loop {
+        let head = match read_head(inner, &mut stream, wait).await {
+            Ok(head) => head,
+            Err(Unread::Refuse(status)) => {
+                inner.metrics.calls.inc();
+                inner.metrics.refused.inc();
+                write_trailer(&mut stream, &status, SERVER_ID).await;
+                return;
+            }
+            Err(Unread::Idle) => {
+                // Idle too long: say so with `end`, which the caller takes as "this stream
+                // carried no call of yours", so a call crossing it goes on a new stream.
+                let _ = write_frame(&mut stream, &Frame::End).await;
+                let _ = stream.close().await;
+                return;
+            }
+            Err(Unread::Gone) => return,
+        };
+        inner.metrics.calls.inc();
+        let (guard, refusal) = admit(inner, peer);
+        let call = tracing::debug_span!("call", endpoint = %head.endpoint);
+        let reusable = serve_call(inner, peer, &mut stream, head, refusal)
+            .instrument(call)
+            .await;
+        drop(guard);
+        if !reusable {
+            return;
+        }
+        wait = Wait::Idle;
+    }
+}
+
+/// What a server waits for when it reads a head.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// The first call of a new stream, for up to the head timeout.
+    Head,
+    /// The next call on a kept stream, for up to the idle timeout.
+    Idle,
+}
+
+/// Why no head was read.
+enum Unread {
+    /// Answer with this status and close.
+    Refuse(Status),
+    /// A kept stream carried no call for the idle timeout.
+    Idle,
+    /// The caller went away before saying anything: nothing to answer.
+    Gone,
+}
+
 /// Reads the head of a call, or says why it cannot.
-async fn read_head(inner: &Inner, stream: &mut libp2p::Stream) -> Result<Head, Option<Status>> {
+async fn read_head(inner: &Inner, stream: &mut libp2p::Stream, wait: Wait) -> Result<Head, Unread> {
+    let limit = match wait {
+        Wait::Head => inner.config.head_timeout,
+        Wait::Idle => inner.config.idle_timeout,
+    };
     let read = tokio::time::timeout(
-        inner.config.head_timeout,
+        limit,
         transport::wire::read(stream, inner.config.max_message),
     )
     .await;
+    let refuse = |status| Err(Unread::Refuse(status));
     match read {
-        Err(_) => Err(Some(Status::timeout("no call head arrived in time"))),
-        Ok(Err(ReadError::TooLarge { size, max })) => Err(Some(Status::payload_too_large(
-            format!("the call head of {size} bytes exceeds the server's limit of {max} bytes"),
+        Err(_) => match wait {
+            Wait::Head => refuse(Status::timeout("no call head arrived in time")),
+            Wait::Idle => Err(Unread::Idle),
+        },
+        Ok(Err(ReadError::TooLarge { size, max })) => refuse(Status::payload_too_large(format!(
+            "the call head of {size} bytes exceeds the server's limit of {max} bytes"
         ))),
-        // The caller went away before saying anything: nothing to answer.
-        Ok(Err(ReadError::Eof | ReadError::Io(_))) => Err(None),
+        Ok(Err(ReadError::Eof | ReadError::Io(_))) => Err(Unread::Gone),
         Ok(Ok(decoded)) => match decoded {
             Ok(Frame::Head(head)) => Ok(head),
-            Ok(_) => Err(Some(Status::bad_request(
-                "a call must begin with a head frame",
-            ))),
-            Err(e) => Err(Some(Status::bad_request(format!("malformed frame: {e}")))),
+            Ok(_) => refuse(Status::bad_request("a call must begin with a head frame")),
+            Err(e) => refuse(Status::bad_request(format!("malformed frame: {e}"))),
         },
     }
 }
 
-async fn serve(
+/// Serves one call whose head was read. Returns whether the stream may carry another call:
+/// only after a unary call that succeeded; after anything else it has been closed.
+async fn serve_call(
     inner: &Arc<Inner>,
     peer: PeerId,
-    mut stream: libp2p::Stream,
+    stream: &mut libp2p::Stream,
+    head: Head,
     refusal: Option<Status>,
-) {
-    inner.metrics.calls.inc();
-    if let Some(status) = refusal {
-        inner.metrics.refused.inc();
-        write_trailer(&mut stream, &status, SERVER_ID).await;
-        return;
-    }
-    let head = match read_head(inner, &mut stream).await {
-        Ok(head) => head,
-        Err(status) => {
-            inner.metrics.refused.inc();
-            if let Some(status) = status {
-                write_trailer(&mut stream, &status, SERVER_ID).await;
-            }
-            return;
-        }
-    };
+) -> bool {
     let received = Instant::now();
-    let endpoint = match prepare(inner, &head) {
+    let checked = match refusal {
+        Some(status) => Err(status),
+        None => prepare(inner, &head),
+    };
+    let endpoint = match checked {
         Ok(endpoint) => endpoint,
         Err(status) => {
             inner.metrics.refused.inc();
-            write_trailer(&mut stream, &status, SERVER_ID).await;
-            return;
+            write_trailer(stream, &status, SERVER_ID).await;
+            return false;
         }
     };
     // Auth: the caller's verified peer id and grants against this node's rules, before the
@@ -276,8 +346,8 @@ async fn serve(
         Err(denied) => {
             inner.metrics.refused.inc();
             tracing::debug!(%peer, endpoint = %head.endpoint, "call refused: {denied}");
-            write_trailer(&mut stream, &denied.status(), SERVER_ID).await;
-            return;
+            write_trailer(stream, &denied.status(), SERVER_ID).await;
+            return false;
         }
     };
     let codec = ContentType::from_mime(&head.content_type).expect("checked by prepare");
@@ -295,20 +365,23 @@ async fn serve(
     tracing::trace!(endpoint = %head.endpoint, "call");
     let status = match endpoint {
         Endpoint::Unary { service, .. } => {
-            serve_unary(inner, &mut stream, service, context, codec, deadline).await
+            match serve_unary(inner, stream, service, context, codec, deadline).await {
+                Answer::Sent => return true,
+                Answer::Gone => return false,
+                Answer::Status(status) => status,
+            }
         }
         Endpoint::Stream { handler, .. } => {
-            let (reader, writer) = stream.split();
+            let (reader, writer) = futures::AsyncReadExt::split(stream);
             serve_stream(inner, reader, writer, handler, context, codec, deadline).await;
-            return;
+            return false;
         }
     };
-    if let Some(status) = status {
-        if !status.is_ok() {
-            inner.metrics.failed.inc();
-        }
-        write_trailer(&mut stream, &status, &inner.name).await;
+    if !status.is_ok() {
+        inner.metrics.failed.inc();
     }
+    write_trailer(stream, &status, &inner.name).await;
+    false
 }
 
 /// Checks a head against the router: the endpoint, its shape, the codec.
@@ -343,8 +416,19 @@ fn time_left(deadline: Option<Instant>) -> Duration {
     })
 }
 
-/// Serves a unary call. Returns the status to send as trailer, or `None` when the response
-/// (data and trailer) was already written or the caller is gone.
+/// How a unary call was answered.
+enum Answer {
+    /// The response and its 200 trailer were written; the stream stays open.
+    Sent,
+    /// The caller is gone (it closed or reset its stream, or broke the protocol while it
+    /// waited): nothing more to write.
+    Gone,
+    /// Answer with this status.
+    Status(Status),
+}
+
+/// Serves a unary call. While the handler runs, the server watches the stream: a caller that
+/// gives up (its stream closes or resets) drops the handler.
 async fn serve_unary(
     inner: &Inner,
     stream: &mut libp2p::Stream,
@@ -352,11 +436,12 @@ async fn serve_unary(
     context: Context,
     codec: ContentType,
     deadline: Option<Instant>,
-) -> Option<Status> {
+) -> Answer {
     let max = inner.config.max_message;
     let body = match read_body(stream, max).await {
         Ok(body) => body,
-        Err(status) => return status,
+        Err(Some(status)) => return Answer::Status(status),
+        Err(None) => return Answer::Gone,
     };
     let call = AssertUnwindSafe(service.oneshot(Request {
         context,
@@ -364,17 +449,27 @@ async fn serve_unary(
         body,
     }))
     .catch_unwind();
-    let outcome = match tokio::time::timeout(time_left(deadline), call).await {
-        Err(_) => Err(Status::timeout("the deadline passed while the handler ran")),
-        Ok(Err(panic)) => Err(panicked(panic)),
-        Ok(Ok(result)) => result.map_err(status_of),
+    let mut probe = [0u8; 1];
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout(time_left(deadline), call) => match outcome {
+            Err(_) => Err(Status::timeout("the deadline passed while the handler ran")),
+            Ok(Err(panic)) => Err(panicked(panic)),
+            Ok(Ok(result)) => result.map_err(status_of),
+        },
+        // The caller sends nothing until the trailer: whatever this read returns (an end, a
+        // reset, stray bytes) means the call is abandoned.
+        _ = stream.read(&mut probe) => {
+            tracing::debug!("the caller abandoned the call");
+            let _ = stream.close().await;
+            return Answer::Gone;
+        }
     };
     let response = match outcome {
         Ok(response) => response,
-        Err(status) => return Some(status),
+        Err(status) => return Answer::Status(status),
     };
     if response.body.len() > max {
-        return Some(Status::internal(format!(
+        return Answer::Status(Status::internal(format!(
             "the response of {} bytes exceeds the limit of {max} bytes",
             response.body.len()
         )));
@@ -389,12 +484,12 @@ async fn serve_unary(
         .put(&mut buf)
     });
     if let Err(e) = written {
-        return Some(Status::internal(format!("cannot frame the response: {e}")));
+        return Answer::Status(Status::internal(format!("cannot frame the response: {e}")));
     }
-    if frame::write_buf(stream, &buf).await.is_ok() {
-        let _ = stream.close().await;
+    match frame::write_buf(stream, &buf).await {
+        Ok(()) => Answer::Sent,
+        Err(_) => Answer::Gone,
     }
-    None
 }
 
 /// Reads the single data frame and the end frame of a unary request.
@@ -436,15 +531,18 @@ fn panicked(panic: Box<dyn std::any::Any + Send>) -> Status {
     Status::internal("the handler panicked")
 }
 
-async fn serve_stream(
+async fn serve_stream<R, W>(
     inner: &Inner,
-    mut reader: futures::io::ReadHalf<libp2p::Stream>,
-    mut writer: futures::io::WriteHalf<libp2p::Stream>,
+    mut reader: R,
+    mut writer: W,
     handler: super::StreamHandler,
     context: Context,
     codec: ContentType,
     deadline: Option<Instant>,
-) {
+) where
+    R: futures::AsyncRead + Unpin,
+    W: futures::AsyncWrite + Unpin,
+{
     let max = inner.config.max_message;
     let buffer = inner.config.stream_buffer.max(1);
     let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(buffer);

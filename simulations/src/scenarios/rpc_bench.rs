@@ -6,6 +6,10 @@
 //! (64 B) and 64 KiB payloads; stream throughput in MiB/s. Latency samples interleave baseline
 //! and micromesh call by call; throughput and stream runs alternate them once per round: both to
 //! even out a noisy machine.
+//!
+//! The two sides differ in how they use streams, and that is part of what is measured:
+//! request-response opens and negotiates a stream per request, micromesh keeps the stream of a
+//! unary call open for the caller's next call (`protocols/rpc.md`, "Reusing a stream").
 
 use std::{
     collections::HashMap,
