@@ -784,3 +784,88 @@ async fn a_client_that_stops_calling_closes_its_kept_streams() {
         s.stop().await.unwrap();
     }
 }
+
+/// A free-enough in-process port: random, so tests running at once do not collide.
+fn rand_port() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now()) | 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_move_from_a_relayed_connection_to_a_direct_one() {
+    let network = "rpc-direct";
+    let relay_addr: Multiaddr = format!("/memory/{}", rand_port()).parse().unwrap();
+    let relay = Service::builder("relay")
+        .preset(Preset::Local)
+        .network(network)
+        .register(false)
+        .listen(relay_addr.clone())
+        .configure_node(|n| n.external_address(relay_addr.clone()).relay_server(true))
+        .build()
+        .await
+        .unwrap();
+    let relay_addr = relay.node().listen_addrs().await.unwrap().remove(0);
+    let circuit: Multiaddr = format!("{relay_addr}/p2p-circuit").parse().unwrap();
+    let direct: Multiaddr = format!("/memory/{}", rand_port()).parse().unwrap();
+    let server = Service::builder("greeter")
+        .preset(Preset::Local)
+        .network(network)
+        .register(false)
+        .bootstrap(relay_addr.clone())
+        .listen(direct.clone())
+        .listen(circuit.clone())
+        .handle("Greeter.Hello", hello)
+        .build()
+        .await
+        .unwrap();
+    let b = server.node().peer_id();
+    let client = Service::builder("client")
+        .preset(Preset::Local)
+        .network(network)
+        .register(false)
+        .build()
+        .await
+        .unwrap();
+    let c = client.client();
+    let to_b = CallOptions::default().peer(b);
+    let greet = |name: &'static str| {
+        let options = to_b.clone();
+        async move {
+            c.call_with::<_, HelloReply>(
+                "greeter",
+                "Greeter.Hello",
+                &HelloRequest { name: name.into() },
+                options,
+            )
+            .await
+        }
+    };
+
+    // Only a relayed connection: calls go through the relay, on one kept stream.
+    let via_relay: Multiaddr = format!("{circuit}/p2p/{b}").parse().unwrap();
+    assert_eq!(client.node().dial(via_relay).await.unwrap(), b);
+    for _ in 0..3 {
+        greet("relayed").await.unwrap();
+    }
+    assert_eq!(metric(&server, STREAMS), 1);
+
+    // Once a direct connection exists, the kept stream on the relayed one is dropped and
+    // calls go direct, again on one kept stream.
+    // (Without `/p2p/`: a dial naming a connected peer would stand for its connection.)
+    assert_eq!(client.node().dial(direct).await.unwrap(), b);
+    for _ in 0..3 {
+        greet("direct").await.unwrap();
+    }
+    assert_eq!(metric(&server, STREAMS), 2);
+    let peers = client.node().peers().await.unwrap();
+    let addresses = &peers.iter().find(|p| p.peer_id == b).unwrap().addresses;
+    assert!(
+        addresses
+            .iter()
+            .any(|a| !a.to_string().contains("p2p-circuit")),
+        "{addresses:?}"
+    );
+    for s in [client, server, relay] {
+        s.stop().await.unwrap();
+    }
+}
