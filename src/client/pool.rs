@@ -88,6 +88,9 @@ impl Pool {
 
     /// Keeps the stream of a finished call to `peer` for the next call.
     pub(crate) fn put(&self, peer: PeerId, connection: ConnectionId, stream: Stream) {
+        if self.idle_timeout.is_zero() {
+            return;
+        }
         let mut by_peer = self.lock();
         let idle = by_peer.entry(peer).or_default();
         if idle.len() < MAX_IDLE_PER_PEER {

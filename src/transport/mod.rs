@@ -48,7 +48,8 @@ pub struct Config {
     /// peer. A server closes a stream that carried no call for this long; a client closes one
     /// within a quarter of this after. An open stream keeps its connection open, so a
     /// connection that carried calls outlives the node's connection idle timeout by up to
-    /// this much. Default is 30 s.
+    /// this much. Zero turns reuse off: every call then opens a stream of its own. Default
+    /// is 30 s.
     pub idle_timeout: Duration,
 }
 

@@ -9,7 +9,10 @@
 //!
 //! The two sides differ in how they use streams, and that is part of what is measured:
 //! request-response opens and negotiates a stream per request, micromesh keeps the stream of a
-//! unary call open for the caller's next call (`protocols/rpc.md`, "Reusing a stream").
+//! unary call open for the caller's next call (`protocols/rpc.md`, "Reusing a stream"). A
+//! second micromesh client with reuse off (`transport::Config::idle_timeout` zero) measures
+//! the latency of calls that each open a stream, as a caller's first call to a peer does
+//! (`new_stream_per_call`).
 
 use std::{
     collections::HashMap,
@@ -200,17 +203,31 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
         .network("bench")
         .register(false)
         .listen("/ip4/127.0.0.1/tcp/0".parse().expect("valid"))
-        .bootstrap(addr)
+        .bootstrap(addr.clone())
         .configure_node(|n| n.mdns(false).upnp(false).autonat(false).memory_limit(None))
         .build()
         .await
         .map_err(|e| e.to_string())?;
-    let registry = client.registry().clone();
-    wait_until(Duration::from_secs(20), || async {
-        registry.get_service("bench").await.is_ok()
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    // The same, with stream reuse off: every call opens and negotiates a stream, as
+    // request-response does.
+    let fresh = Service::builder("bench-client-fresh")
+        .network("bench")
+        .register(false)
+        .listen("/ip4/127.0.0.1/tcp/0".parse().expect("valid"))
+        .bootstrap(addr)
+        .configure_node(|n| n.mdns(false).upnp(false).autonat(false).memory_limit(None))
+        .transport_config(micromesh::transport::Config::default().idle_timeout(Duration::ZERO))
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+    for service in [&client, &fresh] {
+        let registry = service.registry().clone();
+        wait_until(Duration::from_secs(20), || async {
+            registry.get_service("bench").await.is_ok()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
 
     let mut report = serde_json::Map::new();
     for (label, size) in [("small", 64usize), ("64KiB", 64 * 1024)] {
@@ -228,8 +245,8 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
                 })
             })
         };
-        let mm_call: Call = {
-            let c = client.client().clone();
+        let echo = |service: &Service| -> Call {
+            let c = service.client().clone();
             let payload = payload.clone();
             Arc::new(move || {
                 let c = c.clone();
@@ -244,15 +261,21 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
                 })
             })
         };
-        // Warm up both paths.
+        let (mm_call, fresh_call) = (echo(&client), echo(&fresh));
+        // Warm up every path.
         eprintln!("{label}: warm-up");
         paired_latencies(&raw_call, &mm_call, 200).await;
+        paired_latencies(&raw_call, &fresh_call, 200).await;
         let (mut raw_lat, mut mm_lat, mut raw_tput, mut mm_tput) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut raw_lat_fresh, mut fresh_lat) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             let (raw, mm) = paired_latencies(&raw_call, &mm_call, 1000).await;
             raw_lat.extend(raw);
             mm_lat.extend(mm);
+            let (raw, mm) = paired_latencies(&raw_call, &fresh_call, 1000).await;
+            raw_lat_fresh.extend(raw);
+            fresh_lat.extend(mm);
             eprintln!("{label}: throughput");
             raw_tput.push(calls_per_second(&raw_call, 64, Duration::from_secs(3)).await);
             mm_tput.push(calls_per_second(&mm_call, 64, Duration::from_secs(3)).await);
@@ -267,6 +290,11 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
                 "latency_p99_ratio": quantile_ms(&mm_lat, 0.99) / quantile_ms(&raw_lat, 0.99),
                 "calls_per_second_64_in_flight": { "raw": raw_tput, "micromesh": mm_tput },
                 "throughput_ratio": mean(&mm_tput) / mean(&raw_tput),
+                "new_stream_per_call": {
+                    "latency_c1": { "raw": percentiles(raw_lat_fresh.clone()), "micromesh": percentiles(fresh_lat.clone()) },
+                    "latency_p50_ratio": quantile_ms(&fresh_lat, 0.5) / quantile_ms(&raw_lat_fresh, 0.5),
+                    "latency_p99_ratio": quantile_ms(&fresh_lat, 0.99) / quantile_ms(&raw_lat_fresh, 0.99),
+                },
             }),
         );
     }
@@ -323,8 +351,9 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
             "throughput_ratio": mean(&mm_mib) / mean(&raw_mib),
         }),
     );
-    client.stop().await.map_err(|e| e.to_string())?;
-    server.stop().await.map_err(|e| e.to_string())?;
+    for service in [client, fresh, server] {
+        service.stop().await.map_err(|e| e.to_string())?;
+    }
     report.insert("scenario".into(), "rpc-bench".into());
     report.insert(
         "transport".into(),
