@@ -1,5 +1,6 @@
 //! Calls over real loopback sockets, TCP (yamux) and QUIC: round trips, and many concurrent
-//! streams in both directions at once (rust-libp2p #5410 reported a yamux deadlock there).
+//! streams in both directions at once (rust-libp2p #5410 reported a yamux deadlock there),
+//! with unary calls on kept streams going both ways meanwhile.
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use micromesh::{
 const CHUNK: usize = 16 * 1024;
 const MESSAGES: usize = 200;
 const STREAMS: usize = 8;
+const CALLS: usize = 100;
 
 async fn echo(
     _: Context,
@@ -62,6 +64,20 @@ async fn pump(from: Service, target: &'static str, stream_no: usize) {
     assert_eq!(received, MESSAGES);
 }
 
+/// Makes `CALLS` unary calls one after another to `target` (on streams kept between calls),
+/// checking every reply.
+async fn greet(from: Service, target: &'static str, task: usize) {
+    for i in 0..CALLS {
+        let name = format!("{task}-{i}");
+        let hello: String = from
+            .client()
+            .call(target, "Echo.Hello", &name)
+            .await
+            .unwrap();
+        assert_eq!(hello, format!("hello {name} from {target}"));
+    }
+}
+
 async fn both_directions(listen: &str) {
     let a = peer("alpha", listen, None).await;
     let a_addr = a.node().listen_addrs().await.unwrap().remove(0);
@@ -85,6 +101,9 @@ async fn both_directions(listen: &str) {
     for i in 0..STREAMS {
         tasks.push(tokio::spawn(pump(a.clone(), "beta", i)));
         tasks.push(tokio::spawn(pump(b.clone(), "alpha", i)));
+        // Unary calls meanwhile, in both directions.
+        tasks.push(tokio::spawn(greet(a.clone(), "beta", i)));
+        tasks.push(tokio::spawn(greet(b.clone(), "alpha", i)));
     }
     let all = futures::future::join_all(tasks);
     let results = tokio::time::timeout(Duration::from_secs(120), all)
@@ -93,6 +112,16 @@ async fn both_directions(listen: &str) {
     for r in results {
         r.unwrap();
     }
+    // Every stream b served: one per streaming call, and no more unary ones than calls ran
+    // at once (the first call's included), not one per call.
+    let streams: usize = b
+        .node()
+        .encode_metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("micromesh_server_streams_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(streams <= 2 * STREAMS + 1, "{streams} streams");
     b.stop().await.unwrap();
     a.stop().await.unwrap();
 }
