@@ -4,8 +4,8 @@
 //!
 //! Figures: latency p50/p99 at concurrency 1, calls/s with 64 in flight, both with small
 //! (64 B) and 64 KiB payloads; stream throughput in MiB/s. Latency samples interleave baseline
-//! and micromesh call by call; throughput and stream runs alternate them once per round: both to
-//! even out a noisy machine.
+//! and micromesh call by call, stream runs alternate them every half second, and throughput runs
+//! once per round: all to even out a noisy machine.
 //!
 //! The two sides differ in how they use streams, and that is part of what is measured:
 //! request-response opens and negotiates a stream per request, micromesh keeps the stream of a
@@ -169,6 +169,58 @@ async fn raw_pair() -> Result<RawPair, String> {
     })
 }
 
+/// How many segments the stream measurement of a round is cut into, and how long each is.
+const STREAM_SEGMENTS: usize = 6;
+const STREAM_SEGMENT: Duration = Duration::from_millis(500);
+
+/// Writes `chunk` on a raw libp2p stream for one segment, then closes it and waits for the
+/// sink's acknowledgement. Returns the bytes sent.
+async fn raw_stream(raw: &RawPair, chunk: &[u8]) -> Result<u64, String> {
+    let mut control = raw.control.clone();
+    let mut stream = control
+        .open_stream(raw.server, STREAM_PROTOCOL)
+        .await
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < STREAM_SEGMENT {
+        stream.write_all(chunk).await.map_err(|e| e.to_string())?;
+        sent += chunk.len() as u64;
+    }
+    stream.close().await.map_err(|e| e.to_string())?;
+    let mut ack = [0u8; 1];
+    stream
+        .read_exact(&mut ack)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(sent)
+}
+
+/// Sends `chunk` as messages of a micromesh client-streaming call for one segment, then ends
+/// the call and checks the server counted every byte. Returns the bytes sent.
+async fn client_stream(client: &Service, chunk: &[u8]) -> Result<u64, String> {
+    let options = CallOptions::default().timeout(Duration::from_secs(60));
+    let mut call = client
+        .client()
+        .client_stream::<ByteBuf, u64>("bench", "Bench.Sink", options)
+        .await
+        .map_err(|e| e.to_string())?;
+    let body = ByteBuf::from(chunk.to_vec());
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < STREAM_SEGMENT {
+        call.send(&body).await.map_err(|e| e.to_string())?;
+        sent += chunk.len() as u64;
+    }
+    let received = call.finish().await.map_err(|e| e.to_string())?;
+    if received != sent {
+        return Err(format!(
+            "the stream lost data: sent {sent}, received {received}"
+        ));
+    }
+    Ok(sent)
+}
+
 pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> {
     let rounds = options.rounds.clamp(1, 4);
     let raw = raw_pair().await?;
@@ -299,49 +351,30 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
         );
     }
 
-    // Streams: 64 KiB messages for 3 s, one stream.
+    // Streams: 64 KiB messages, 3 s per side and round, in six half-second segments that
+    // alternate the sides (raw first, then micromesh first): a burst of load from elsewhere
+    // on the machine falls on both.
     let chunk = vec![0x33u8; 64 * 1024];
     let (mut raw_mib, mut mm_mib) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        let mut control = raw.control.clone();
-        let mut stream = control
-            .open_stream(raw.server, STREAM_PROTOCOL)
-            .await
-            .map_err(|e| e.to_string())?;
-        let started = Instant::now();
-        let mut sent = 0u64;
-        while started.elapsed() < Duration::from_secs(3) {
-            stream.write_all(&chunk).await.map_err(|e| e.to_string())?;
-            sent += chunk.len() as u64;
+        let (mut raw_sent, mut raw_time, mut mm_sent, mut mm_time) =
+            (0u64, Duration::ZERO, 0u64, Duration::ZERO);
+        for segment in 0..STREAM_SEGMENTS {
+            for micromesh in [segment % 2 == 1, segment % 2 == 0] {
+                let started = Instant::now();
+                if micromesh {
+                    mm_sent += client_stream(&client, &chunk).await?;
+                    mm_time += started.elapsed();
+                } else {
+                    raw_sent += raw_stream(&raw, &chunk).await?;
+                    raw_time += started.elapsed();
+                }
+            }
         }
-        stream.close().await.map_err(|e| e.to_string())?;
-        let mut ack = [0u8; 1];
-        stream
-            .read_exact(&mut ack)
-            .await
-            .map_err(|e| e.to_string())?;
-        raw_mib.push(sent as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64());
-
-        let options = CallOptions::default().timeout(Duration::from_secs(60));
-        let mut call = client
-            .client()
-            .client_stream::<ByteBuf, u64>("bench", "Bench.Sink", options)
-            .await
-            .map_err(|e| e.to_string())?;
-        let started = Instant::now();
-        let mut sent = 0u64;
-        let body = ByteBuf::from(chunk.clone());
-        while started.elapsed() < Duration::from_secs(3) {
-            call.send(&body).await.map_err(|e| e.to_string())?;
-            sent += chunk.len() as u64;
-        }
-        let received = call.finish().await.map_err(|e| e.to_string())?;
-        if received != sent {
-            return Err(format!(
-                "the stream lost data: sent {sent}, received {received}"
-            ));
-        }
-        mm_mib.push(sent as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64());
+        let mib_per_second =
+            |sent: u64, time: Duration| sent as f64 / (1 << 20) as f64 / time.as_secs_f64();
+        raw_mib.push(mib_per_second(raw_sent, raw_time));
+        mm_mib.push(mib_per_second(mm_sent, mm_time));
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     report.insert(
