@@ -717,6 +717,11 @@ impl Registry {
     }
 
     /// Watches for changes, of every service (`None`) or of one name.
+    ///
+    /// A watcher sees the states this node learns of, in order. Changes a peer makes faster
+    /// than they spread may reach this node merged (when a registry sync brings the peer's
+    /// newest state before the gossip of a step in between): the watcher then sees the newest
+    /// state, never an older one after it.
     pub fn watch(&self, service: Option<&str>) -> Watcher {
         Watcher {
             events: self.inner.events.subscribe(),
