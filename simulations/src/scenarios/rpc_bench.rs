@@ -169,6 +169,15 @@ async fn raw_pair() -> Result<RawPair, String> {
     })
 }
 
+/// Latency percentiles at concurrency 1 of both sides, and micromesh's p50 and p99 over raw's.
+fn latency_report(raw: &[Duration], micromesh: &[Duration]) -> serde_json::Value {
+    serde_json::json!({
+        "latency_c1": { "raw": percentiles(raw.to_vec()), "micromesh": percentiles(micromesh.to_vec()) },
+        "latency_p50_ratio": quantile_ms(micromesh, 0.5) / quantile_ms(raw, 0.5),
+        "latency_p99_ratio": quantile_ms(micromesh, 0.99) / quantile_ms(raw, 0.99),
+    })
+}
+
 /// How many segments the stream measurement of a round is cut into, and how long each is.
 const STREAM_SEGMENTS: usize = 6;
 const STREAM_SEGMENT: Duration = Duration::from_millis(500);
@@ -251,27 +260,27 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
         .await
         .map_err(|e| e.to_string())?
         .remove(0);
-    let client = Service::builder("bench-client")
-        .network("bench")
-        .register(false)
-        .listen("/ip4/127.0.0.1/tcp/0".parse().expect("valid"))
-        .bootstrap(addr.clone())
-        .configure_node(|n| n.mdns(false).upnp(false).autonat(false).memory_limit(None))
-        .build()
+    let client_of = |name: &str, transport: micromesh::transport::Config| {
+        Service::builder(name)
+            .network("bench")
+            .register(false)
+            .listen("/ip4/127.0.0.1/tcp/0".parse().expect("valid"))
+            .bootstrap(addr.clone())
+            .configure_node(|n| n.mdns(false).upnp(false).autonat(false).memory_limit(None))
+            .transport_config(transport)
+            .build()
+    };
+    let client = client_of("bench-client", Default::default())
         .await
         .map_err(|e| e.to_string())?;
     // The same, with stream reuse off: every call opens and negotiates a stream, as
     // request-response does.
-    let fresh = Service::builder("bench-client-fresh")
-        .network("bench")
-        .register(false)
-        .listen("/ip4/127.0.0.1/tcp/0".parse().expect("valid"))
-        .bootstrap(addr)
-        .configure_node(|n| n.mdns(false).upnp(false).autonat(false).memory_limit(None))
-        .transport_config(micromesh::transport::Config::default().idle_timeout(Duration::ZERO))
-        .build()
-        .await
-        .map_err(|e| e.to_string())?;
+    let fresh = client_of(
+        "bench-client-fresh",
+        micromesh::transport::Config::default().idle_timeout(Duration::ZERO),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     for service in [&client, &fresh] {
         let registry = service.registry().clone();
         wait_until(Duration::from_secs(20), || async {
@@ -333,22 +342,15 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
             mm_tput.push(calls_per_second(&mm_call, 64, Duration::from_secs(3)).await);
         }
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-        report.insert(
-            label.into(),
-            serde_json::json!({
-                "payload_bytes": size,
-                "latency_c1": { "raw": percentiles(raw_lat.clone()), "micromesh": percentiles(mm_lat.clone()) },
-                "latency_p50_ratio": quantile_ms(&mm_lat, 0.5) / quantile_ms(&raw_lat, 0.5),
-                "latency_p99_ratio": quantile_ms(&mm_lat, 0.99) / quantile_ms(&raw_lat, 0.99),
-                "calls_per_second_64_in_flight": { "raw": raw_tput, "micromesh": mm_tput },
-                "throughput_ratio": mean(&mm_tput) / mean(&raw_tput),
-                "new_stream_per_call": {
-                    "latency_c1": { "raw": percentiles(raw_lat_fresh.clone()), "micromesh": percentiles(fresh_lat.clone()) },
-                    "latency_p50_ratio": quantile_ms(&fresh_lat, 0.5) / quantile_ms(&raw_lat_fresh, 0.5),
-                    "latency_p99_ratio": quantile_ms(&fresh_lat, 0.99) / quantile_ms(&raw_lat_fresh, 0.99),
-                },
-            }),
-        );
+        report.insert(label.into(), {
+            let mut figures = latency_report(&raw_lat, &mm_lat);
+            figures["payload_bytes"] = size.into();
+            figures["calls_per_second_64_in_flight"] =
+                serde_json::json!({ "raw": raw_tput, "micromesh": mm_tput });
+            figures["throughput_ratio"] = (mean(&mm_tput) / mean(&raw_tput)).into();
+            figures["new_stream_per_call"] = latency_report(&raw_lat_fresh, &fresh_lat);
+            figures
+        });
     }
 
     // Streams: 64 KiB messages, 3 s per side and round, in six half-second segments that
