@@ -437,6 +437,44 @@ pub async fn inject_gossip(
     node.publish_unchecked(topic, data).await
 }
 
+/// Fault injection: publishes `frame` as the data of a gossip message on `topic`, as it is,
+/// instead of the frame the node would sign (`protocols/README.md`, "Gossip frames"): a frame
+/// made with [`gossip_frame`] and then altered, or bytes that are no frame at all.
+///
+/// # Errors
+///
+/// As [`Node::publish`].
+pub async fn inject_gossip_frame(
+    node: &Node,
+    topic: &str,
+    frame: Vec<u8>,
+) -> Result<(), crate::node::Error> {
+    let size = frame.len();
+    node.publish_frame(topic, frame, size).await
+}
+
+/// A gossip frame of `payload` for `topic` of `network`, signed by `signer`: what a node
+/// publishes, for tests that alter it before [`inject_gossip_frame`].
+///
+/// ```
+/// use micromesh::{Identity, testing::gossip_frame};
+///
+/// let frame = gossip_frame(&Identity::generate(), "main", "orders", 1, b"hello");
+/// // Version, key, sequence number and signature come before the payload.
+/// assert_eq!(frame.len(), 105 + 5);
+/// assert!(frame.ends_with(b"hello"));
+/// ```
+pub fn gossip_frame(
+    signer: &crate::Identity,
+    network: &str,
+    topic: &str,
+    sequence: u64,
+    payload: &[u8],
+) -> Vec<u8> {
+    let wire = crate::node::gossip::wire_topic(network, topic);
+    crate::node::frame::seal(signer, &wire, sequence, payload)
+}
+
 /// The registry's gossip topic, for [`inject_gossip`].
 pub const REGISTRY_TOPIC: &str = crate::registry::TOPIC;
 

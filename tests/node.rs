@@ -1,11 +1,12 @@
-//! The node through its public API: DHT, identity, network isolation, keep-alive, pnet.
+//! The node through its public API: DHT, identity, network isolation, keep-alive, pnet, signed
+//! gossip.
 
 use std::time::Duration;
 
 use micromesh::{
     Error, Multiaddr, Service,
     node::{self, Event, Node, PreSharedKey, Preset},
-    testing::{Cluster, wait_until},
+    testing::{self, Cluster, wait_until},
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -520,4 +521,109 @@ async fn a_relay_server_carries_a_circuit_between_two_peers() {
 fn rand_port() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(std::time::SystemTime::now()) | 1
+}
+
+/// The first value of a counter in the node's metrics.
+fn counter(node: &Node, name: &str) -> u64 {
+    node.encode_metrics()
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_tampered_and_misdirected_gossip_frames_reach_nobody() {
+    // 0 and 1 subscribe; 2, 3, 4 and 5 each publish one genuine message, then one bad frame.
+    let cluster = Cluster::builder()
+        .size(6)
+        .network("frames")
+        .build()
+        .await
+        .unwrap();
+    let mut subscriptions = Vec::new();
+    for i in 0..2 {
+        subscriptions.push(cluster.node(i).subscribe("prices").await.unwrap());
+    }
+    let subscribers = [cluster.node(0).peer_id(), cluster.node(1).peer_id()];
+    for attacker in 2..6 {
+        let node = cluster.node(attacker).clone();
+        wait_until(WAIT, || async {
+            node.topic_peers("prices")
+                .await
+                .is_ok_and(|p| subscribers.iter().all(|s| p.contains(s)))
+        })
+        .await
+        .unwrap();
+        node.publish("prices", format!("genuine from {attacker}"))
+            .await
+            .unwrap();
+    }
+    let frame = |attacker: usize, topic: &str, payload: &[u8]| {
+        let signer = cluster.node(attacker).identity();
+        testing::gossip_frame(signer, "frames", topic, 7, payload)
+    };
+    // 2 signs with its own key but names subscriber 1's key as the publisher's.
+    let mut impersonation = frame(2, "prices", b"from 1, honest");
+    impersonation[1..33].copy_from_slice(&cluster.node(1).identity().public_key_bytes());
+    // 3 changes the payload of a frame it signed.
+    let mut tampered = frame(3, "prices", b"price 10");
+    *tampered.last_mut().unwrap() = b'9';
+    // 4 replays on `prices` a frame it signed for another topic.
+    let misdirected = frame(4, "audit", b"price 12");
+    // 5 sends bytes that are no frame.
+    let garbage = b"\x01short".to_vec();
+    for (attacker, bad) in [
+        (2, impersonation),
+        (3, tampered),
+        (4, misdirected),
+        (5, garbage),
+    ] {
+        testing::inject_gossip_frame(cluster.node(attacker), "prices", bad)
+            .await
+            .unwrap();
+    }
+
+    // Every subscriber rejects the four bad frames...
+    for i in 0..2 {
+        let node = cluster.node(i).clone();
+        wait_until(WAIT, || async {
+            counter(&node, "micromesh_gossip_rejected_total") >= 4
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{}", node.encode_metrics()));
+    }
+    // ...and received exactly the four genuine messages, each from the peer that signed it.
+    for (i, subscription) in subscriptions.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        while let Some(message) = subscription.try_recv() {
+            got.push((message.source, String::from_utf8(message.data).unwrap()));
+        }
+        got.sort();
+        let mut expected: Vec<_> = (2..6)
+            .map(|a| (cluster.node(a).peer_id(), format!("genuine from {a}")))
+            .collect();
+        expected.sort();
+        assert_eq!(got, expected, "subscriber {i}");
+        assert_eq!(
+            counter(cluster.node(i), "micromesh_gossip_rejected_total"),
+            4,
+            "subscriber {i}"
+        );
+    }
+    // Each bad frame cost its sender: its gossipsub score on both subscribers is negative.
+    for i in 0..2 {
+        for attacker in 2..6 {
+            let score = cluster
+                .node(i)
+                .gossip_score(cluster.node(attacker).peer_id())
+                .await
+                .unwrap()
+                .unwrap_or(0.0);
+            assert!(score < 0.0, "attacker {attacker} scores {score} on {i}");
+        }
+    }
+    drop(subscriptions);
+    cluster.shutdown().await.unwrap();
 }

@@ -218,7 +218,7 @@ impl Default for Config {
 
 impl Config {
     /// The largest message (envelope: body, headers and about 40 bytes) on any topic. Default
-    /// is 1 MiB − 8 KiB, which fits the node's default gossip limit of 1 MiB with gossipsub's
+    /// is 1 MiB − 8 KiB, which fits the node's default gossip limit of 1 MiB with the gossip
     /// framing and signature.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;

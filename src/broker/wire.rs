@@ -1,8 +1,8 @@
 //! The broker's wire format (`protocols/broker.md`): message envelopes, queue deliveries and
 //! their acknowledgements, all CBOR.
 //!
-//! Gossipsub signs and authenticates every broadcast message by its publisher, and a queue
-//! delivery travels on a stream of a connection authenticated by the publisher's key, so the
+//! Every broadcast message travels in a gossip frame signed by its publisher (checked by the
+//! node, `protocols/README.md`), and a queue delivery travels on a stream of a connection authenticated by the publisher's key, so the
 //! envelope itself carries no signature.
 
 use serde::{Deserialize, Serialize};

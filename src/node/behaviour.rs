@@ -133,8 +133,14 @@ impl Behaviour {
             .set_publication_interval(Some(Duration::from_secs(3600)));
         let kad = kad::Behaviour::with_config(peer_id, store, kad_config);
 
+        // Messages carry micromesh's signed frame instead of gossipsub's author fields, and are
+        // named by the frame's hash: the node checks a signature once per message rather than
+        // once per copy (see `frame`). Gossipsub refuses messages that carry author fields.
         let gossip_config = gossipsub::ConfigBuilder::default()
-            .validation_mode(gossipsub::ValidationMode::Strict)
+            .validation_mode(gossipsub::ValidationMode::Anonymous)
+            .message_id_fn(|message: &gossipsub::Message| {
+                gossipsub::MessageId::new(&super::frame::message_id(&message.data))
+            })
             .heartbeat_interval(config.gossip_heartbeat)
             .heartbeat_initial_delay(Duration::from_millis(100))
             .max_transmit_size(config.max_gossip_size)
@@ -148,7 +154,7 @@ impl Behaviour {
             .build()
             .map_err(|e| Error::InvalidConfig(format!("gossipsub: {e}")))?;
         let mut gossipsub = gossipsub::Behaviour::new_with_subscription_filter(
-            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossipsub::MessageAuthenticity::Anonymous,
             gossip_config,
             gossip::filter(network),
         )

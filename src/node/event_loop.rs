@@ -30,6 +30,7 @@ use super::{
     Command, DhtMode, DhtPeer, Error, Event, ExitReason, FoundRecord, PeerInfo, PublishError,
     behaviour::{Behaviour, BehaviourEvent, OptionalEvent, kad_protocol, keep_alive_protocol},
     config::Config,
+    frame,
     gossip::{self, Delivery, Subscriber, Validation},
     metrics::NodeMetrics,
     scoring, streams,
@@ -734,15 +735,19 @@ impl EventLoop {
                     }
                 }
             }
-            Command::Publish { topic, data, reply } => {
+            Command::Publish {
+                topic,
+                frame,
+                size,
+                reply,
+            } => {
                 let wire = gossipsub::IdentTopic::new(gossip::wire_topic(&self.network, &topic));
-                let size = data.len();
                 self.last_publish = Some(Instant::now());
                 let result = self
                     .swarm
                     .behaviour_mut()
                     .gossipsub
-                    .publish(wire, data)
+                    .publish(wire, frame)
                     .map(drop)
                     .map_err(|e| Error::Publish {
                         topic,
@@ -1273,22 +1278,24 @@ impl EventLoop {
         let Some(topic) = message.topic.as_str().strip_prefix(&self.gossip_prefix) else {
             return Err(Validation::Reject);
         };
-        let Some(source) = message.source else {
-            // Strict validation rejects unsigned messages before they get here.
-            return Err(Validation::Reject);
-        };
         if let Some(state) = self.peers.get_mut(&via) {
             state.last_active = Instant::now();
         }
         if !self.topics.contains_key(topic) {
             return Err(Validation::Ignore);
         }
+        // Gossipsub hands over only the first copy of each message, so each signature is checked
+        // once.
+        let frame = frame::open(message.topic.as_str(), message.data).map_err(|e| {
+            tracing::debug!(peer = %via, %topic, "gossip message refused: {e}");
+            Validation::Reject
+        })?;
         let delivered = gossip::Message {
             topic: topic.to_owned(),
-            source,
+            source: frame.publisher,
             via,
-            sequence: message.sequence_number,
-            data: message.data,
+            sequence: Some(frame.sequence),
+            data: frame.payload,
         };
         if let Some(validator) = self.validators.get(topic) {
             let verdict =

@@ -65,7 +65,7 @@ impl NodeMetrics {
         );
         registry.register(
             "gossip_rejected",
-            "Gossip messages rejected by a topic's validation hook (not delivered, not forwarded)",
+            "Gossip messages rejected, for a bad frame or by a topic's validation hook (not delivered, not forwarded)",
             metrics.gossip_rejected.clone(),
         );
         registry.register(

@@ -28,6 +28,7 @@
 mod behaviour;
 mod config;
 mod event_loop;
+pub(crate) mod frame;
 pub mod gossip;
 mod keep_alive;
 mod metrics;
@@ -339,7 +340,10 @@ pub(crate) enum Command {
     },
     Publish {
         topic: String,
-        data: Vec<u8>,
+        /// The signed frame.
+        frame: Vec<u8>,
+        /// The payload's size, for errors.
+        size: usize,
         reply: oneshot::Sender<Result<(), Error>>,
     },
     TopicPeers {
@@ -378,6 +382,8 @@ pub(crate) struct Inner {
     exit: watch::Receiver<Option<ExitReason>>,
     metrics: Arc<Mutex<Registry>>,
     next_subscription: AtomicU64,
+    /// The sequence number of this node's next gossip message.
+    gossip_sequence: AtomicU64,
     subscription_queue: usize,
     abort: tokio::task::AbortHandle,
     opener: streams::Opener,
@@ -527,6 +533,7 @@ impl Node {
                 exit,
                 metrics,
                 next_subscription: AtomicU64::new(0),
+                gossip_sequence: AtomicU64::new(first_gossip_sequence()),
                 subscription_queue: config.subscription_queue,
                 abort,
                 opener,
@@ -885,9 +892,27 @@ impl Node {
     }
 
     pub(crate) async fn publish_unchecked(&self, topic: &str, data: Vec<u8>) -> Result<(), Error> {
+        let sequence = self.inner.gossip_sequence.fetch_add(1, Ordering::Relaxed);
+        let wire = gossip::wire_topic(&self.inner.network, topic);
+        let frame = frame::seal(&self.inner.identity, &wire, sequence, &data);
+        self.publish_frame(topic, frame, data.len()).await
+    }
+
+    /// Publishes a frame as it is: signed by anyone, or not a frame at all.
+    pub(crate) async fn publish_frame(
+        &self,
+        topic: &str,
+        frame: Vec<u8>,
+        size: usize,
+    ) -> Result<(), Error> {
         let topic = topic.to_owned();
-        self.request(|reply| Command::Publish { topic, data, reply })
-            .await?
+        self.request(|reply| Command::Publish {
+            topic,
+            frame,
+            size,
+            reply,
+        })
+        .await?
     }
 
     /// The connected peers that are subscribed to `topic`.
@@ -1043,4 +1068,12 @@ fn served_protocols(network: &str) -> Vec<StreamProtocol> {
 pub(crate) fn short_id(peer: &PeerId) -> String {
     let s = peer.to_base58();
     s[s.len().saturating_sub(6)..].to_owned()
+}
+
+/// Where a node's gossip sequence numbers start: the time in nanoseconds, so that a node that
+/// restarts with the same identity goes on numbering above its earlier messages.
+fn first_gossip_sequence() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| u64::try_from(t.as_nanos()).unwrap_or(u64::MAX / 2))
 }

@@ -13,7 +13,10 @@
 //! - **micromesh broker**: the broker on top (envelopes, validation, ordering, handlers).
 //!
 //! Every mesh gets the same shape: every node connected to every other, every node but the
-//! publisher subscribed, gossipsub's heartbeat at 500 ms and strict signing. One node publishes
+//! publisher subscribed, gossipsub's heartbeat at 500 ms, and every message signed by its
+//! publisher. The bare swarms sign with gossipsub's strict mode, which checks the signature of
+//! every copy a node receives; micromesh signs a frame of its own, which each node checks once
+//! per message (`protocols/README.md`, "Gossip frames"). One node publishes
 //! `MESSAGES` small messages at a steady rate (`--rate`, default 20 per second); each subscriber
 //! notes when each arrives. Rounds alternate the series to even out a noisy machine.
 
