@@ -139,7 +139,7 @@ impl Behaviour {
         let gossip_config = gossipsub::ConfigBuilder::default()
             .validation_mode(gossipsub::ValidationMode::Anonymous)
             .message_id_fn(|message: &gossipsub::Message| {
-                gossipsub::MessageId::new(&super::frame::message_id(&message.data))
+                gossipsub::MessageId::from(super::frame::message_id(&message.data))
             })
             .heartbeat_interval(config.gossip_heartbeat)
             .heartbeat_initial_delay(Duration::from_millis(100))
