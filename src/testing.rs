@@ -423,8 +423,9 @@ pub fn crash(service: &Service) {
     service.node().kill();
 }
 
-/// Fault injection: publishes raw bytes on any gossip topic of the node's network, micromesh's
-/// own topics included, skipping every check a normal publish makes.
+/// Fault injection: publishes `data` on any gossip topic of the node's network, micromesh's
+/// own topics included, skipping every check a normal publish makes. The node still signs it
+/// in a gossip frame; [`inject_gossip_frame`] sends bytes unsigned.
 ///
 /// # Errors
 ///
