@@ -423,6 +423,33 @@ pub fn crash(service: &Service) {
     service.node().kill();
 }
 
+/// The value of one series in `node`'s metrics, 0 while the node has none (a counter appears
+/// with its first increment). `series` is the name with its labels as the Prometheus text
+/// prints them, such as `micromesh_gossip_rejected_total` or
+/// `micromesh_auth_denied_total{surface="publish"}`.
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use micromesh::testing::{Cluster, metric};
+///
+/// let cluster = Cluster::new(1).await?;
+/// assert_eq!(metric(cluster.node(0), "micromesh_gossip_rejected_total"), 0);
+/// cluster.shutdown().await?;
+/// # Ok(()) }
+/// ```
+pub fn metric(node: &Node, series: &str) -> u64 {
+    node.encode_metrics()
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
 /// Fault injection: publishes `data` on any gossip topic of the node's network, micromesh's
 /// own topics included, skipping every check a normal publish makes. The node still signs it
 /// in a gossip frame; [`inject_gossip_frame`] sends bytes unsigned.

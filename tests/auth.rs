@@ -598,8 +598,8 @@ async fn an_unauthorised_publish_reaches_no_subscriber() {
     let denied: u64 = [3, 4]
         .iter()
         .map(|&i| {
-            metric(
-                &cluster.node(i).encode_metrics(),
+            testing::metric(
+                cluster.node(i),
                 "micromesh_auth_denied_total{surface=\"publish\"}",
             )
         })
@@ -678,8 +678,8 @@ async fn only_peers_allowed_to_offer_a_service_are_listed() {
     .expect("the allowed server is listed");
     // ...but only the allowed server offers `vault`, and the refusal is counted.
     assert_eq!(nodes_of("vault").await, [allowed]);
-    let denied = metric(
-        &cluster.node(3).encode_metrics(),
+    let denied = testing::metric(
+        cluster.node(3),
         "micromesh_auth_denied_total{surface=\"announce\"}",
     );
     assert!(denied >= 1, "{denied}");
@@ -832,8 +832,8 @@ async fn an_unauthorised_store_write_is_held_by_no_replica() {
     }
     let denied: u64 = (0..8)
         .map(|i| {
-            metric(
-                &cluster.node(i).encode_metrics(),
+            testing::metric(
+                cluster.node(i),
                 "micromesh_auth_denied_total{surface=\"write\"}",
             )
         })
@@ -852,11 +852,4 @@ fn now_us() -> u64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_micros() as u64
-}
-
-/// The value of one metric line in Prometheus text, 0 when absent.
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0)
 }

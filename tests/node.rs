@@ -523,16 +523,6 @@ fn rand_port() -> u64 {
     RandomState::new().hash_one(std::time::SystemTime::now()) | 1
 }
 
-/// The first value of a counter in the node's metrics.
-fn counter(node: &Node, name: &str) -> u64 {
-    node.encode_metrics()
-        .lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_tampered_and_misdirected_gossip_frames_reach_nobody() {
     // 0 and 1 subscribe; 2, 3, 4 and 5 each publish one genuine message, then one bad frame.
@@ -589,7 +579,7 @@ async fn forged_tampered_and_misdirected_gossip_frames_reach_nobody() {
     for i in 0..2 {
         let node = cluster.node(i).clone();
         wait_until(WAIT, || async {
-            counter(&node, "micromesh_gossip_rejected_total") >= 4
+            testing::metric(&node, "micromesh_gossip_rejected_total") >= 4
         })
         .await
         .unwrap_or_else(|_| panic!("{}", node.encode_metrics()));
@@ -607,7 +597,7 @@ async fn forged_tampered_and_misdirected_gossip_frames_reach_nobody() {
         expected.sort();
         assert_eq!(got, expected, "subscriber {i}");
         assert_eq!(
-            counter(cluster.node(i), "micromesh_gossip_rejected_total"),
+            testing::metric(cluster.node(i), "micromesh_gossip_rejected_total"),
             4,
             "subscriber {i}"
         );

@@ -402,15 +402,8 @@ async fn forged_and_malformed_announcements_are_rejected_counted_and_penalised()
     // Each kind is rejected by the first node that sees it, and counted there.
     let node3 = cluster.node(3).clone();
     let rejected = move |reason: &'static str| {
-        node3
-            .encode_metrics()
-            .lines()
-            .find(|l| {
-                l.starts_with("micromesh_registry_messages_rejected_total") && l.contains(reason)
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0)
+        let series = format!("micromesh_registry_messages_rejected_total{{reason=\"{reason}\"}}");
+        testing::metric(&node3, &series)
     };
     wait_until(WAIT, || {
         let rejected = rejected.clone();

@@ -17,7 +17,7 @@ use micromesh::{
     node::Preset,
     server::Streaming,
     status::Code,
-    testing::wait_until,
+    testing::{self, wait_until},
     transport,
 };
 use serde::{Deserialize, Serialize};
@@ -615,18 +615,8 @@ async fn tower_layers_work_unchanged() {
     }
 }
 
-/// The value of one metric line in Prometheus text, 0 when absent.
-fn metric(service: &Service, name: &str) -> u64 {
-    service
-        .node()
-        .encode_metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0)
-}
-
-const STREAMS: &str = "micromesh_server_streams_total ";
-const STREAMS_OPEN: &str = "micromesh_server_streams_open ";
+const STREAMS: &str = "micromesh_server_streams_total";
+const STREAMS_OPEN: &str = "micromesh_server_streams_open";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unary_calls_follow_one_another_on_one_stream_until_it_fails_or_idles() {
@@ -655,7 +645,7 @@ async fn unary_calls_follow_one_another_on_one_stream_until_it_fails_or_idles() 
         assert_eq!(reply.msg, format!("Hello, n{i}! (from greeter)"));
     }
     assert_eq!(
-        metric(&server, STREAMS),
+        testing::metric(server.node(), STREAMS),
         1,
         "20 calls in a row share a stream"
     );
@@ -664,17 +654,22 @@ async fn unary_calls_follow_one_another_on_one_stream_until_it_fails_or_idles() 
     let err = greet("").await.unwrap_err();
     assert_eq!(err.status().code(), Code::Conflict, "{err}");
     greet("after an error").await.unwrap();
-    assert_eq!(metric(&server, STREAMS), 2);
+    assert_eq!(testing::metric(server.node(), STREAMS), 2);
 
     // The server closes the stream once it idles past 500 ms; the client still holds it, and
     // its next call, which meets the server's `end`, goes on a new stream without an error.
-    wait_until(WAIT, || async { metric(&server, STREAMS_OPEN) == 0 })
-        .await
-        .expect("the server closes an idle stream");
+    wait_until(WAIT, || async {
+        testing::metric(server.node(), STREAMS_OPEN) == 0
+    })
+    .await
+    .expect("the server closes an idle stream");
     let reply = greet("after idling").await.unwrap();
     assert_eq!(reply.msg, "Hello, after idling! (from greeter)");
-    assert_eq!(metric(&server, STREAMS), 3);
-    assert_eq!(metric(&server, "micromesh_server_calls_total "), 23);
+    assert_eq!(testing::metric(server.node(), STREAMS), 3);
+    assert_eq!(
+        testing::metric(server.node(), "micromesh_server_calls_total"),
+        23
+    );
     for s in [client, server, mesh.bootstrap] {
         s.stop().await.unwrap();
     }
@@ -735,7 +730,8 @@ async fn an_abandoned_call_drops_its_handler_and_the_server_keeps_serving() {
         .await
         .expect("the server drops the abandoned call's handler");
     wait_until(WAIT, || async {
-        metric(&server, "micromesh_server_calls_total ") == 2 && metric(&server, STREAMS_OPEN) == 0
+        testing::metric(server.node(), "micromesh_server_calls_total") == 2
+            && testing::metric(server.node(), STREAMS_OPEN) == 0
     })
     .await
     .expect("the abandoned call's stream closes");
@@ -776,10 +772,12 @@ async fn a_client_that_stops_calling_closes_its_kept_streams() {
     for reply in futures::future::join_all(calls).await {
         reply.unwrap();
     }
-    assert!(metric(&server, STREAMS) >= 1);
-    wait_until(WAIT, || async { metric(&server, STREAMS_OPEN) == 0 })
-        .await
-        .expect("the client closes the streams it no longer uses");
+    assert!(testing::metric(server.node(), STREAMS) >= 1);
+    wait_until(WAIT, || async {
+        testing::metric(server.node(), STREAMS_OPEN) == 0
+    })
+    .await
+    .expect("the client closes the streams it no longer uses");
     for s in [client, server, mesh.bootstrap] {
         s.stop().await.unwrap();
     }
@@ -847,7 +845,7 @@ async fn calls_move_from_a_relayed_connection_to_a_direct_one() {
     for _ in 0..3 {
         greet("relayed").await.unwrap();
     }
-    assert_eq!(metric(&server, STREAMS), 1);
+    assert_eq!(testing::metric(server.node(), STREAMS), 1);
 
     // Once a direct connection exists, the kept stream on the relayed one is dropped and
     // calls go direct, again on one kept stream.
@@ -856,7 +854,7 @@ async fn calls_move_from_a_relayed_connection_to_a_direct_one() {
     for _ in 0..3 {
         greet("direct").await.unwrap();
     }
-    assert_eq!(metric(&server, STREAMS), 2);
+    assert_eq!(testing::metric(server.node(), STREAMS), 2);
     let peers = client.node().peers().await.unwrap();
     let addresses = &peers.iter().find(|p| p.peer_id == b).unwrap().addresses;
     assert!(

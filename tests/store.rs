@@ -32,13 +32,7 @@ async fn read(service: &Service, key: &str) -> Option<String> {
 
 /// Bytes of records a node holds, from its metrics.
 fn held_bytes(service: &Service) -> u64 {
-    service
-        .node()
-        .encode_metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix("micromesh_store_bytes "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    testing::metric(service.node(), "micromesh_store_bytes")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
