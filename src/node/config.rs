@@ -407,6 +407,10 @@ impl Builder {
 
     /// How long a connection that nobody uses stays open. Connections to bootstrap peers,
     /// dialled peers and peers that components use stay open regardless. Default is 30 s.
+    ///
+    /// Between two micromesh nodes this rarely applies: gossipsub holds a stream open on every
+    /// connection to a peer that speaks it, which counts as use. The connection manager
+    /// ([`Builder::connection_water_marks`]) is what bounds those connections.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.config.idle_timeout = timeout;
         self

@@ -8,7 +8,9 @@
 //! For each such peer this behaviour holds one idle stream of the network's keep-alive protocol
 //! (see `protocols/keepalive.md`). An open stream keeps the connection alive on *both* ends, so
 //! the remote does not close it either. When the node stops needing the peer, the stream is
-//! closed and the connection falls back to the normal idle timeout.
+//! closed and the connection falls back to the normal idle timeout. (Gossipsub holds a stream
+//! of its own on every connection between micromesh nodes, which counts as use too; the
+//! connection manager, not the idle timeout, closes those.)
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -16,7 +18,11 @@ use std::{
     task::{Context, Poll},
 };
 
-use futures::AsyncRead;
+use futures::{
+    AsyncReadExt, FutureExt, StreamExt,
+    future::{AbortHandle, Abortable, Aborted, BoxFuture},
+    stream::FuturesUnordered,
+};
 use libp2p::{
     Multiaddr, PeerId, Stream, StreamProtocol,
     core::{Endpoint, transport::PortUse, upgrade::ReadyUpgrade},
@@ -74,12 +80,7 @@ impl Behaviour {
 
     fn handler(&mut self, peer: PeerId, connection: ConnectionId) -> Handler {
         self.connections.entry(peer).or_default().insert(connection);
-        Handler {
-            protocol: self.protocol.clone(),
-            keep: self.kept.contains(&peer),
-            outbound: Outbound::Idle,
-            inbound: VecDeque::new(),
-        }
+        Handler::new(self.protocol.clone(), self.kept.contains(&peer))
     }
 }
 
@@ -141,30 +142,70 @@ enum Outbound {
     Idle,
     /// A stream was requested and is being negotiated.
     Opening,
-    /// The stream is open and holds the connection.
-    Open(Stream),
+    /// The stream is open and holds the connection; it is watched in [`Handler::held`], and
+    /// aborting its watch closes it.
+    Open(AbortHandle),
     /// The remote does not speak the protocol (another network, another program), or closed
     /// our stream: do not ask again on this connection.
     Refused,
 }
+
+/// Which held stream a watch belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    Outbound,
+    Inbound(u64),
+}
+
+/// Resolves with its stream's [`Held`] once the remote closes the stream; aborting it drops
+/// (closes) the stream.
+type Watch = Abortable<BoxFuture<'static, Held>>;
 
 /// The per-connection half of [`Behaviour`].
 pub(crate) struct Handler {
     protocol: StreamProtocol,
     keep: bool,
     outbound: Outbound,
-    inbound: VecDeque<Stream>,
+    /// Inbound streams held, oldest first.
+    inbound: VecDeque<(u64, AbortHandle)>,
+    next_inbound: u64,
+    /// One watch per held stream. The connection polls its handler on every wake-up, for every
+    /// message of every protocol; a set of futures polls only the watches that were woken, so
+    /// the idle streams are read when something arrives on them, not on every message.
+    held: FuturesUnordered<Watch>,
 }
 
-/// Polls a held stream for the remote's close. Returns `true` while the stream is still open.
-fn still_open(stream: &mut Stream, cx: &mut Context<'_>) -> bool {
+impl Handler {
+    fn new(protocol: StreamProtocol, keep: bool) -> Self {
+        Self {
+            protocol,
+            keep,
+            outbound: Outbound::Idle,
+            inbound: VecDeque::new(),
+            next_inbound: 0,
+            held: FuturesUnordered::new(),
+        }
+    }
+
+    /// Watches `stream` until its remote closes it; the returned handle closes it from here.
+    fn hold(&mut self, stream: Stream, which: Held) -> AbortHandle {
+        let (handle, registration) = AbortHandle::new_pair();
+        let watch = async move {
+            until_closed(stream).await;
+            which
+        };
+        self.held.push(Abortable::new(watch.boxed(), registration));
+        handle
+    }
+}
+
+/// Reads a held stream until the remote closes it. The protocol carries no data: any byte is
+/// ignored, end-of-stream or an error ends the stream.
+async fn until_closed(mut stream: Stream) {
     let mut buf = [0u8; 64];
-    loop {
-        match std::pin::Pin::new(&mut *stream).poll_read(cx, &mut buf) {
-            Poll::Pending => return true,
-            // The protocol carries no data: any byte is ignored, EOF or an error ends the stream.
-            Poll::Ready(Ok(n)) if n > 0 => continue,
-            Poll::Ready(_) => return false,
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            return;
         }
     }
 }
@@ -187,8 +228,10 @@ impl ConnectionHandler for Handler {
 
     fn on_behaviour_event(&mut self, keep: bool) {
         self.keep = keep;
-        if !keep && matches!(self.outbound, Outbound::Open(_)) {
-            // Dropping the stream closes it; the remote sees EOF and lets go of its half.
+        if !keep && let Outbound::Open(stream) = &self.outbound {
+            // The watch drops the stream at its next poll: the remote sees it end and lets go
+            // of its half.
+            stream.abort();
             self.outbound = Outbound::Idle;
         }
     }
@@ -203,7 +246,7 @@ impl ConnectionHandler for Handler {
                 ..
             }) => {
                 self.outbound = if self.keep {
-                    Outbound::Open(stream)
+                    Outbound::Open(self.hold(stream, Held::Outbound))
                 } else {
                     Outbound::Idle
                 };
@@ -212,10 +255,15 @@ impl ConnectionHandler for Handler {
                 protocol: stream,
                 ..
             }) => {
-                if self.inbound.len() == MAX_INBOUND_STREAMS {
-                    self.inbound.pop_front();
+                if self.inbound.len() == MAX_INBOUND_STREAMS
+                    && let Some((_, oldest)) = self.inbound.pop_front()
+                {
+                    oldest.abort();
                 }
-                self.inbound.push_back(stream);
+                let id = self.next_inbound;
+                self.next_inbound += 1;
+                let handle = self.hold(stream, Held::Inbound(id));
+                self.inbound.push_back((id, handle));
             }
             ConnectionEvent::DialUpgradeError(_) => self.outbound = Outbound::Refused,
             _ => {}
@@ -226,11 +274,17 @@ impl ConnectionHandler for Handler {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, (), Self::ToBehaviour>> {
-        self.inbound.retain_mut(|stream| still_open(stream, cx));
-        if let Outbound::Open(stream) = &mut self.outbound
-            && !still_open(stream, cx)
-        {
-            self.outbound = Outbound::Refused;
+        // Aborted watches resolve too (their stream is dropped); only a remote close matters.
+        while let Poll::Ready(Some(ended)) = self.held.poll_next_unpin(cx) {
+            match ended {
+                Ok(Held::Outbound) => {
+                    if matches!(self.outbound, Outbound::Open(_)) {
+                        self.outbound = Outbound::Refused;
+                    }
+                }
+                Ok(Held::Inbound(id)) => self.inbound.retain(|(held, _)| *held != id),
+                Err(Aborted) => {}
+            }
         }
         if self.keep && matches!(self.outbound, Outbound::Idle) {
             self.outbound = Outbound::Opening;
