@@ -794,8 +794,10 @@ impl Broker {
         let deadline = Instant::now() + wait;
 
         let local = self.deliver_locally(topic, &envelope);
-        let mut groups = self.groups_of(topic, false).await?;
+        // Broadcast first: looking up queue groups may take a trip through the event loop, and
+        // broadcast subscribers should not wait for it.
         let mut reached_remote = self.gossip(topic, &bytes).await?;
+        let mut groups = self.groups_of(topic, false).await?;
         while local == 0 && groups.is_empty() && !reached_remote && !options.allow_no_subscribers {
             if Instant::now() >= deadline {
                 return Err(Error::NoSubscribers {
