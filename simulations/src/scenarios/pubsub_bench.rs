@@ -18,7 +18,11 @@
 //! every copy a node receives; micromesh signs a frame of its own, which each node checks once
 //! per message (`protocols/README.md`, "Gossip frames"). One node publishes
 //! `MESSAGES` small messages at a steady rate (`--rate`, default 20 per second); each subscriber
-//! notes when each arrives. Rounds alternate the series to even out a noisy machine.
+//! notes when each arrives. Rounds alternate the series to even out a noisy machine (`--rounds`,
+//! default 5, at most 10). Each ratio between two series is reported twice: over the latencies
+//! of all rounds pooled, and as the median of the ratios of round 1 to round 1, round 2 to
+//! round 2, and so on. The second is the steadier figure: one slow spell of the machine moves
+//! one round's ratio, not the median.
 
 use std::{
     collections::HashMap,
@@ -44,6 +48,9 @@ use tokio::sync::mpsc;
 use crate::measure::{Options, cpu_time, percentiles, quantile_ms};
 
 const TOPIC: &str = "bench";
+/// The most rounds of each series one run takes (each round of the four series takes about
+/// 100 s).
+const MAX_ROUNDS: usize = 10;
 const MESSAGES: u64 = 200;
 /// How long a mesh settles before the measurement, and the last part of that in which its idle
 /// CPU use is measured.
@@ -477,7 +484,7 @@ async fn micromesh_round(nodes: usize, interval: Duration, layer: Layer) -> Resu
 
 pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> {
     let nodes = options.nodes;
-    let rounds = options.rounds.clamp(1, 4);
+    let rounds = options.rounds.clamp(1, MAX_ROUNDS);
     let interval = Duration::from_secs(1) / options.rate as u32;
     let (mut raw, mut stack, mut node, mut broker) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -501,21 +508,33 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
             .flat_map(|r| r.latencies.iter().copied())
             .collect()
     };
-    let (raw_all, stack_all, node_all, broker_all) =
-        (all(&raw), all(&stack), all(&node), all(&broker));
-    let report = |rounds: &[Round], latencies: &[Duration]| {
+    let report = |rounds: &[Round]| {
         serde_json::json!({
-            "latency": percentiles(latencies.to_vec()),
+            "latency": percentiles(all(rounds)),
             "delivery_ratio": rounds.iter().map(|r| r.delivery_ratio).collect::<Vec<_>>(),
             "idle_cpu_percent": rounds.iter().map(|r| r.idle_cpu_percent).collect::<Vec<_>>(),
             "cpu_ms_per_message": rounds.iter().map(|r| r.cpu_ms_per_message).collect::<Vec<_>>(),
         })
     };
-    let ratios = |a: &[Duration], b: &[Duration]| {
-        let ratio = |q: f64| quantile_ms(a, q) / quantile_ms(b, q);
+    // Pooled over all rounds, and round by round: round i of two series ran minutes apart at
+    // most, so the median of the per-round ratios is the figure least moved by a noisy spell.
+    let ratios = |a: &[Round], b: &[Round]| {
+        let (a_all, b_all) = (all(a), all(b));
+        let ratio = |q: f64| quantile_ms(&a_all, q) / quantile_ms(&b_all, q);
+        let per_round = |q: f64| -> Vec<f64> {
+            a.iter()
+                .zip(b)
+                .map(|(a, b)| quantile_ms(&a.latencies, q) / quantile_ms(&b.latencies, q))
+                .collect()
+        };
+        let (p50s, p99s) = (per_round(0.5), per_round(0.99));
         serde_json::json!({
             "latency_ratio_p50": ratio(0.5),
             "latency_ratio_p99": ratio(0.99),
+            "median_of_rounds_p50": median(&p50s),
+            "median_of_rounds_p99": median(&p99s),
+            "per_round_p50": p50s,
+            "per_round_p99": p99s,
         })
     };
     Ok(serde_json::json!({
@@ -524,14 +543,37 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
         "messages_per_round": MESSAGES,
         "rate_per_second": options.rate,
         "rounds": rounds,
-        "raw_gossipsub": report(&raw, &raw_all),
-        "libp2p_stack_gossipsub": report(&stack, &stack_all),
-        "micromesh_node_gossip": report(&node, &node_all),
-        "micromesh_broker": report(&broker, &broker_all),
-        "broker_vs_raw_gossipsub": ratios(&broker_all, &raw_all),
-        "libp2p_stack_vs_raw_gossipsub": ratios(&stack_all, &raw_all),
-        "broker_vs_libp2p_stack": ratios(&broker_all, &stack_all),
-        "broker_vs_node_gossip": ratios(&broker_all, &node_all),
+        "raw_gossipsub": report(&raw),
+        "libp2p_stack_gossipsub": report(&stack),
+        "micromesh_node_gossip": report(&node),
+        "micromesh_broker": report(&broker),
+        "broker_vs_raw_gossipsub": ratios(&broker, &raw),
+        "libp2p_stack_vs_raw_gossipsub": ratios(&stack, &raw),
+        "broker_vs_libp2p_stack": ratios(&broker, &stack),
+        "broker_vs_node_gossip": ratios(&broker, &node),
         "target": "broker latency <= 1.1x raw gossipsub",
     }))
+}
+
+/// The median of some ratios (the mean of the middle two for an even count); NaN for none.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_even_and_no_ratios() {
+        assert_eq!(median(&[1.3, 0.9, 1.1]), 1.1);
+        assert_eq!(median(&[1.4, 1.0, 1.2, 0.8]), 1.1);
+        assert!(median(&[]).is_nan());
+    }
 }
