@@ -4,6 +4,7 @@
 //! cargo run --example greeter                                  # server and client, one process
 //! cargo run --example greeter -- serve                         # a server that others can join
 //! cargo run --example greeter -- serve --bootstrap ADDR        # a server joining a mesh
+//! cargo run --example greeter -- serve --no-upnp               # no port mapping on the router
 //! cargo run -- call greeter Greeter.Hello '{"name": "Ada"}' --bootstrap ADDR
 //! ```
 //!
@@ -11,12 +12,8 @@
 //! `Greeter.Count` (a server stream); the registry announces both, and callers find the
 //! service by name.
 
-use std::time::Duration;
-
 use futures::StreamExt as _;
-use micromesh::{
-    Context, Multiaddr, Service, Status, client::CallOptions, node::Preset, testing::wait_until,
-};
+use micromesh::{Context, Multiaddr, Service, Status, client::CallOptions, node::Preset};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -49,7 +46,7 @@ fn greeter() -> micromesh::service::Builder {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: greeter [serve [--bootstrap MULTIADDR] [--listen MULTIADDR]]");
+    eprintln!("usage: greeter [serve [--bootstrap MULTIADDR] [--listen MULTIADDR] [--no-upnp]]");
     std::process::exit(2);
 }
 
@@ -61,6 +58,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .unwrap_or_else(|_| "info,libp2p_kad=error".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file or a pipe gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut args = std::env::args().skip(1);
     match args.next().as_deref() {
@@ -68,6 +67,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("serve") => {
             let mut builder = greeter().configure_node(|n| n.mdns(false));
             while let Some(flag) = args.next() {
+                if flag == "--no-upnp" {
+                    builder = builder.configure_node(|n| n.upnp(false));
+                    continue;
+                }
                 let value: Multiaddr = args.next().unwrap_or_else(|| usage()).parse()?;
                 builder = match flag.as_str() {
                     "--bootstrap" => builder.bootstrap(value),
@@ -96,12 +99,8 @@ async fn together() -> Result<(), Box<dyn std::error::Error>> {
         .bootstrap(addr)
         .build()
         .await?;
-    let registry = client.registry().clone();
-    wait_until(Duration::from_secs(10), || async {
-        registry.get_service("greeter").await.is_ok()
-    })
-    .await?;
 
+    // Called at once: the call waits for the client to join, then finds the greeter by name.
     let reply: HelloReply = client
         .client()
         .call(

@@ -19,12 +19,7 @@
 //! let addr = greeter.node().listen_addrs().await?.remove(0);
 //! let app = Service::builder("app").preset(Preset::Local).bootstrap(addr).build().await?;
 //!
-//! let registry = app.registry().clone();
-//! micromesh::testing::wait_until(std::time::Duration::from_secs(10), || async {
-//!     registry.get_service("greeter").await.is_ok()
-//! })
-//! .await
-//! .expect("the greeter is announced");
+//! // A call made at once waits for the node to join the mesh, then finds the greeter.
 //! let reply: String = app.client().call("greeter", "Greeter.Hello", &"Ada").await?;
 //! assert_eq!(reply, "Hello, Ada!");
 //! app.stop().await?;

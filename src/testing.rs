@@ -462,7 +462,7 @@ pub async fn inject_gossip(
     topic: &str,
     data: Vec<u8>,
 ) -> Result<(), crate::node::Error> {
-    node.publish_unchecked(topic, data).await
+    node.publish_unchecked(topic, data).await.map(drop)
 }
 
 /// Fault injection: publishes `frame` as the data of a gossip message on `topic`, as it is,
@@ -478,7 +478,7 @@ pub async fn inject_gossip_frame(
     frame: Vec<u8>,
 ) -> Result<(), crate::node::Error> {
     let size = frame.len();
-    node.publish_frame(topic, frame, size).await
+    node.publish_frame(topic, frame, size).await.map(drop)
 }
 
 /// A gossip frame of `payload` for `topic` of `network`, signed by `signer`: what a node
@@ -690,7 +690,7 @@ pub async fn publish_unchecked(
 ) -> Result<bool, crate::node::Error> {
     let envelope = raw_envelope(body, grants);
     match node.publish_unchecked(topic, envelope.encode()).await {
-        Ok(()) => Ok(true),
+        Ok(_) => Ok(true),
         Err(crate::node::Error::Publish {
             reason: crate::node::PublishError::NoSubscribers,
             ..

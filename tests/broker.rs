@@ -246,6 +246,127 @@ async fn a_queue_group_takes_each_message_once_and_survives_a_killed_member() {
     cluster.shutdown().await.unwrap();
 }
 
+/// Subscribes member `i` of `cluster` to `topic` (in `group`, if any), logging what it gets.
+async fn logged_subscription(
+    cluster: &Cluster,
+    i: usize,
+    topic: &str,
+    group: Option<&str>,
+) -> (micromesh::broker::Subscription, Log<u64>) {
+    let log: Log<u64> = Arc::default();
+    let mut options = SubscribeOptions::new();
+    if let Some(group) = group {
+        options = options.group(group);
+    }
+    let sink = log.clone();
+    let sub = cluster
+        .service(i)
+        .broker()
+        .subscribe_with(topic, options, move |event: Event<Tick>| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().unwrap().push(event.body.n);
+                Ok::<_, Status>(())
+            }
+        })
+        .await
+        .unwrap();
+    (sub, log)
+}
+
+/// Checks what one publish reached: both broadcast subscribers, and one member of each group.
+async fn assert_reached_everyone(published: micromesh::broker::Published) {
+    assert!(
+        published.subscribers >= 2,
+        "sent to both broadcast subscribers: {published:?}"
+    );
+    assert_eq!(published.groups, ["audit", "billing"], "{published:?}");
+    for delivery in published.delivered().await {
+        assert!(delivery.member.is_some(), "{delivery:?}");
+        assert_eq!(delivery.error, None);
+    }
+}
+
+/// A topic with broadcast subscribers and two queue groups: every publish reaches every
+/// subscriber and one member of each group, from a long-lived publisher and from nodes that
+/// publish the moment they start (which used to reach one kind of subscriber or the other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publish_reaches_broadcast_subscribers_and_every_queue_group() {
+    const LONG_LIVED: u64 = 10;
+    const FRESH: u64 = 6;
+    let cluster = Cluster::new(6).await.unwrap();
+    let mut subscriptions = Vec::new();
+    let mut logs = Vec::new();
+    for (i, group) in [
+        (1, None),
+        (2, None),
+        (3, Some("billing")),
+        (4, Some("billing")),
+        (5, Some("audit")),
+    ] {
+        let (sub, log) = logged_subscription(&cluster, i, "orders", group).await;
+        subscriptions.push(sub);
+        logs.push(log);
+    }
+
+    // Member 0, the bootstrap node, subscribes to nothing and publishes at once.
+    let long_lived = cluster.service(0).broker().clone();
+    for n in 0..LONG_LIVED {
+        let published = long_lived.publish("orders", &Tick { n }).await.unwrap();
+        assert_reached_everyone(published).await;
+    }
+    // Fresh nodes publish right after `build`, before anything told them of the subscribers.
+    for n in LONG_LIVED..LONG_LIVED + FRESH {
+        let fresh = Service::builder("publisher")
+            .preset(micromesh::node::Preset::Local)
+            .network(cluster.network())
+            .bootstrap(cluster.bootstrap_addr().clone())
+            .register(false)
+            .build()
+            .await
+            .unwrap();
+        let published = fresh.broker().publish("orders", &Tick { n }).await.unwrap();
+        assert_reached_everyone(published).await;
+        fresh.stop().await.unwrap();
+    }
+
+    let total = LONG_LIVED + FRESH;
+    let expected: Vec<u64> = (0..total).collect();
+    let logs_for_wait = logs.clone();
+    wait_until(WAIT, || {
+        let logs = logs_for_wait.clone();
+        async move {
+            logs[..2]
+                .iter()
+                .all(|l| l.lock().unwrap().len() as u64 >= total)
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        let counts: Vec<usize> = logs.iter().map(|l| l.lock().unwrap().len()).collect();
+        panic!("both broadcast subscribers got {total} messages; got {counts:?}")
+    });
+    for log in &logs[..2] {
+        let mut got = log.lock().unwrap().clone();
+        got.sort_unstable();
+        assert_eq!(
+            got, expected,
+            "each broadcast subscriber gets every message once"
+        );
+    }
+    let mut billing: Vec<u64> = logs[2..4]
+        .iter()
+        .flat_map(|l| l.lock().unwrap().clone())
+        .collect();
+    billing.sort_unstable();
+    assert_eq!(billing, expected, "billing takes each message once");
+    let mut audit = logs[4].lock().unwrap().clone();
+    audit.sort_unstable();
+    assert_eq!(audit, expected, "audit takes each message once");
+    drop(subscriptions);
+    cluster.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_subscriber_stays_bounded_and_counts_what_it_drops() {
     const MESSAGES: u64 = 500;

@@ -503,74 +503,112 @@ fn run(args: &[&str]) -> Output {
         .expect("run micromesh")
 }
 
+/// A `micromesh subscribe` process, with its stdout read line by line.
+fn start_subscriber(addr: &str, topic: &str, group: Option<&str>, count: u64) -> Child {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--network", "clitest", "--json", "subscribe", topic])
+        .args(["--count", &count.to_string()])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(group) = group {
+        cmd.args(["--group", group]);
+    }
+    let mut subscriber = cmd.spawn().expect("start micromesh subscribe");
+    // The subscriber says on stderr when it is subscribed.
+    let stderr = subscriber.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let said = lines.next().expect("a line on stderr").unwrap();
+    assert!(
+        said.starts_with(&format!("subscribed to {topic}")),
+        "{said}"
+    );
+    std::thread::spawn(move || lines.for_each(drop));
+    subscriber
+}
+
+/// The JSON lines a subscriber printed before it exited.
+fn received(subscriber: Child) -> Vec<serde_json::Value> {
+    let out = subscriber.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the subscriber exits 0 after --count messages"
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON value per line"))
+        .collect()
+}
+
+/// Two plain subscribers and a queue group on one topic, and a fresh `micromesh publish`
+/// process per message: every message reaches both subscribers and one member of the group, and
+/// `publish` says so.
 #[test]
 fn publish_and_subscribe_from_the_command_line() {
+    const MESSAGES: u64 = 4;
     let dir = tempfile::tempdir().unwrap();
     let node = NodeProcess::start(dir.path(), &["/ip4/127.0.0.1/tcp/0"], None);
     let addr = node.addr("/tcp/");
 
-    for group in [None, Some("workers")] {
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "--network",
-            "clitest",
-            "--json",
-            "subscribe",
-            "events",
-            "--count",
-            "2",
-        ])
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", &addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        if let Some(group) = group {
-            cmd.args(["--group", group]);
-        }
-        let mut subscriber = cmd.spawn().expect("start micromesh subscribe");
-        // The subscriber says on stderr when it is subscribed.
-        let stderr = subscriber.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let said = lines.next().expect("a line on stderr").unwrap();
-        assert!(said.starts_with("subscribed to events"), "{said}");
-        std::thread::spawn(move || lines.for_each(drop));
+    let plain = [
+        start_subscriber(&addr, "events", None, MESSAGES),
+        start_subscriber(&addr, "events", None, MESSAGES),
+    ];
+    let group = start_subscriber(&addr, "events", Some("workers"), MESSAGES);
 
-        for n in 1..=2 {
-            let body = format!(r#"{{"n":{n}}}"#);
-            let out = run(&[
-                "publish",
-                "events",
-                &body,
-                "-H",
-                "kind=test",
-                "--bootstrap",
-                &addr,
-            ]);
-            assert!(
-                out.status.success(),
-                "publish {n} to {group:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let said = String::from_utf8_lossy(&out.stdout);
-            assert!(said.starts_with("published on events: "), "{said}");
+    for n in 1..=MESSAGES {
+        let body = format!(r#"{{"n":{n}}}"#);
+        let json = n % 2 == 0;
+        let mut args = vec!["publish", "events", &body, "-H", "kind=test"];
+        if json {
+            args.push("--json");
         }
-        let out = subscriber.wait_with_output().unwrap();
+        args.extend(["--bootstrap", &addr]);
+        let out = run(&args);
         assert!(
             out.status.success(),
-            "the subscriber exits 0 after --count messages"
+            "publish {n} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        let messages: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("one JSON value per line"))
-            .collect();
-        assert_eq!(messages.len(), 2, "{messages:?}");
+        let said = String::from_utf8_lossy(&out.stdout);
+        if json {
+            let report: serde_json::Value = serde_json::from_str(&said).expect("JSON report");
+            assert_eq!(report["topic"], "events");
+            assert_eq!(report["subscribers"], 2, "{said}");
+            assert_eq!(report["groups"][0]["group"], "workers", "{said}");
+            assert!(report["groups"][0]["member"].is_string(), "{said}");
+            assert_eq!(report["groups"][0]["attempts"], 1, "{said}");
+        } else {
+            assert!(said.starts_with("published on events: "), "{said}");
+            assert!(said.contains("subscribers reached directly: 2"), "{said}");
+            assert!(said.contains("group workers: taken by "), "{said}");
+        }
+    }
+    for (i, subscriber) in plain.into_iter().enumerate() {
+        let messages = received(subscriber);
+        assert_eq!(
+            messages.len() as u64,
+            MESSAGES,
+            "subscriber {i}: {messages:?}"
+        );
         for (message, n) in messages.iter().zip(1..) {
             assert_eq!(message["body"]["n"], n);
             assert_eq!(message["headers"]["kind"], "test");
             assert_eq!(message["content_type"], "application/json");
-            assert_eq!(message["group"].as_str(), group);
+            assert_eq!(message["group"], serde_json::Value::Null);
         }
     }
+    let messages = received(group);
+    let mut got: Vec<u64> = messages
+        .iter()
+        .map(|m| {
+            assert_eq!(m["group"], "workers");
+            m["body"]["n"].as_u64().unwrap()
+        })
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, (1..=MESSAGES).collect::<Vec<_>>());
 
     let out = run(&[
         "publish",

@@ -409,7 +409,7 @@ async fn bad_names_and_dials_are_clear_errors() {
     );
     assert!(matches!(
         node.bootstrap().await,
-        Err(node::Error::NoKnownPeers)
+        Err(node::Error::NoKnownPeers(_))
     ));
     node.shutdown().await;
 }

@@ -161,6 +161,61 @@ async fn greeter_round_trip_by_name_with_cbor_and_json_callers() {
     }
 }
 
+/// A node that calls a service the moment `build` returns behaves as it would a second later:
+/// the call waits for the node to join (within its deadline) instead of failing with "not
+/// found".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_made_right_after_build_reaches_the_service() {
+    let mesh = Mesh::new("rpc-first-moments").await;
+    let server = mesh
+        .service("greeter")
+        .handle("Greeter.Hello", hello)
+        .build()
+        .await
+        .unwrap();
+    // The mesh knows the greeter (the bootstrap node has it in its view).
+    resolvable(&mesh.bootstrap, "greeter", 1).await;
+    for round in 0..10 {
+        let client = mesh.client().await;
+        let reply: HelloReply = client
+            .client()
+            .call(
+                "greeter",
+                "Greeter.Hello",
+                &HelloRequest {
+                    name: format!("caller {round}"),
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("call {round} right after build: {e}"));
+        assert_eq!(reply.msg, format!("Hello, caller {round}! (from greeter)"));
+        client.stop().await.unwrap();
+    }
+    // A node whose bootstrap peer is not there says why, within the call's deadline.
+    let lonely = Service::builder("lonely")
+        .preset(Preset::Local)
+        .network("rpc-first-moments")
+        .bootstrap("/memory/1".parse().unwrap())
+        .register(false)
+        .build()
+        .await
+        .unwrap();
+    let err = lonely
+        .client()
+        .call::<_, HelloReply>(
+            "greeter",
+            "Greeter.Hello",
+            &HelloRequest { name: "x".into() },
+        )
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("cannot reach a bootstrap peer"), "{text}");
+    for s in [lonely, server, mesh.bootstrap] {
+        s.stop().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_case_yields_its_status_and_the_server_keeps_serving() {
     let mesh = Mesh::new("rpc-errors").await;

@@ -44,6 +44,7 @@
 //! # Ok(()) }
 //! ```
 
+mod discovery;
 mod order;
 pub(crate) mod queue;
 pub(crate) mod wire;
@@ -85,12 +86,6 @@ pub const MAX_GROUP_LEN: usize = 64;
 const MEMBERSHIP_PREFIX: &str = "_queue/";
 /// How long the publisher trusts its view of the queue groups.
 const MEMBERSHIP_CACHE: Duration = Duration::from_millis(200);
-/// How often one topic's subscribers are looked up in the DHT, at most; and how soon again when
-/// a lookup found none.
-const DISCOVERY_COOLDOWN: Duration = Duration::from_secs(10);
-const DISCOVERY_RETRY: Duration = Duration::from_millis(500);
-/// How many subscribers found in the DHT a node connects to at once.
-const DISCOVERY_DIALS: usize = 8;
 /// The most publishers whose order a subscription tracks.
 const MAX_TRACKED_PUBLISHERS: usize = 10_000;
 
@@ -376,6 +371,68 @@ impl SubscribeOptions {
     }
 }
 
+/// What a publish reached, from [`Broker::publish`].
+///
+/// Broadcast subscribers further away than this node's connected peers get the message from
+/// them, so `subscribers` counts the ones this node sent to, not all of them.
+#[non_exhaustive]
+pub struct Published {
+    /// The message's identity.
+    pub id: MessageId,
+    /// The broadcast subscribers this node sent the message to: its own subscriptions and its
+    /// connected peers that subscribe to the topic.
+    pub subscribers: usize,
+    /// The queue groups the message is being delivered to, one member of each.
+    pub groups: Vec<String>,
+    deliveries: Vec<oneshot::Receiver<GroupDelivery>>,
+}
+
+impl fmt::Debug for Published {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Published")
+            .field("id", &self.id)
+            .field("subscribers", &self.subscribers)
+            .field("groups", &self.groups)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Published {
+    /// Waits until the delivery to each queue group has ended (a member acknowledged the
+    /// message, or it was given up after every attempt), and says how each ended, in the order
+    /// of [`Published::groups`]. Returns at once when the topic has no queue groups.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancelling loses the report, not the deliveries: they go on in the background.
+    pub async fn delivered(self) -> Vec<GroupDelivery> {
+        let mut outcomes = Vec::with_capacity(self.groups.len());
+        for (group, delivery) in self.groups.into_iter().zip(self.deliveries) {
+            outcomes.push(delivery.await.unwrap_or_else(|_| GroupDelivery {
+                group,
+                member: None,
+                attempts: 0,
+                error: Some("the broker stopped".into()),
+            }));
+        }
+        outcomes
+    }
+}
+
+/// How the delivery of one message to one queue group ended, from [`Published::delivered`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupDelivery {
+    /// The queue group.
+    pub group: String,
+    /// The member whose handler took the message; `None` when it was given up.
+    pub member: Option<PeerId>,
+    /// How many members it was offered to.
+    pub attempts: u32,
+    /// Why it was given up: the last failure. `None` when a member took it.
+    pub error: Option<String>,
+}
+
 /// Who subscribes to a topic, as one node sees it; from [`Broker::subscribers`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -603,7 +660,7 @@ pub(crate) struct Inner {
     outbox: queue::Outbox,
     /// Deliveries to this node's members whose acknowledgement is not written yet.
     serving: std::sync::atomic::AtomicUsize,
-    discovered: Mutex<HashMap<String, Instant>>,
+    discovery: discovery::Discovery,
     metrics: Metrics,
 }
 
@@ -647,7 +704,7 @@ impl Broker {
             membership: tokio::sync::Mutex::new((None, HashMap::new())),
             round_robin: Mutex::new(HashMap::new()),
             serving: std::sync::atomic::AtomicUsize::new(0),
-            discovered: Mutex::new(HashMap::new()),
+            discovery: discovery::Discovery::default(),
             metrics,
         });
         tokio::spawn(queue::serve(Arc::downgrade(&inner), inbound));
@@ -668,7 +725,7 @@ impl Broker {
         &self,
         topic: &str,
         message: &T,
-    ) -> Result<MessageId, Error> {
+    ) -> Result<Published, Error> {
         self.publish_with(topic, message, PublishOptions::default())
             .await
     }
@@ -676,11 +733,16 @@ impl Broker {
     /// Publishes `message` on `topic`: to every broadcast subscriber, this node's included, and
     /// to one member of every queue group of the topic.
     ///
-    /// When no subscriber is known (a node that just started, a topic nobody has joined yet),
-    /// the publish looks for subscribers in the DHT and waits for one for up to the configured
-    /// time, then fails with [`Error::NoSubscribers`]; nothing is silently lost. With
-    /// [`PublishOptions::allow_no_subscribers`] it sends at once instead. Queue-group messages
-    /// are acknowledged after the publish returns; [`Broker::flush`] waits for them.
+    /// Before its first message on a topic, a node looks the topic's subscribers up in the DHT
+    /// and connects to them (later publishes refresh this in the background), so that a node
+    /// that has just started reaches broadcast subscribers and queue groups alike. When still no
+    /// subscriber is known, the publish keeps looking for up to the configured wait, then fails
+    /// with [`Error::NoSubscribers`]: nothing is silently lost. With
+    /// [`PublishOptions::allow_no_subscribers`] it sends at once instead, to whoever is known.
+    ///
+    /// The returned [`Published`] says what the message reached; queue-group messages are
+    /// acknowledged after the publish returns ([`Published::delivered`] waits for this message's,
+    /// [`Broker::flush`] for all).
     ///
     /// # Errors
     ///
@@ -692,7 +754,7 @@ impl Broker {
         topic: &str,
         message: &T,
         options: PublishOptions,
-    ) -> Result<MessageId, Error> {
+    ) -> Result<Published, Error> {
         let body = options.content_type.encode(message)?;
         let content_type = options.content_type.content_type();
         self.publish_encoded(topic, content_type, body, options)
@@ -710,7 +772,7 @@ impl Broker {
         topic: &str,
         body: impl Into<Vec<u8>>,
         options: PublishOptions,
-    ) -> Result<MessageId, Error> {
+    ) -> Result<Published, Error> {
         self.publish_encoded(topic, RAW_CONTENT_TYPE, body.into(), options)
             .await
     }
@@ -721,7 +783,7 @@ impl Broker {
         content_type: &str,
         body: Vec<u8>,
         options: PublishOptions,
-    ) -> Result<MessageId, Error> {
+    ) -> Result<Published, Error> {
         check_topic(topic)?;
         wire::check_headers(&options.headers).map_err(Error::InvalidHeaders)?;
         let inner = &self.inner;
@@ -793,54 +855,71 @@ impl Broker {
         let wait = options.wait.unwrap_or(inner.config.wait_for_subscribers);
         let deadline = Instant::now() + wait;
 
+        // A node that has not looked for the topic's subscribers yet does so first: otherwise it
+        // would send to whichever kind of subscriber it happened to meet first.
+        let mut discovered = false;
+        if !options.allow_no_subscribers
+            && let Some(round) = inner.discovery.before_publish(&inner.node, topic)
+        {
+            let _ = tokio::time::timeout_at(deadline.into(), round).await;
+            discovered = true;
+        }
         let local = self.deliver_locally(topic, &envelope);
         // Broadcast first: looking up queue groups may take a trip through the event loop, and
         // broadcast subscribers should not wait for it.
-        let mut reached_remote = self.gossip(topic, &bytes).await?;
-        let mut groups = self.groups_of(topic, false).await?;
-        while local == 0 && groups.is_empty() && !reached_remote && !options.allow_no_subscribers {
+        let mut remote = self.gossip(topic, &bytes).await?;
+        let mut groups = self.groups_of(topic, discovered).await?;
+        while local == 0 && groups.is_empty() && remote.is_none() && !options.allow_no_subscribers {
             if Instant::now() >= deadline {
                 return Err(Error::NoSubscribers {
                     topic: topic.to_owned(),
                     waited: wait,
                 });
             }
-            self.discover(topic);
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let round = inner.discovery.retry(&inner.node, topic);
+            let _ = tokio::time::timeout_at(deadline.into(), round).await;
+            remote = self.gossip(topic, &bytes).await?;
             groups = self.groups_of(topic, true).await?;
-            if groups.is_empty() {
-                reached_remote = self.gossip(topic, &bytes).await?;
-            }
         }
+        let mut deliveries = Vec::with_capacity(groups.len());
         if !groups.is_empty() {
             let permits = inner.outbox.reserve(groups.len())?;
-            for (permit, group) in permits.into_iter().zip(groups) {
+            for (permit, group) in permits.into_iter().zip(&groups) {
+                let (report, delivered) = oneshot::channel();
+                deliveries.push(delivered);
                 tokio::spawn(queue::deliver(
                     self.inner.clone(),
                     permit,
                     topic.to_owned(),
-                    group,
+                    group.clone(),
                     envelope.clone(),
+                    report,
                 ));
             }
         }
         inner.metrics.published.inc();
-        Ok(id)
+        Ok(Published {
+            id,
+            subscribers: local + remote.unwrap_or(0),
+            groups,
+            deliveries,
+        })
     }
 
-    /// Sends on gossipsub; `false` when no remote subscriber is known.
-    async fn gossip(&self, topic: &str, bytes: &[u8]) -> Result<bool, Error> {
+    /// Sends on gossipsub; returns how many connected peers subscribe to the topic, or `None`
+    /// when none does (nothing was sent).
+    async fn gossip(&self, topic: &str, bytes: &[u8]) -> Result<Option<usize>, Error> {
         match self
             .inner
             .node
             .publish_unchecked(topic, bytes.to_vec())
             .await
         {
-            Ok(()) => Ok(true),
+            Ok(subscribers) => Ok(Some(subscribers)),
             Err(node::Error::Publish {
                 reason: node::PublishError::NoSubscribers,
                 ..
-            }) => Ok(false),
+            }) => Ok(None),
             Err(node::Error::Publish {
                 reason: node::PublishError::TooLarge { size, max },
                 ..
@@ -893,61 +972,6 @@ impl Broker {
         let mut groups: Vec<String> = groups.into_iter().collect();
         groups.sort();
         Ok(groups)
-    }
-
-    /// Looks up the subscribers of `topic` in the DHT and connects to a few, at most once per
-    /// [`DISCOVERY_COOLDOWN`]; runs in the background.
-    fn discover(&self, topic: &str) {
-        {
-            let mut discovered = self
-                .inner
-                .discovered
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            if discovered.get(topic).is_some_and(|next| now < *next) {
-                return;
-            }
-            discovered.insert(topic.to_owned(), now + DISCOVERY_COOLDOWN);
-        }
-        let inner = Arc::downgrade(&self.inner);
-        let topic = topic.to_owned();
-        let node = self.inner.node.clone();
-        tokio::spawn(async move {
-            let providers = match node.providers(discovery_key(&topic)).await {
-                Ok(providers) => providers,
-                Err(e) => {
-                    tracing::debug!("cannot look up topic subscribers: {e}");
-                    Vec::new()
-                }
-            };
-            let me = node.peer_id();
-            let others: Vec<PeerId> = providers.into_iter().filter(|p| *p != me).collect();
-            if others.is_empty() {
-                // Nobody yet: a subscriber may announce itself any moment; look again soon.
-                if let Some(inner) = inner.upgrade() {
-                    inner
-                        .discovered
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(topic, Instant::now() + DISCOVERY_RETRY);
-                }
-                return;
-            }
-            let dials = others
-                .into_iter()
-                .filter(|p| !node.is_connected(p))
-                .take(DISCOVERY_DIALS)
-                .map(|peer| {
-                    let node = node.clone();
-                    async move {
-                        if let Err(e) = node.probe(peer, Vec::new()).await {
-                            tracing::debug!(%peer, "cannot reach a topic subscriber: {e}");
-                        }
-                    }
-                });
-            futures::future::join_all(dials).await;
-        });
     }
 
     /// The subscribers of `topic` this node knows of: connected peers subscribed to it
@@ -1144,15 +1168,13 @@ impl Broker {
             }
         };
         if first_of_topic {
-            let node = inner.node.clone();
-            let key = discovery_key(topic);
-            tokio::spawn(async move {
-                if let Err(e) = node.provide(key).await {
-                    tracing::debug!("cannot announce a topic subscription in the DHT: {e}");
-                }
-            });
+            // Publishers find subscribers through this record: it is in place (locally) before
+            // `subscribe` returns, and spreads to the closest peers in the background.
+            inner.node.start_providing(discovery_key(topic)).await?;
         }
-        self.discover(topic);
+        // Connect to the topic's other subscribers, so that messages reach this one through
+        // them and queue-group deliveries find their members.
+        inner.discovery.refresh(&inner.node, topic);
         Ok(Subscription {
             topic: topic.to_owned(),
             group: options.group,

@@ -15,7 +15,7 @@ use libp2p::StreamProtocol;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::{
-    Error, Inner, Message, QueueItem,
+    Error, GroupDelivery, Inner, Message, QueueItem,
     wire::{self, Ack, Deliver, Envelope},
 };
 use crate::{PeerId, transport::frame};
@@ -83,14 +83,32 @@ impl Outbox {
 }
 
 /// Delivers one message to one member of `group`, redelivering until a member acknowledges it
-/// or the attempts or the deadline run out.
+/// or the attempts or the deadline run out, and reports how it ended.
 pub(crate) async fn deliver(
     inner: Arc<Inner>,
     _permit: OwnedSemaphorePermit,
     topic: String,
     group: String,
     envelope: Envelope,
+    report: oneshot::Sender<GroupDelivery>,
 ) {
+    let (member, attempts, error) = attempt_delivery(&inner, &topic, &group, &envelope).await;
+    // Nobody may be waiting for the report.
+    let _ = report.send(GroupDelivery {
+        group,
+        member,
+        attempts,
+        error,
+    });
+}
+
+/// The member that took the message (or `None`), the attempts made, and the last failure.
+async fn attempt_delivery(
+    inner: &Arc<Inner>,
+    topic: &str,
+    group: &str,
+    envelope: &Envelope,
+) -> (Option<PeerId>, u32, Option<String>) {
     let config = &inner.config;
     let deadline = Instant::now() + config.redelivery_deadline;
     let me = inner.node.peer_id();
@@ -105,13 +123,13 @@ pub(crate) async fn deliver(
                 %topic, %group, seq = envelope.seq, attempts = attempt,
                 "queue-group message given up: {last_error}"
             );
-            return;
+            return (None, attempt, Some(last_error));
         }
-        let members = match inner.group_members(&topic, &group, attempt > 0).await {
+        let members = match inner.group_members(topic, group, attempt > 0).await {
             Ok(members) => members,
             Err(e) => {
                 tracing::debug!("cannot list queue-group members: {e}");
-                return;
+                return (None, attempt, Some(e.to_string()));
             }
         };
         let candidates: Vec<PeerId> = members
@@ -126,7 +144,7 @@ pub(crate) async fn deliver(
             backoff = (backoff * 2).min(MAX_BACKOFF);
             continue;
         }
-        let peer = inner.pick(&topic, &group, &candidates);
+        let peer = inner.pick(topic, group, &candidates);
         attempt += 1;
         if attempt > 1 {
             inner.metrics.redelivered.inc();
@@ -134,14 +152,14 @@ pub(crate) async fn deliver(
         let outcome = {
             let _flight = inner.in_flight().await;
             let delivery = Deliver {
-                topic: topic.clone(),
-                group: group.clone(),
+                topic: topic.to_owned(),
+                group: group.to_owned(),
                 attempt,
                 message: envelope.clone(),
             };
             let send = async {
                 if peer == me {
-                    deliver_locally(&inner, me, delivery).await
+                    deliver_locally(inner, me, delivery).await
                 } else {
                     send(&inner.node, peer, &delivery).await
                 }
@@ -155,7 +173,7 @@ pub(crate) async fn deliver(
             }
         };
         match outcome {
-            Ok(()) => return,
+            Ok(()) => return (Some(peer), attempt, None),
             Err(reason) => {
                 tracing::debug!(%topic, %group, %peer, attempt, "queue delivery failed: {reason}");
                 last_error = format!("{peer}: {reason}");

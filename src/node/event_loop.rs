@@ -30,7 +30,7 @@ use super::{
     Command, DhtMode, DhtPeer, Error, Event, ExitReason, FoundRecord, PeerInfo, PublishError,
     behaviour::{Behaviour, BehaviourEvent, OptionalEvent, kad_protocol, keep_alive_protocol},
     config::Config,
-    frame,
+    dial_error, frame,
     gossip::{self, Delivery, Subscriber, Validation},
     metrics::NodeMetrics,
     scoring, streams,
@@ -149,10 +149,16 @@ pub(crate) struct EventLoop {
     /// Peers disconnected because a connection to them was stale: dialled again once every
     /// connection to them has closed, so that every protocol starts afresh with them.
     redial_after_close: HashSet<PeerId>,
+    /// The connected peers subscribed to each topic of the network (topic name without the
+    /// network prefix), as gossipsub reported their subscriptions.
+    topic_peers: HashMap<String, HashSet<PeerId>>,
     /// Validation hooks of gossip topics (user topic name → hook).
     validators: HashMap<String, gossip::Validator>,
     /// When this node last published a gossip message.
     last_publish: Option<Instant>,
+    /// Why the last dial failed, in plain words: the cause given when the node cannot ask the
+    /// mesh for lack of peers.
+    last_dial_failure: Option<String>,
 }
 
 type Probe = (Instant, Multiaddr, oneshot::Sender<Result<PeerId, Error>>);
@@ -213,8 +219,10 @@ impl EventLoop {
             stale_tx,
             stale_rx,
             redial_after_close: HashSet::new(),
+            topic_peers: HashMap::new(),
             validators: HashMap::new(),
             last_publish: None,
+            last_dial_failure: None,
         }
     }
 
@@ -443,7 +451,9 @@ impl EventLoop {
                 }
                 // A dial to it is already under way.
                 Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {}
-                Err(e) => tracing::warn!(%addr, "cannot dial bootstrap peer: {e}"),
+                Err(e) => {
+                    tracing::warn!(%addr, "cannot dial bootstrap peer: {}", dial_error::explain(&e))
+                }
             }
         }
     }
@@ -457,13 +467,18 @@ impl EventLoop {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            if let Some(dial) = self.dials.remove(&id)
-                && let Some(reply) = dial.reply
-            {
-                let _ = reply.send(Err(Error::DialTimeout {
-                    addr: dial.addr,
-                    timeout: self.dial_timeout,
-                }));
+            if let Some(dial) = self.dials.remove(&id) {
+                self.last_dial_failure = Some(format!(
+                    "no connection to {} within {:?}",
+                    dial_error::without_peer(&dial.addr),
+                    self.dial_timeout
+                ));
+                if let Some(reply) = dial.reply {
+                    let _ = reply.send(Err(Error::DialTimeout {
+                        addr: dial.addr,
+                        timeout: self.dial_timeout,
+                    }));
+                }
             }
         }
         for waiters in self.probes.values_mut() {
@@ -484,8 +499,9 @@ impl EventLoop {
             .partition(|(deadline, _)| *deadline <= now);
         self.waiting_for_dht = waiting;
         for (_, command) in expired {
-            fail_for_lack_of_peers(command);
+            fail_for_lack_of_peers(command, self.alone_reason());
         }
+        self.fail_waiting_if_alone();
         if self.peers.is_empty()
             && !self.bootstrap_addrs.is_empty()
             && now >= self.next_bootstrap_dial
@@ -548,10 +564,12 @@ impl EventLoop {
             _ => false,
         };
         if needs_dht && self.no_dht_peers() {
-            if self.peers.is_empty() {
-                fail_for_lack_of_peers(command);
+            if self.peers.is_empty() && !self.joining() {
+                fail_for_lack_of_peers(command, self.alone_reason());
             } else {
-                // Connected, but identify has not told us the peers' addresses yet.
+                // Connected, but identify has not told us the peers' addresses yet; or a dial (a
+                // bootstrap peer's, at start) is under way: a command made right after `build`
+                // runs once the node has joined, as it would a moment later.
                 self.waiting_for_dht
                     .push((Instant::now() + self.dial_timeout, command));
             }
@@ -581,7 +599,7 @@ impl EventLoop {
                     let opts = DialOpts::peer_id(peer).addresses(addrs).build();
                     match self.swarm.dial(opts) {
                         Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {}
-                        Err(e) => self.finish_probes(peer, Err(e.to_string())),
+                        Err(e) => self.finish_probes(peer, Err(dial_error::explain(&e))),
                     }
                 }
             }
@@ -627,7 +645,7 @@ impl EventLoop {
                         .insert(id, Query::Bootstrap { reply: Some(reply) });
                 }
                 Err(kad::NoKnownPeers()) => {
-                    let _ = reply.send(Err(Error::NoKnownPeers));
+                    let _ = reply.send(Err(Error::NoKnownPeers(self.alone_reason())));
                 }
             },
             Command::Provide { key, reply } => {
@@ -743,12 +761,13 @@ impl EventLoop {
             } => {
                 let wire = gossipsub::IdentTopic::new(gossip::wire_topic(&self.network, &topic));
                 self.last_publish = Some(Instant::now());
+                let subscribers = self.topic_peers.get(&topic).map_or(0, HashSet::len);
                 let result = self
                     .swarm
                     .behaviour_mut()
                     .gossipsub
                     .publish(wire, frame)
-                    .map(drop)
+                    .map(|_| subscribers)
                     .map_err(|e| Error::Publish {
                         topic,
                         reason: match e {
@@ -767,32 +786,19 @@ impl EventLoop {
                 let _ = reply.send(result);
             }
             Command::TopicPeers { topic, reply } => {
-                let hash =
-                    gossipsub::IdentTopic::new(gossip::wire_topic(&self.network, &topic)).hash();
                 let peers = self
-                    .swarm
-                    .behaviour()
-                    .gossipsub
-                    .all_peers()
-                    .filter(|(_, topics)| topics.contains(&&hash))
-                    .map(|(peer, _)| *peer)
-                    .collect();
+                    .topic_peers
+                    .get(&topic)
+                    .map(|peers| peers.iter().copied().collect())
+                    .unwrap_or_default();
                 let _ = reply.send(peers);
             }
             Command::TopicsWithPrefix { prefix, reply } => {
-                let wire_prefix = format!("{}{prefix}", self.gossip_prefix);
-                let prefix_len = self.gossip_prefix.len();
                 let found = self
-                    .swarm
-                    .behaviour()
-                    .gossipsub
-                    .all_peers()
-                    .flat_map(|(peer, topics)| {
-                        topics
-                            .into_iter()
-                            .filter(|t| t.as_str().starts_with(&wire_prefix))
-                            .map(|t| (t.as_str()[prefix_len..].to_owned(), *peer))
-                    })
+                    .topic_peers
+                    .iter()
+                    .filter(|(topic, _)| topic.starts_with(&prefix))
+                    .flat_map(|(topic, peers)| peers.iter().map(|peer| (topic.clone(), *peer)))
                     .collect();
                 let _ = reply.send(found);
             }
@@ -826,6 +832,36 @@ impl EventLoop {
                     reason: reason.clone(),
                 }),
             });
+        }
+    }
+
+    /// Whether a connection is being made (a bootstrap dial, a user's dial, a probe).
+    fn joining(&self) -> bool {
+        !self.dials.is_empty() || !self.probes.is_empty()
+    }
+
+    /// Why the node cannot ask the mesh, for errors.
+    fn alone_reason(&self) -> String {
+        match &self.last_dial_failure {
+            Some(reason) if !self.bootstrap_addrs.is_empty() => {
+                format!("cannot reach a bootstrap peer: {reason}")
+            }
+            Some(reason) => format!("the last dial failed: {reason}"),
+            None if self.bootstrap_addrs.is_empty() => {
+                "give the node a bootstrap peer, or dial one".into()
+            }
+            None => "no bootstrap peer has answered yet".into(),
+        }
+    }
+
+    /// Fails the DHT commands that wait for a first peer once no connection is left to wait for.
+    fn fail_waiting_if_alone(&mut self) {
+        if self.waiting_for_dht.is_empty() || !self.peers.is_empty() || self.joining() {
+            return;
+        }
+        let reason = self.alone_reason();
+        for (_, command) in std::mem::take(&mut self.waiting_for_dht) {
+            fail_for_lack_of_peers(command, reason.clone());
         }
     }
 
@@ -944,14 +980,14 @@ impl EventLoop {
                 None => {
                     let _ = reply.send(Err(Error::Dial {
                         addr,
-                        reason: e.to_string(),
+                        reason: dial_error::explain(&e),
                     }));
                 }
             },
             Err(e) => {
                 let _ = reply.send(Err(Error::Dial {
                     addr,
-                    reason: e.to_string(),
+                    reason: dial_error::explain(&e),
                 }));
             }
         }
@@ -1038,6 +1074,11 @@ impl EventLoop {
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&peer_id);
                     self.peers.remove(&peer_id);
+                    // Gossipsub forgets a peer's subscriptions with its last connection.
+                    self.topic_peers.retain(|_, peers| {
+                        peers.remove(&peer_id);
+                        !peers.is_empty()
+                    });
                     self.emit(Event::PeerDisconnected { peer_id });
                     if self.redial_after_close.remove(&peer_id) {
                         let opts = DialOpts::peer_id(peer_id).build();
@@ -1053,26 +1094,29 @@ impl EventLoop {
                 error,
                 ..
             } => {
+                let reason = dial_error::explain(&error);
                 if let Some(peer) = peer_id
                     && !self.peers.contains_key(&peer)
                 {
-                    self.finish_probes(peer, Err(error.to_string()));
+                    self.finish_probes(peer, Err(reason.clone()));
                 }
                 if let Some(dial) = self.dials.remove(&connection_id) {
                     match dial.reply {
                         Some(reply) => {
                             let _ = reply.send(Err(Error::Dial {
                                 addr: dial.addr,
-                                reason: error.to_string(),
+                                reason: reason.clone(),
                             }));
                         }
                         None => {
-                            tracing::warn!(addr = %dial.addr, "cannot reach bootstrap peer: {error}")
+                            tracing::warn!(addr = %dial.addr, "cannot reach bootstrap peer: {reason}")
                         }
                     }
                 } else {
-                    tracing::debug!("outgoing connection failed: {error}");
+                    tracing::debug!("outgoing connection failed: {reason}");
                 }
+                self.last_dial_failure = Some(reason);
+                self.fail_waiting_if_alone();
             }
             SwarmEvent::IncomingConnectionError {
                 error,
@@ -1132,6 +1176,28 @@ impl EventLoop {
                         message,
                         message_id,
                     } => self.on_gossip_message(propagation_source, message_id, message),
+                    gossipsub::Event::Subscribed { peer_id, topic } => {
+                        if let Some(topic) = topic.as_str().strip_prefix(&self.gossip_prefix) {
+                            let topic = topic.to_owned();
+                            self.topic_peers
+                                .entry(topic.clone())
+                                .or_default()
+                                .insert(peer_id);
+                            self.emit(Event::PeerSubscribed { peer_id, topic });
+                        }
+                    }
+                    gossipsub::Event::Unsubscribed { peer_id, topic } => {
+                        if let Some(topic) = topic.as_str().strip_prefix(&self.gossip_prefix) {
+                            if let Some(peers) = self.topic_peers.get_mut(topic) {
+                                peers.remove(&peer_id);
+                                if peers.is_empty() {
+                                    self.topic_peers.remove(topic);
+                                }
+                            }
+                            let topic = topic.to_owned();
+                            self.emit(Event::PeerUnsubscribed { peer_id, topic });
+                        }
+                    }
                     gossipsub::Event::SlowPeer {
                         peer_id,
                         failed_messages,
@@ -1446,28 +1512,28 @@ impl EventLoop {
     }
 }
 
-/// Answers a DHT command that cannot run: the node knows no peers.
-fn fail_for_lack_of_peers(command: Command) {
+/// Answers a DHT command that cannot run: the node knows no peers, for `reason`.
+fn fail_for_lack_of_peers(command: Command, reason: String) {
+    let error = || Error::NoKnownPeers(reason.clone());
     match command {
         Command::FindPeer { reply, .. } => {
-            let _ = reply.send(Err(Error::NoKnownPeers));
+            let _ = reply.send(Err(error()));
         }
         Command::Bootstrap { reply } => {
-            let _ = reply.send(Err(Error::NoKnownPeers));
+            let _ = reply.send(Err(error()));
         }
         // Waited for identify in vain: the record is announced with the DHT's republication.
         Command::Provide { reply, .. } => {
             let _ = reply.send(Ok(()));
         }
-        // Nobody to ask: nobody is known to provide it.
         Command::Providers { reply, .. } => {
-            let _ = reply.send(Ok(Vec::new()));
+            let _ = reply.send(Err(error()));
         }
         Command::PutRecord { reply, .. } => {
-            let _ = reply.send(Err(Error::NoKnownPeers));
+            let _ = reply.send(Err(error()));
         }
         Command::GetRecord { reply, .. } => {
-            let _ = reply.send(Err(Error::NoKnownPeers));
+            let _ = reply.send(Err(error()));
         }
         _ => {}
     }

@@ -27,6 +27,7 @@
 
 mod behaviour;
 mod config;
+mod dial_error;
 mod event_loop;
 pub(crate) mod frame;
 pub mod gossip;
@@ -113,9 +114,10 @@ pub enum Error {
         /// The timeout.
         timeout: Duration,
     },
-    /// The DHT knows no peers yet: dial a bootstrap peer first.
-    #[error("the DHT knows no peers yet; give the node a bootstrap peer or dial one")]
-    NoKnownPeers,
+    /// The node is connected to no peer of its network, so the mesh cannot be asked; says why
+    /// (no bootstrap peer given, or why the bootstrap peers could not be reached).
+    #[error("this node knows no peers of its network: {0}")]
+    NoKnownPeers(String),
     /// A peer could not be found in the DHT.
     #[error("peer {0} was not found in the DHT")]
     PeerNotFound(PeerId),
@@ -232,6 +234,22 @@ pub enum Event {
         /// The address.
         address: Multiaddr,
     },
+    /// A connected peer told this node it subscribes to a gossip topic of the network (as
+    /// gossipsub learns it, on connect and on every change). Topics starting with `_` are
+    /// micromesh's own (the registry, queue-group membership).
+    PeerSubscribed {
+        /// The peer.
+        peer_id: PeerId,
+        /// The topic, without the network prefix.
+        topic: String,
+    },
+    /// A connected peer unsubscribed from a gossip topic of the network.
+    PeerUnsubscribed {
+        /// The peer.
+        peer_id: PeerId,
+        /// The topic, without the network prefix.
+        topic: String,
+    },
 }
 
 /// What the node knows about a connected peer, from [`Node::peers`].
@@ -344,7 +362,8 @@ pub(crate) enum Command {
         frame: Vec<u8>,
         /// The payload's size, for errors.
         size: usize,
-        reply: oneshot::Sender<Result<(), Error>>,
+        /// How many connected peers are subscribed to the topic.
+        reply: oneshot::Sender<Result<usize, Error>>,
     },
     TopicPeers {
         topic: String,
@@ -727,6 +746,24 @@ impl Node {
             .await?
     }
 
+    /// As [`Node::provide`], without waiting for the announcement to reach other peers: the
+    /// event loop takes the command (and stores the record locally) before any command sent
+    /// after this returns. Failures of the announcement are not reported; the DHT republishes
+    /// provider records periodically.
+    pub(crate) async fn start_providing(&self, key: Vec<u8>) -> Result<(), Error> {
+        let (reply, _ignored) = oneshot::channel();
+        if self
+            .inner
+            .commands
+            .send(Command::Provide { key, reply })
+            .await
+            .is_err()
+        {
+            return Err(self.stopped_error().await);
+        }
+        Ok(())
+    }
+
     /// Stores a record locally and on the closest peers to its key; succeeds once `quorum`
     /// of them (fewer if the routing table holds fewer peers) acknowledged it, and returns how
     /// many that was (0 when the node knows no peers: the record is then only local).
@@ -876,14 +913,16 @@ impl Node {
         Ok(subscription)
     }
 
-    /// Publishes `data` on a gossip topic of this node's network, signed by this node.
+    /// Publishes `data` on a gossip topic of this node's network, signed by this node. Returns
+    /// how many connected peers subscribe to the topic: the subscribers the message was sent to
+    /// directly (gossipsub's mesh carries it on to the others).
     ///
     /// # Errors
     ///
     /// [`Error::Publish`] with [`PublishError::NoSubscribers`] when no connected peer is
     /// subscribed (gossip meshes take a heartbeat or two to form after a subscription), with
     /// [`PublishError::TooLarge`] above the network's message size limit.
-    pub async fn publish(&self, topic: &str, data: impl Into<Vec<u8>>) -> Result<(), Error> {
+    pub async fn publish(&self, topic: &str, data: impl Into<Vec<u8>>) -> Result<usize, Error> {
         gossip::check_user_topic(topic).map_err(|reason| Error::InvalidTopic {
             topic: topic.into(),
             reason,
@@ -891,7 +930,11 @@ impl Node {
         self.publish_unchecked(topic, data.into()).await
     }
 
-    pub(crate) async fn publish_unchecked(&self, topic: &str, data: Vec<u8>) -> Result<(), Error> {
+    pub(crate) async fn publish_unchecked(
+        &self,
+        topic: &str,
+        data: Vec<u8>,
+    ) -> Result<usize, Error> {
         let sequence = self.inner.gossip_sequence.fetch_add(1, Ordering::Relaxed);
         let wire = gossip::wire_topic(&self.inner.network, topic);
         let frame = frame::seal(&self.inner.identity, &wire, sequence, &data);
@@ -904,7 +947,7 @@ impl Node {
         topic: &str,
         frame: Vec<u8>,
         size: usize,
-    ) -> Result<(), Error> {
+    ) -> Result<usize, Error> {
         let topic = topic.to_owned();
         self.request(|reply| Command::Publish {
             topic,

@@ -369,7 +369,8 @@ struct State {
     view: view::View,
 }
 
-type Lookup = Shared<futures::future::BoxFuture<'static, ()>>;
+/// A DHT lookup of a name; ends with the error that kept it from asking the mesh, if any.
+type Lookup = Shared<futures::future::BoxFuture<'static, Option<node::Error>>>;
 
 pub(crate) struct Inner {
     node: node::Node,
@@ -488,12 +489,7 @@ impl Registry {
             // The provider record is the late joiners' shortcut. Publishing it is a DHT query
             // that can take seconds; the gossip announcement already went out, so do not make
             // the caller wait for it.
-            let node = self.inner.node.clone();
-            tokio::spawn(async move {
-                if let Err(e) = node.provide(provider_key(&name)).await {
-                    tracing::debug!(service = %name, "cannot publish provider record: {e}");
-                }
-            });
+            self.inner.node.start_providing(provider_key(&name)).await?;
         }
         Ok(())
     }
@@ -647,7 +643,7 @@ impl Registry {
     async fn publish(&self, signed: Vec<u8>) -> Result<(), Error> {
         use std::sync::atomic::Ordering;
         match self.inner.node.publish_unchecked(TOPIC, signed).await {
-            Ok(()) => {
+            Ok(_) => {
                 self.inner.unheard.store(false, Ordering::Relaxed);
                 Ok(())
             }
@@ -681,22 +677,24 @@ impl Registry {
 
     /// Every version of `name` with the nodes that run it, sorted by version. When the view
     /// has none, asks the DHT for providers of the name and fetches their announcements;
-    /// concurrent lookups of one name share one DHT query.
+    /// concurrent lookups of one name share one DHT query. A node that is still joining the
+    /// mesh (its bootstrap dial under way) waits for the join first.
     ///
     /// # Errors
     ///
-    /// [`Error::NotFound`] if neither the view nor the DHT knows the name.
+    /// [`Error::NotFound`] if neither the view nor the DHT knows the name, [`Error::Node`] with
+    /// [`node::Error::NoKnownPeers`] if the node could not ask the mesh (it reached no peer).
     pub async fn get_service(&self, name: &str) -> Result<Vec<Service>, Error> {
         let found = self.state().view.service(name);
         if !found.is_empty() {
             return Ok(found);
         }
-        self.lookup(name).await;
+        let failed = self.lookup(name).await;
         let found = self.state().view.service(name);
-        if found.is_empty() {
-            Err(Error::NotFound(name.to_owned()))
-        } else {
-            Ok(found)
+        match failed {
+            _ if !found.is_empty() => Ok(found),
+            Some(e @ node::Error::NoKnownPeers(_)) => Err(Error::Node(e)),
+            _ => Err(Error::NotFound(name.to_owned())),
         }
     }
 
@@ -750,7 +748,7 @@ impl Registry {
         Ok(())
     }
 
-    async fn lookup(&self, name: &str) {
+    async fn lookup(&self, name: &str) -> Option<node::Error> {
         let lookup = {
             let mut lookups = self.inner.lookups.lock().unwrap_or_else(|e| e.into_inner());
             lookups
@@ -760,29 +758,32 @@ impl Registry {
                     let name = name.to_owned();
                     async move {
                         let timeout = registry.inner.config.lookup_timeout;
-                        let _ = tokio::time::timeout(timeout, registry.lookup_now(&name)).await;
+                        let failed = tokio::time::timeout(timeout, registry.lookup_now(&name))
+                            .await
+                            .unwrap_or(None);
                         registry
                             .inner
                             .lookups
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .remove(&name);
+                        failed
                     }
                     .boxed()
                     .shared()
                 })
                 .clone()
         };
-        lookup.await;
+        lookup.await
     }
 
-    async fn lookup_now(&self, name: &str) {
+    async fn lookup_now(&self, name: &str) -> Option<node::Error> {
         self.inner.metrics.lookups.inc();
         let providers = match self.inner.node.providers(provider_key(name)).await {
             Ok(providers) => providers,
             Err(e) => {
                 tracing::debug!(service = %name, "DHT lookup failed: {e}");
-                return;
+                return Some(e);
             }
         };
         let me = self.inner.node.peer_id();
@@ -792,6 +793,7 @@ impl Registry {
             .take(8)
             .map(|peer| sync::fetch(self, peer, Some(name.to_owned())));
         futures::future::join_all(fetches).await;
+        None
     }
 
     /// Applies a signed message from the mesh (gossip or sync). Returns it when it was valid.

@@ -456,10 +456,11 @@ async fn micromesh_round(nodes: usize, interval: Duration, layer: Layer) -> Resu
             .sent
             .insert(n, Instant::now());
         match layer {
-            Layer::Node => node
-                .publish(TOPIC, n.to_be_bytes().to_vec())
-                .await
-                .map_err(|e| format!("publish: {e}"))?,
+            Layer::Node => {
+                node.publish(TOPIC, n.to_be_bytes().to_vec())
+                    .await
+                    .map_err(|e| format!("publish: {e}"))?;
+            }
             Layer::Broker => {
                 broker
                     .publish(TOPIC, &n)

@@ -71,30 +71,81 @@ pub(crate) async fn publish(global: &Global, args: &PublishArgs) -> Result<(), B
         options = options.allow_no_subscribers();
     }
     let service = args.join.connect(global).await?;
-    let broker = service.broker().clone();
-    let result = broker.publish_with(&args.topic, &message, options).await;
-    let acknowledged = result.is_ok() && broker.flush(args.ack_timeout).await;
-    let pending = broker.pending();
+    let published = service
+        .broker()
+        .publish_with(&args.topic, &message, options)
+        .await;
+    // Wait for the queue groups' acknowledgements before the node stops.
+    let outcome = match published {
+        Ok(published) => {
+            let (id, subscribers) = (published.id, published.subscribers);
+            let groups = tokio::time::timeout(args.ack_timeout, published.delivered()).await;
+            Ok((id, subscribers, groups))
+        }
+        Err(e) => Err(e),
+    };
     let stopped = service.stop().await;
-    let id = result?;
-    if !acknowledged {
-        return Err(format!(
-            "published, but {pending} queue-group deliveries were not acknowledged within {:?}",
+    let (id, subscribers, groups) = outcome?;
+    let groups = groups.map_err(|_| {
+        format!(
+            "published {id}, but the queue groups did not acknowledge it within {:?} (--ack-timeout)",
             args.ack_timeout
         )
-        .into());
-    }
+    })?;
     stopped?;
     if global.json {
+        let groups: Vec<_> = groups
+            .iter()
+            .map(|g| {
+                serde_json::json!({
+                    "group": g.group,
+                    "member": g.member.map(|m| m.to_string()),
+                    "attempts": g.attempts,
+                    "error": g.error,
+                })
+            })
+            .collect();
         let out = serde_json::json!({
             "topic": args.topic,
             "id": id.to_string(),
             "publisher": id.publisher.to_string(),
             "seq": id.seq,
+            "subscribers": subscribers,
+            "groups": groups,
         });
         println!("{out}");
     } else {
         println!("published on {}: {id}", args.topic);
+        println!("  subscribers reached directly: {subscribers}");
+        for g in &groups {
+            match (&g.member, &g.error) {
+                (Some(member), _) => println!(
+                    "  group {}: taken by {member} (attempt {})",
+                    g.group, g.attempts
+                ),
+                (None, error) => println!(
+                    "  group {}: NOT delivered after {} attempt(s): {}",
+                    g.group,
+                    g.attempts,
+                    error.as_deref().unwrap_or("unknown reason")
+                ),
+            }
+        }
+        if subscribers == 0 && groups.is_empty() {
+            println!("  (sent without subscribers: --allow-no-subscribers)");
+        }
+    }
+    let lost: Vec<&str> = groups
+        .iter()
+        .filter(|g| g.member.is_none())
+        .map(|g| g.group.as_str())
+        .collect();
+    if !lost.is_empty() {
+        return Err(format!(
+            "the message was not delivered to queue group(s) {}",
+            lost.join(", ")
+        )
+        .into());
     }
     Ok(())
 }
