@@ -401,12 +401,7 @@ impl Builder {
         }
         let mut endpoints = self.endpoints;
         for name in &router.order {
-            let (request, response) = router.endpoints[name].type_names();
-            endpoints.push(
-                registry::Endpoint::new(name.clone())
-                    .request(request)
-                    .response(response),
-            );
+            endpoints.push(router.endpoints[name].describe(name));
         }
         let transport = self.transport;
         let name = self.name.clone();

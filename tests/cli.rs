@@ -29,8 +29,8 @@ impl NodeProcess {
         extra: &[&str],
     ) -> Self {
         let mut cmd = Command::new(BIN);
-        cmd.args(extra);
         cmd.arg("node")
+            .args(extra)
             .arg("--json")
             .args(["--network", "clitest"])
             .arg("--data-dir")
@@ -139,6 +139,16 @@ fn two_nodes_find_each_other(transport: &str, listen: &str) {
         assert!(Instant::now() < deadline, "b never showed up: {found:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The table names each peer once: addresses do not repeat `/p2p/<peer id>`.
+    let out = Command::new(BIN)
+        .args(["peers", "--network", "clitest", "--bootstrap", &a_addr])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("PEER"), "{table}");
+    for line in table.lines().skip(1).filter(|l| l.starts_with("12D3")) {
+        assert_eq!(line.matches("/p2p/").count(), 0, "{line}");
+    }
 }
 
 #[test]
@@ -163,26 +173,63 @@ fn a_restarted_node_process_keeps_its_peer_id() {
 
 #[test]
 fn unreachable_bootstrap_fails_with_a_clear_message() {
-    // A port nothing listens on: take one from the OS and free it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+    // Ports nothing listens on: take them from the OS and free them.
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), &["/ip4/127.0.0.1/tcp/0"], None);
+    let live = node.addr("/tcp/");
+    let other_peer = "12D3KooWGhMXbUqYyskVCwR4wvCSXa6x6Q1vEL7uiQx7gvFRnUDR";
+    let wrong_peer = format!("{}/p2p/{other_peer}", live.rsplit_once("/p2p/").unwrap().0);
+    let addrs = [
+        format!("/ip4/127.0.0.1/tcp/{tcp}"),
+        format!("/ip4/127.0.0.1/udp/{udp}/quic-v1"),
+        wrong_peer,
+    ];
+    let started = Instant::now();
     let output = Command::new(BIN)
         .args([
             "peers",
-            "--timeout",
-            "3s",
+            "--connect-timeout",
+            "1s",
             "--bootstrap",
-            &format!("/ip4/127.0.0.1/tcp/{port}"),
+            &addrs.join(","),
         ])
         .output()
         .unwrap();
     assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("error: cannot join the mesh"), "{stderr}");
     assert!(output.stdout.is_empty());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the QUIC dial gives up after --connect-timeout"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines[0], "error: cannot join the mesh: no bootstrap peer could be reached",
+        "{stderr}"
+    );
+    // One line per address, the cause in plain words, and what to check.
+    assert_eq!(lines.len(), 4, "{stderr}");
+    assert!(
+        lines[1].contains(&addrs[0]) && lines[1].contains("connection refused"),
+        "{stderr}"
+    );
+    assert!(lines[1].contains("is a node running"), "{stderr}");
+    assert!(
+        lines[2].contains(&addrs[1]) && lines[2].contains("no answer in time"),
+        "{stderr}"
+    );
+    assert!(lines[3].contains("is the peer id right?"), "{stderr}");
+    assert!(!stderr.contains(": :"), "{stderr}");
 }
 
 #[test]
@@ -469,6 +516,65 @@ async fn call_and_stream_any_endpoint_with_json() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "\"A\"\n\"BC\"\n");
+
+    // The wrong verb: the CLI says which one to use instead of failing on the wire.
+    let out = cli(
+        args(&[
+            "call",
+            "greeter",
+            "Greeter.Count",
+            "3",
+            "--bootstrap",
+            &addr,
+        ]),
+        None,
+    )
+    .await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("server-stream endpoint")
+            && stderr.contains("micromesh stream greeter Greeter.Count"),
+        "{stderr}"
+    );
+    let out = cli(
+        args(&[
+            "stream",
+            "greeter",
+            "Greeter.Hello",
+            "{}",
+            "--bootstrap",
+            &addr,
+        ]),
+        None,
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("micromesh call greeter Greeter.Hello"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // `describe` says how each endpoint is called and what JSON to send.
+    let out = cli(args(&["describe", "greeter", "--bootstrap", &addr]), None).await;
+    let said = String::from_utf8_lossy(&out.stdout);
+    let row = |name: &str| {
+        said.lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap_or_else(|| panic!("no row for {name}: {said}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        row("Greeter.Count"),
+        ["Greeter.Count", "server-stream", "0", "u32"]
+    );
+    // An untyped request (serde_json::Value) has no example: its type is shown.
+    assert_eq!(
+        row("Greeter.Hello"),
+        ["Greeter.Hello", "unary", "<Value>", "Value"]
+    );
     service.stop().await.unwrap();
 }
 
@@ -494,11 +600,12 @@ fn sigterm_stops_a_node_gracefully() {
     assert!(status.success(), "a graceful stop exits 0, got {status}");
 }
 
-/// Runs the binary to completion with `args` (plus the test network).
+/// Runs the binary to completion with `args`, on the test network (given in the environment,
+/// which commands that join no mesh ignore).
 fn run(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
-        .args(["--network", "clitest"])
+        .env("MICROMESH_NETWORK", "clitest")
         .output()
         .expect("run micromesh")
 }
@@ -506,7 +613,7 @@ fn run(args: &[&str]) -> Output {
 /// A `micromesh subscribe` process, with its stdout read line by line.
 fn start_subscriber(addr: &str, topic: &str, group: Option<&str>, count: u64) -> Child {
     let mut cmd = Command::new(BIN);
-    cmd.args(["--network", "clitest", "--json", "subscribe", topic])
+    cmd.args(["--json", "subscribe", topic, "--network", "clitest"])
         .args(["--count", &count.to_string()])
         .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", addr])
         .stdout(Stdio::piped())
@@ -718,6 +825,23 @@ fn write_read_list_and_delete_store_keys_from_the_command_line() {
         &addr,
     ]));
     assert_eq!(said, "greeting\n");
+    // An empty listing says so, on stderr: standard output holds keys only.
+    let none = run(&[
+        "store",
+        "list",
+        "--prefix",
+        "zz",
+        "--table",
+        "cli",
+        "--bootstrap",
+        &addr,
+    ]);
+    assert!(none.status.success());
+    assert!(none.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&none.stderr).trim(),
+        "no keys starting with \"zz\" in table micromesh/cli"
+    );
 
     ok(&run(&[
         "store",
@@ -809,6 +933,17 @@ fn identities_certificates_grants_and_revocations_from_the_command_line() {
         key_pem.starts_with("-----BEGIN PRIVATE KEY-----"),
         "{key_pem}"
     );
+    // Offline commands list only their own options.
+    let help = ok(run(&["identity", "new", "--help"]));
+    for unrelated in [
+        "--bootstrap",
+        "--network",
+        "--rule",
+        "--trust",
+        "--swarm-key",
+    ] {
+        assert!(!help.contains(unrelated), "{unrelated} in {help}");
+    }
     let missing = run(&["identity", "show"]);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("--key FILE"));
 
@@ -833,6 +968,13 @@ fn identities_certificates_grants_and_revocations_from_the_command_line() {
     assert_eq!(grant["issuer"], issuer.as_str());
     assert_eq!(grant["roles"], serde_json::json!(["ops"]));
     assert_eq!(grant["network"], "clitest");
+    // Times as dates, with the time left.
+    let shown = ok(run(&["grant", "show", &path("ops.grant")]));
+    let expires = shown.lines().find(|l| l.starts_with("expires")).unwrap();
+    assert!(
+        expires.contains(" UTC (") && expires.ends_with("min left)"),
+        "{shown}"
+    );
     let bad = run(&["grant", "show", "AAAA"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a grant"));
@@ -891,7 +1033,23 @@ fn identities_certificates_grants_and_revocations_from_the_command_line() {
     ok(write(&as_ops, "by ops"));
     assert_eq!(read_k(), "by ops");
 
-    // Revoked: the node takes it, and the grant writes nothing more.
+    // Revoked through a node that trusts nobody (a plain bootstrap node): the revocation still
+    // reaches the node that enforces the grant, and the grant writes nothing more.
+    let plain = NodeProcess::start(
+        &dir.path().join("plain"),
+        &["/ip4/127.0.0.1/tcp/0"],
+        Some(&addr),
+    );
+    let plain_addr = plain.addr("/tcp/");
+    let node_id = NodeProcess::peer_id(&addr).to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !peer_ids(&peers(&plain_addr)).contains(&node_id) {
+        assert!(
+            Instant::now() < deadline,
+            "the plain node never knew the node"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let revoked: serde_json::Value = serde_json::from_str(&ok(run(&[
         "grant",
         "revoke",
@@ -899,7 +1057,7 @@ fn identities_certificates_grants_and_revocations_from_the_command_line() {
         &path("issuer.key"),
         &path("ops.grant"),
         "--bootstrap",
-        &addr,
+        &plain_addr,
         "--json",
     ])))
     .unwrap();

@@ -280,6 +280,7 @@ pub(crate) fn build_swarm(
 ) -> Result<Swarm<Behaviour>, Error> {
     let mut store = Some(store);
     let idle_timeout = config.idle_timeout;
+    let connection_timeout = config.connection_timeout;
     let mut streams = Some(streams);
     // The tail of the builder chain is the same for both transport stacks, but the stacks are
     // different types, so it is spelled out by a macro rather than a function.
@@ -307,6 +308,7 @@ pub(crate) fn build_swarm(
                         // confirmation (see `streams::refused`).
                         .with_substream_upgrade_protocol_override(Version::V1Lazy)
                 })
+                .with_connection_timeout(connection_timeout)
                 .build();
             Ok(swarm)
         }};
@@ -322,7 +324,10 @@ pub(crate) fn build_swarm(
                     yamux::Config::default,
                 )
                 .map_err(transport_error)?
-                .with_quic()
+                .with_quic_config(|mut quic| {
+                    quic.handshake_timeout = connection_timeout;
+                    quic
+                })
                 .with_other_transport(|key| memory_transport(key, None))
                 .map_err(transport_error)?
                 .with_dns()

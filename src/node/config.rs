@@ -127,6 +127,7 @@ pub(crate) struct Config {
     pub(crate) dht_mode: DhtMode,
     pub(crate) idle_timeout: Duration,
     pub(crate) dial_timeout: Duration,
+    pub(crate) connection_timeout: Duration,
     pub(crate) query_timeout: Duration,
     pub(crate) bootstrap_interval: Duration,
     pub(crate) max_connections: u32,
@@ -175,6 +176,7 @@ impl Config {
             dht_mode: DhtMode::Auto,
             idle_timeout: Duration::from_secs(30),
             dial_timeout: Duration::from_secs(15),
+            connection_timeout: Duration::from_secs(5),
             query_timeout: Duration::from_secs(15),
             bootstrap_interval: Duration::from_secs(300),
             max_connections: 2_000,
@@ -206,6 +208,11 @@ impl Config {
                 "the connection low water mark ({}) is above the high water mark ({})",
                 self.low_water, self.high_water
             )));
+        }
+        if self.connection_timeout.is_zero() {
+            return Err(Error::InvalidConfig(
+                "the connection timeout must be above zero".into(),
+            ));
         }
         if self.max_gossip_size < 1024 {
             return Err(Error::InvalidConfig(
@@ -419,6 +426,15 @@ impl Builder {
     /// How long [`Node::dial`] waits for a connection. Default is 15 s.
     pub fn dial_timeout(mut self, timeout: Duration) -> Self {
         self.config.dial_timeout = timeout;
+        self
+    }
+
+    /// How long establishing one connection may take, on every transport: the TCP connect or
+    /// the QUIC handshake, the security handshake and the multiplexer. A dial to a peer that is
+    /// gone fails after this at the latest; over QUIC, which hears nothing from a closed port,
+    /// this is how long such a dial takes. Default is 5 s.
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connection_timeout = timeout;
         self
     }
 

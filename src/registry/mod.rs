@@ -103,7 +103,26 @@ pub struct Endpoint {
     pub metadata: Metadata,
 }
 
+/// The endpoint metadata key under which a [`Service`](crate::Service) says how its endpoint is
+/// called: `unary`, `server-stream`, `client-stream` or `bidi-stream`. Metadata keys starting
+/// with `micromesh.` are micromesh's own.
+pub const KIND_KEY: &str = "micromesh.kind";
+/// The endpoint metadata key of a JSON example of the request (at most 1,024 bytes), when the
+/// request type's shape could be traced: what a caller sends.
+pub const REQUEST_EXAMPLE_KEY: &str = "micromesh.request-example";
+
 impl Endpoint {
+    /// How the endpoint is called ([`KIND_KEY`]): `unary`, `server-stream`, `client-stream`
+    /// or `bidi-stream`; `None` when its service did not say.
+    pub fn kind(&self) -> Option<&str> {
+        self.metadata.get(KIND_KEY)
+    }
+
+    /// A JSON example of the request ([`REQUEST_EXAMPLE_KEY`]), if the service gave one.
+    pub fn request_example(&self) -> Option<&str> {
+        self.metadata.get(REQUEST_EXAMPLE_KEY)
+    }
+
     /// An endpoint with no type names or metadata yet.
     pub fn new(name: impl Into<String>) -> Self {
         Self {

@@ -17,6 +17,7 @@ use crate::{
     Metadata, Status,
     codec::{Codec as _, ContentType},
     error::BoxError,
+    registry,
     transport::wire::{CallKind, DataFrame},
 };
 
@@ -63,15 +64,32 @@ pub(crate) type StreamHandler = Arc<
 pub(crate) enum Endpoint {
     Unary {
         service: BoxedUnary,
-        request: String,
-        response: String,
+        shape: Shape,
     },
     Stream {
         handler: StreamHandler,
         kind: CallKind,
-        request: String,
-        response: String,
+        shape: Shape,
     },
+}
+
+/// What the registry says of an endpoint's messages.
+#[derive(Clone, Debug)]
+pub(crate) struct Shape {
+    request: String,
+    response: String,
+    /// A JSON example of the request, when the type can be traced.
+    request_example: Option<String>,
+}
+
+impl Shape {
+    fn of<Req: DeserializeOwned, Resp>() -> Self {
+        Self {
+            request: short_type_name::<Req>(),
+            response: short_type_name::<Resp>(),
+            request_example: super::example::request_example::<Req>(),
+        }
+    }
 }
 
 impl Endpoint {
@@ -82,15 +100,24 @@ impl Endpoint {
         }
     }
 
-    pub(crate) fn type_names(&self) -> (&str, &str) {
-        match self {
-            Self::Unary {
-                request, response, ..
-            }
-            | Self::Stream {
-                request, response, ..
-            } => (request, response),
+    /// The endpoint as the registry announces it: type names, how it is called, and a JSON
+    /// example of its request.
+    pub(crate) fn describe(&self, name: &str) -> registry::Endpoint {
+        let (Self::Unary { shape, .. } | Self::Stream { shape, .. }) = self;
+        let kind = match self.kind() {
+            CallKind::Unary => "unary",
+            CallKind::ServerStream => "server-stream",
+            CallKind::ClientStream => "client-stream",
+            CallKind::Bidi => "bidi-stream",
+        };
+        let mut endpoint = registry::Endpoint::new(name)
+            .request(shape.request.clone())
+            .response(shape.response.clone())
+            .metadata(registry::KIND_KEY, kind);
+        if let Some(example) = &shape.request_example {
+            endpoint = endpoint.metadata(registry::REQUEST_EXAMPLE_KEY, example.clone());
         }
+        endpoint
     }
 }
 
@@ -160,8 +187,7 @@ where
     });
     Endpoint::Unary {
         service: BoxCloneSyncService::new(service),
-        request: short_type_name::<Req>(),
-        response: short_type_name::<Resp>(),
+        shape: Shape::of::<Req, Resp>(),
     }
 }
 
@@ -239,8 +265,7 @@ where
     Endpoint::Stream {
         handler,
         kind,
-        request: short_type_name::<Req>(),
-        response: short_type_name::<Resp>(),
+        shape: Shape::of::<Req, Resp>(),
     }
 }
 

@@ -40,6 +40,7 @@
 
 mod context;
 mod dispatch;
+mod example;
 mod handler;
 
 use std::{collections::HashMap, sync::Arc};

@@ -48,6 +48,33 @@ pub(crate) struct StreamArgs {
     join: Join,
 }
 
+/// When the registry says `endpoint` is called the other way (a streaming endpoint given to
+/// `call`, a unary one to `stream`), what to run instead.
+async fn wrong_verb(
+    service: &micromesh::Service,
+    name: &str,
+    endpoint: &str,
+    streaming: bool,
+) -> Option<String> {
+    let versions = service.registry().get_service(name).await.ok()?;
+    let kind = versions
+        .iter()
+        .flat_map(|v| &v.endpoints)
+        .find(|e| e.name == endpoint)?
+        .kind()?
+        .to_owned();
+    match (kind.as_str(), streaming) {
+        ("unary", true) => Some(format!(
+            "{endpoint} of {name} is a unary endpoint: call it with `micromesh call {name} {endpoint} '<json>'`"
+        )),
+        ("unary", false) | (_, true) => None,
+        (kind, false) => Some(format!(
+            "{endpoint} of {name} is a {kind} endpoint: call it with `micromesh stream {name} {endpoint}` \
+             (one request as an argument, or one JSON request per line on standard input)"
+        )),
+    }
+}
+
 fn parse_json(text: &str) -> Result<serde_json::Value, BoxError> {
     serde_json::from_str(text)
         .map_err(|e| format!("the request is not valid JSON ({e}): {text}").into())
@@ -76,13 +103,17 @@ fn options(
 pub(crate) async fn call(global: &Global, args: &CallArgs) -> Result<(), BoxError> {
     let body = parse_json(&args.body)?;
     let options = options(args.call_timeout, args.peer, &args.metadata)?;
-    let service = args.join.connect(global).await?;
+    let service = args.join.connect().await?;
     // Learn the mesh's services from the peers just joined (the DHT is the fallback).
     service.registry().refresh().await?;
-    let result = service
-        .client()
-        .call_with::<_, serde_json::Value>(&args.service, &args.endpoint, &body, options)
-        .await;
+    let result = match wrong_verb(&service, &args.service, &args.endpoint, false).await {
+        Some(message) => Err(message.into()),
+        None => service
+            .client()
+            .call_with::<_, serde_json::Value>(&args.service, &args.endpoint, &body, options)
+            .await
+            .map_err(BoxError::from),
+    };
     service.stop().await?;
     let reply = result?;
     if global.json {
@@ -93,13 +124,16 @@ pub(crate) async fn call(global: &Global, args: &CallArgs) -> Result<(), BoxErro
     Ok(())
 }
 
-pub(crate) async fn stream(global: &Global, args: &StreamArgs) -> Result<(), BoxError> {
+pub(crate) async fn stream(args: &StreamArgs) -> Result<(), BoxError> {
     let single = args.body.as_deref().map(parse_json).transpose()?;
     let options = options(args.call_timeout, args.peer, &[])?;
-    let service = args.join.connect(global).await?;
+    let service = args.join.connect().await?;
     service.registry().refresh().await?;
     let client = service.client().clone();
     let result = async {
+        if let Some(message) = wrong_verb(&service, &args.service, &args.endpoint, true).await {
+            return Err(message.into());
+        }
         let mut call = match &single {
             Some(body) => {
                 client

@@ -24,27 +24,34 @@ pub(crate) struct Cli {
     pub(crate) command: Command,
 }
 
+/// Options of every command: how it prints and logs.
 #[derive(Args, Debug)]
 pub(crate) struct Global {
-    /// The mesh network to join; nodes of other networks are invisible.
-    #[arg(long, global = true, env = "MICROMESH_NETWORK", default_value = node::DEFAULT_NETWORK)]
-    pub(crate) network: String,
-    /// A `swarm.key` file: join a network closed by this pre-shared key (TCP only).
-    #[arg(long, global = true, env = "MICROMESH_SWARM_KEY", value_name = "FILE")]
-    pub(crate) swarm_key: Option<PathBuf>,
     /// Print one JSON document (or one JSON value per line for streams) instead of text.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "MICROMESH_JSON")]
     pub(crate) json: bool,
     /// Log filter, as in RUST_LOG (e.g. `info`, `micromesh=debug`). Logs go to stderr.
     #[arg(long, global = true, env = "MICROMESH_LOG", value_name = "FILTER")]
     pub(crate) log: Option<String>,
+}
+
+/// The mesh a command joins and who it is there: the options of `node` and of every command
+/// that talks to the mesh.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Mesh and auth")]
+pub(crate) struct Mesh {
+    /// The mesh network to join; nodes of other networks are invisible.
+    #[arg(long, env = "MICROMESH_NETWORK", default_value = node::DEFAULT_NETWORK)]
+    pub(crate) network: String,
+    /// A `swarm.key` file: join a network closed by this pre-shared key (TCP only).
+    #[arg(long, env = "MICROMESH_SWARM_KEY", value_name = "FILE")]
+    pub(crate) swarm_key: Option<PathBuf>,
     /// Act as this identity: a key file from `micromesh identity new` (clients otherwise use a
     /// fresh one; `node` otherwise uses its data directory's).
     #[arg(
         id = "identity-key",
         long = "key",
         short = 'k',
-        global = true,
         env = "MICROMESH_KEY",
         value_name = "FILE"
     )]
@@ -53,7 +60,6 @@ pub(crate) struct Global {
     #[arg(
         id = "auth-trust",
         long = "trust",
-        global = true,
         env = "MICROMESH_TRUST",
         value_delimiter = ',',
         value_name = "PEER_ID"
@@ -63,20 +69,27 @@ pub(crate) struct Global {
     /// node's identity (see --key).
     #[arg(
         long = "grant",
-        global = true,
         env = "MICROMESH_GRANT",
+        value_delimiter = ',',
         value_name = "GRANT"
     )]
     pub(crate) grants: Vec<String>,
     /// An auth rule: `allow|deny <resource> <subject> [priority]`, e.g.
-    /// `allow endpoint:greeter/Admin.* role:ops 10` (repeatable).
-    #[arg(id = "auth-rule", long = "rule", global = true, value_name = "RULE")]
+    /// `allow endpoint:greeter/Admin.* role:ops 10` (repeatable; `;` between rules in the
+    /// environment variable).
+    #[arg(
+        id = "auth-rule",
+        long = "rule",
+        env = "MICROMESH_RULE",
+        value_delimiter = ';',
+        value_name = "RULE"
+    )]
     pub(crate) rules: Vec<Rule>,
     /// A file of auth rules, one per line; `#` starts a comment.
-    #[arg(long, global = true, env = "MICROMESH_RULES", value_name = "FILE")]
+    #[arg(long, env = "MICROMESH_RULES", value_name = "FILE")]
     pub(crate) rules_file: Option<PathBuf>,
     /// Deny what no rule allows (by default any peer of the network is allowed).
-    #[arg(long, global = true)]
+    #[arg(long, env = "MICROMESH_DENY_BY_DEFAULT")]
     pub(crate) deny_by_default: bool,
 }
 
@@ -118,58 +131,69 @@ pub(crate) struct Join {
         short = 'b',
         env = "MICROMESH_BOOTSTRAP",
         value_delimiter = ',',
-        value_name = "MULTIADDR",
-        required = true
+        value_name = "MULTIADDR"
     )]
     pub(crate) bootstrap: Vec<Multiaddr>,
     /// How long to wait for the mesh to answer.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "MICROMESH_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub(crate) timeout: Duration,
+    /// How long connecting to one peer may take. Over QUIC, a dial to an address where nothing
+    /// listens fails only after this.
+    #[arg(
+        long,
+        env = "MICROMESH_CONNECT_TIMEOUT",
+        default_value = "3s",
+        value_parser = parse_duration
+    )]
+    pub(crate) connect_timeout: Duration,
+    #[command(flatten)]
+    pub(crate) mesh: Mesh,
 }
 
 impl Join {
     /// Starts a client (no listeners, no mDNS/UPnP/AutoNAT, not registered as a service) and
     /// connects it to every bootstrap peer. Fails when none can be reached.
-    pub(crate) async fn connect(&self, global: &Global) -> Result<Service, BoxError> {
-        self.connect_listening(global, &[]).await
+    pub(crate) async fn connect(&self) -> Result<Service, BoxError> {
+        self.connect_listening(&[]).await
     }
 
     /// As [`Join::connect`], listening on `listen` so that peers can dial back (a subscriber
     /// must be reachable by publishers); no addresses means no listener.
     pub(crate) async fn connect_listening(
         &self,
-        global: &Global,
         listen: &[Multiaddr],
     ) -> Result<Service, BoxError> {
-        self.connect_with(global, listen, global.auth_config()?)
-            .await
+        self.connect_with(listen, self.mesh.auth_config()?).await
     }
 
     /// As [`Join::connect`], also trusting `issuer` (the issuer's own tools).
-    pub(crate) async fn connect_trusting(
-        &self,
-        global: &Global,
-        issuer: PeerId,
-    ) -> Result<Service, BoxError> {
-        self.connect_with(global, &[], global.auth_config()?.trust(issuer))
+    pub(crate) async fn connect_trusting(&self, issuer: PeerId) -> Result<Service, BoxError> {
+        self.connect_with(&[], self.mesh.auth_config()?.trust(issuer))
             .await
     }
 
     async fn connect_with(
         &self,
-        global: &Global,
         listen: &[Multiaddr],
         auth: auth::Config,
     ) -> Result<Service, BoxError> {
-        let key = global.pre_shared_key()?;
+        if self.bootstrap.is_empty() {
+            return Err(
+                "no peer to join through: give --bootstrap MULTIADDR (or MICROMESH_BOOTSTRAP), \
+                 the address a `micromesh node` prints"
+                    .into(),
+            );
+        }
+        let key = self.mesh.pre_shared_key()?;
         let timeout = self.timeout;
+        let connect_timeout = self.connect_timeout.min(timeout);
         let listen = listen.to_vec();
         let mut builder = Service::builder("micromesh-cli");
-        if let Some(identity) = global.identity()? {
+        if let Some(identity) = self.mesh.identity()? {
             builder = builder.identity(identity);
         }
         let service = builder
-            .network(global.network.clone())
+            .network(self.mesh.network.clone())
             .auth(auth)
             .register(false)
             .configure_node(move |mut node| {
@@ -185,6 +209,7 @@ impl Join {
                     .autonat(false)
                     .memory_limit(None)
                     .dial_timeout(timeout)
+                    .connection_timeout(connect_timeout)
             })
             .build()
             .await?;
@@ -192,19 +217,36 @@ impl Join {
         let dials = self.bootstrap.iter().map(|addr| node.dial(addr.clone()));
         let results = futures::future::join_all(dials).await;
         if results.iter().all(Result::is_err) {
-            let reasons: Vec<String> = results
-                .into_iter()
-                .filter_map(Result::err)
-                .map(|e| e.to_string())
+            let lines: Vec<String> = self
+                .bootstrap
+                .iter()
+                .zip(results)
+                .filter_map(|(addr, result)| result.err().map(|e| (addr, e)))
+                .map(|(addr, e)| format!("  {addr}: {}", dial_failure(&e)))
                 .collect();
             service.stop().await?;
-            return Err(format!("cannot join the mesh: {}", reasons.join("; ")).into());
+            return Err(format!(
+                "cannot join the mesh: no bootstrap peer could be reached\n{}",
+                lines.join("\n")
+            )
+            .into());
         }
         Ok(service)
     }
 }
 
-impl Global {
+/// Why a dial failed, without repeating the address it names.
+fn dial_failure(error: &node::Error) -> String {
+    match error {
+        node::Error::Dial { reason, .. } => reason.clone(),
+        node::Error::DialTimeout { timeout, .. } => format!(
+            "no connection within {timeout:?} (is a node running there, and is the port open?)"
+        ),
+        other => other.to_string(),
+    }
+}
+
+impl Mesh {
     /// The identity given with `--key`, if any.
     pub(crate) fn identity(&self) -> Result<Option<Identity>, BoxError> {
         match &self.key {
@@ -319,6 +361,32 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// A time as people read it, in UTC: `2026-12-04 21:51:53 UTC`.
+pub(crate) fn date_time(at: std::time::SystemTime) -> String {
+    let format =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+    time::OffsetDateTime::from(at)
+        .format(&format)
+        .unwrap_or_else(|_| "an unrepresentable time".into())
+}
+
+/// How long until `at`, roughly: `29 days 23 h left`, `5 min left`, `expired`.
+pub(crate) fn time_left(at: std::time::SystemTime) -> String {
+    let Ok(left) = at.duration_since(std::time::SystemTime::now()) else {
+        return "expired".into();
+    };
+    let s = left.as_secs();
+    let (days, hours, minutes) = (s / 86_400, s % 86_400 / 3_600, s % 3_600 / 60);
+    let text = match (days, hours, minutes) {
+        (0, 0, 0) => format!("{s} s"),
+        (0, 0, m) => format!("{m} min"),
+        (0, h, m) => format!("{h} h {m} min"),
+        (1, h, _) => format!("1 day {h} h"),
+        (d, h, _) => format!("{d} days {h} h"),
+    };
+    format!("{text} left")
+}
+
 /// Prints rows as aligned columns under a header.
 pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -347,6 +415,25 @@ pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_read_as_dates_and_time_left() {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        assert_eq!(
+            date_time(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            "2023-11-14 22:13:20 UTC"
+        );
+        let now = SystemTime::now();
+        assert_eq!(time_left(now - Duration::from_secs(1)), "expired");
+        assert_eq!(
+            time_left(now + Duration::from_secs(30 * 86_400 + 90)),
+            "30 days 0 h left"
+        );
+        assert_eq!(
+            time_left(now + Duration::from_secs(3 * 60 + 30)),
+            "3 min left"
+        );
+    }
 
     #[test]
     fn durations() {

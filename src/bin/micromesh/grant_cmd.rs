@@ -40,6 +40,9 @@ pub(crate) struct IssueArgs {
     /// Write the grant to this file instead of printing it.
     #[arg(long, short = 'o', value_name = "FILE")]
     out: Option<PathBuf>,
+    /// The network the grant is for: it gives roles on that network only.
+    #[arg(long, env = "MICROMESH_NETWORK", default_value = micromesh::node::DEFAULT_NETWORK)]
+    network: String,
 }
 
 #[derive(Args, Debug)]
@@ -55,18 +58,9 @@ pub(crate) struct RevokeArgs {
     issuer: PathBuf,
     /// The grant to revoke: its text, or a file holding it.
     grant: String,
-    /// Peers to hand the revocation to (repeatable); without any, it is only printed.
-    #[arg(
-        long = "bootstrap",
-        short = 'b',
-        env = "MICROMESH_BOOTSTRAP",
-        value_delimiter = ',',
-        value_name = "MULTIADDR"
-    )]
-    bootstrap: Vec<micromesh::Multiaddr>,
-    /// How long to wait for the mesh to answer.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    timeout: Duration,
+    /// With `--bootstrap`, the revocation is handed to the mesh; without, it is only printed.
+    #[command(flatten)]
+    join: Join,
 }
 
 pub(crate) async fn run(global: &Global, command: &GrantCommand) -> Result<(), BoxError> {
@@ -106,22 +100,16 @@ fn describe(grant: &Grant) -> serde_json::Value {
 }
 
 fn print_fields(grant: &Grant) {
-    let left = grant
-        .expires()
-        .duration_since(SystemTime::now())
-        .map_or_else(
-            |_| "expired".to_owned(),
-            |d| format!("{}s left", d.as_secs()),
-        );
     println!("id          {}", grant.id());
     println!("network     {}", grant.network());
     println!("issuer      {}", grant.issuer());
     println!("subject     {}", grant.subject());
     println!("roles       {}", grant.roles().join(", "));
-    println!("not before  {} (unix seconds)", secs(grant.not_before()));
+    println!("not before  {}", crate::cli::date_time(grant.not_before()));
     println!(
-        "expires     {} (unix seconds, {left})",
-        secs(grant.expires())
+        "expires     {} ({})",
+        crate::cli::date_time(grant.expires()),
+        crate::cli::time_left(grant.expires())
     );
 }
 
@@ -130,7 +118,7 @@ fn issue(global: &Global, args: &IssueArgs) -> Result<(), BoxError> {
     let grant = Grant::builder(args.subject)
         .roles(args.roles.iter().cloned())
         .valid_for(args.valid_for)
-        .sign(&issuer, &global.network)?;
+        .sign(&issuer, &args.network)?;
     if let Some(path) = &args.out {
         std::fs::write(path, format!("{grant}\n"))
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
@@ -142,12 +130,13 @@ fn issue(global: &Global, args: &IssueArgs) -> Result<(), BoxError> {
             println!("{grant}");
         }
         eprintln!(
-            "grant {} for {}: roles {} on network {}, until {} (unix seconds)",
+            "grant {} for {}: roles {} on network {}, until {} ({})",
             grant.id(),
             grant.subject(),
             grant.roles().join(", "),
             grant.network(),
-            secs(grant.expires())
+            crate::cli::date_time(grant.expires()),
+            crate::cli::time_left(grant.expires())
         );
     }
     Ok(())
@@ -168,13 +157,17 @@ async fn revoke(global: &Global, args: &RevokeArgs) -> Result<(), BoxError> {
     let grant = read_grant(&args.grant)?;
     let revocation = Revocation::of(&grant, &issuer)?;
     let mut reached = None;
-    if !args.bootstrap.is_empty() {
-        let join = Join {
-            bootstrap: args.bootstrap.clone(),
-            timeout: args.timeout,
-        };
+    if !args.join.bootstrap.is_empty() {
         // The issuer trusts itself: its node takes the revocation, then hands it to its peers.
-        let service = join.connect_trusting(global, issuer.peer_id()).await?;
+        let service = args.join.connect_trusting(issuer.peer_id()).await?;
+        // Only nodes that trust the issuer take a revocation and pass it on. A walk of the DHT
+        // connects this client to the mesh beyond its bootstrap peer, which may trust nobody.
+        if let Err(e) = tokio::time::timeout(args.join.timeout, service.node().bootstrap())
+            .await
+            .unwrap_or(Ok(()))
+        {
+            tracing::debug!("DHT walk incomplete: {e}");
+        }
         let result = service.auth().revoke(revocation.clone()).await;
         service.stop().await?;
         let peers = result?;

@@ -15,10 +15,23 @@ pub(crate) enum IdentityCommand {
     /// Create a new identity key file (owner-only permissions) and print its peer id.
     New(NewArgs),
     /// Print the peer id and public key of an identity (`--key FILE`).
-    Show,
+    Show(KeyArg),
     /// Print an identity (`--key FILE`) as an X.509 certificate (PEM) for other TLS software;
     /// optionally write the certificate and its private key to files.
     Cert(CertArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct KeyArg {
+    /// The identity's key file (`micromesh identity new`).
+    #[arg(
+        id = "identity-key",
+        long = "key",
+        short = 'k',
+        env = "MICROMESH_KEY",
+        value_name = "FILE"
+    )]
+    key: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -33,6 +46,8 @@ pub(crate) struct NewArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct CertArgs {
+    #[command(flatten)]
+    key: KeyArg,
     /// Write the certificate (PEM) here instead of printing it.
     #[arg(long, value_name = "FILE")]
     cert_out: Option<PathBuf>,
@@ -45,7 +60,7 @@ pub(crate) struct CertArgs {
 pub(crate) fn run(global: &Global, command: &IdentityCommand) -> Result<(), BoxError> {
     match command {
         IdentityCommand::New(args) => new(global, args),
-        IdentityCommand::Show => show(global),
+        IdentityCommand::Show(key) => show(global, key),
         IdentityCommand::Cert(args) => cert(global, args),
     }
 }
@@ -83,8 +98,8 @@ pub(crate) fn load(path: &Path) -> Result<Identity, BoxError> {
 }
 
 /// The identity of `--key`, which these verbs need.
-fn given(global: &Global) -> Result<Identity, BoxError> {
-    match &global.key {
+fn given(key: &KeyArg) -> Result<Identity, BoxError> {
+    match &key.key {
         Some(path) => load(path),
         None => Err(
             "give the identity's key file with --key FILE (a node keeps it in \
@@ -94,8 +109,8 @@ fn given(global: &Global) -> Result<Identity, BoxError> {
     }
 }
 
-fn show(global: &Global) -> Result<(), BoxError> {
-    let identity = given(global)?;
+fn show(global: &Global, key: &KeyArg) -> Result<(), BoxError> {
+    let identity = given(key)?;
     let public = data_encoding::BASE64URL_NOPAD.encode(&identity.public_key_bytes());
     if global.json {
         println!(
@@ -114,7 +129,7 @@ fn show(global: &Global) -> Result<(), BoxError> {
 }
 
 fn cert(global: &Global, args: &CertArgs) -> Result<(), BoxError> {
-    let identity = given(global)?;
+    let identity = given(&args.key)?;
     let cert = Certificate::new(&identity)?;
     if let Some(path) = &args.key_out {
         let _ = fs::remove_file(path);

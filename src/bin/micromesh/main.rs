@@ -38,7 +38,7 @@ fn main() -> ExitCode {
             cli::Command::Services(cmd) => services_cmd::services(&args.global, cmd).await,
             cli::Command::Describe(cmd) => services_cmd::describe(&args.global, cmd).await,
             cli::Command::Call(cmd) => call_cmd::call(&args.global, cmd).await,
-            cli::Command::Stream(cmd) => call_cmd::stream(&args.global, cmd).await,
+            cli::Command::Stream(cmd) => call_cmd::stream(cmd).await,
             cli::Command::Publish(cmd) => pubsub_cmd::publish(&args.global, cmd).await,
             cli::Command::Subscribe(cmd) => pubsub_cmd::subscribe(&args.global, cmd).await,
             cli::Command::Store(cmd) => store_cmd::run(&args.global, cmd).await,

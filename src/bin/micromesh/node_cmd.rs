@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 use micromesh::{Multiaddr, Service, node::Event};
 
-use crate::cli::{BoxError, Global};
+use crate::cli::{BoxError, Global, Mesh};
 
 #[derive(Args, Debug)]
 pub(crate) struct NodeArgs {
@@ -15,7 +15,13 @@ pub(crate) struct NodeArgs {
     data_dir: Option<PathBuf>,
     /// An address to listen on (repeatable).
     /// Default: `/ip4/0.0.0.0/udp/0/quic-v1` and `/ip4/0.0.0.0/tcp/0`.
-    #[arg(long, short = 'l', value_name = "MULTIADDR")]
+    #[arg(
+        long,
+        short = 'l',
+        env = "MICROMESH_LISTEN",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
     listen: Vec<Multiaddr>,
     /// A peer to join through (repeatable). A node with none waits for others to join it.
     #[arg(
@@ -27,24 +33,31 @@ pub(crate) struct NodeArgs {
     )]
     bootstrap: Vec<Multiaddr>,
     /// Do not discover peers on the local network with mDNS.
-    #[arg(long)]
+    #[arg(long, env = "MICROMESH_NO_MDNS")]
     no_mdns: bool,
     /// Do not ask the router for a port mapping with UPnP.
-    #[arg(long)]
+    #[arg(long, env = "MICROMESH_NO_UPNP")]
     no_upnp: bool,
     /// Do not probe reachability with AutoNAT.
-    #[arg(long)]
+    #[arg(long, env = "MICROMESH_NO_AUTONAT")]
     no_autonat: bool,
     /// Offer circuit-relay service to peers behind NAT. A relay needs an address peers reach
     /// it at: one confirmed by AutoNAT, or one given with `--advertise`.
-    #[arg(long)]
+    #[arg(long, env = "MICROMESH_RELAY")]
     relay: bool,
     /// An address peers reach this node at, e.g. a port forward's (repeatable).
-    #[arg(long, value_name = "MULTIADDR")]
+    #[arg(
+        long,
+        env = "MICROMESH_ADVERTISE",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
     advertise: Vec<Multiaddr>,
     /// The most bytes of store records this node keeps for the mesh, e.g. `512MiB`, `2GiB`.
     #[arg(long, env = "MICROMESH_STORE_CAPACITY", default_value = "256MiB", value_parser = parse_size)]
     store_capacity: u64,
+    #[command(flatten)]
+    mesh: Mesh,
 }
 
 /// Parses a size: a number of bytes, or with a unit `KiB`, `MiB`, `GiB` (or `KB`, `MB`, `GB`,
@@ -88,10 +101,10 @@ pub(crate) async fn run(global: &Global, args: &NodeArgs) -> Result<(), BoxError
     };
     let mut builder = Service::builder("micromesh-node")
         .version(env!("CARGO_PKG_VERSION"))
-        .network(global.network.clone())
+        .network(args.mesh.network.clone())
         .data_dir(data_dir)
-        .auth(global.auth_config()?);
-    if let Some(identity) = global.identity()? {
+        .auth(args.mesh.auth_config()?);
+    if let Some(identity) = args.mesh.identity()? {
         builder = builder.identity(identity);
     }
     for addr in &args.listen {
@@ -100,7 +113,7 @@ pub(crate) async fn run(global: &Global, args: &NodeArgs) -> Result<(), BoxError
     for addr in &args.bootstrap {
         builder = builder.bootstrap(addr.clone());
     }
-    let key = global.pre_shared_key()?;
+    let key = args.mesh.pre_shared_key()?;
     let advertise = args.advertise.clone();
     let (no_mdns, no_upnp, no_autonat, relay, capacity) = (
         args.no_mdns,

@@ -22,7 +22,7 @@ struct Row {
 }
 
 pub(crate) async fn run(global: &Global, args: &PeersArgs) -> Result<(), BoxError> {
-    let service = args.join.connect(global).await?;
+    let service = args.join.connect().await?;
     let node = service.node().clone();
     // Walk the DHT so that peers beyond the bootstrap node are found too.
     if let Err(e) = tokio::time::timeout(args.join.timeout, node.bootstrap())
@@ -79,9 +79,10 @@ pub(crate) async fn run(global: &Global, args: &PeersArgs) -> Result<(), BoxErro
                 row.rtt
                     .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1000.0))
                     .unwrap_or_else(|| "-".into()),
+                // The peer is named in the first column: its id is not repeated per address.
                 row.addresses
                     .iter()
-                    .map(ToString::to_string)
+                    .map(|a| without_peer(a, peer))
                     .collect::<Vec<_>>()
                     .join(" "),
             ]
@@ -90,6 +91,15 @@ pub(crate) async fn run(global: &Global, args: &PeersArgs) -> Result<(), BoxErro
     print_table(&["PEER", "RTT", "ADDRESSES"], &table);
     println!("{} peer(s)", rows.len());
     Ok(())
+}
+
+/// `addr` without a trailing `/p2p/<peer>`.
+fn without_peer(addr: &Multiaddr, peer: &PeerId) -> String {
+    let text = addr.to_string();
+    match text.strip_suffix(&format!("/p2p/{peer}")) {
+        Some(bare) => bare.to_owned(),
+        None => text,
+    }
 }
 
 /// Waits up to a second for every connected peer to have a ping round trip.

@@ -70,7 +70,7 @@ pub(crate) async fn publish(global: &Global, args: &PublishArgs) -> Result<(), B
     if args.allow_no_subscribers {
         options = options.allow_no_subscribers();
     }
-    let service = args.join.connect(global).await?;
+    let service = args.join.connect().await?;
     let published = service
         .broker()
         .publish_with(&args.topic, &message, options)
@@ -189,7 +189,7 @@ fn message_json(message: &Message) -> serde_json::Value {
 }
 
 pub(crate) async fn subscribe(global: &Global, args: &SubscribeArgs) -> Result<(), BoxError> {
-    let service = args.join.connect_listening(global, &args.listen).await?;
+    let service = args.join.connect_listening(&args.listen).await?;
     let (tx, mut rx) = mpsc::channel::<(Message, oneshot::Sender<()>)>(256);
     let mut options = SubscribeOptions::new();
     if let Some(group) = &args.group {

@@ -22,7 +22,7 @@ pub(crate) struct DescribeArgs {
 }
 
 pub(crate) async fn services(global: &Global, args: &ServicesArgs) -> Result<(), BoxError> {
-    let service = args.join.connect(global).await?;
+    let service = args.join.connect().await?;
     service.registry().refresh().await?;
     let found = service.registry().list_services();
     service.stop().await?;
@@ -59,7 +59,7 @@ pub(crate) async fn services(global: &Global, args: &ServicesArgs) -> Result<(),
 }
 
 pub(crate) async fn describe(global: &Global, args: &DescribeArgs) -> Result<(), BoxError> {
-    let service = args.join.connect(global).await?;
+    let service = args.join.connect().await?;
     service.registry().refresh().await?;
     let result = service.registry().get_service(&args.name).await;
     service.stop().await?;
@@ -81,18 +81,21 @@ pub(crate) async fn describe(global: &Global, args: &DescribeArgs) -> Result<(),
             println!("endpoints  (none)");
         } else {
             println!("endpoints");
+            // What to send: a JSON example when the service gave one, else the type's name.
             let rows: Vec<Vec<String>> = s
                 .endpoints
                 .iter()
                 .map(|e| {
                     vec![
                         format!("  {}", e.name),
-                        e.request.clone(),
+                        e.kind().unwrap_or("-").to_owned(),
+                        e.request_example()
+                            .map_or_else(|| format!("<{}>", e.request), str::to_owned),
                         e.response.clone(),
                     ]
                 })
                 .collect();
-            print_table(&["  NAME", "REQUEST", "RESPONSE"], &rows);
+            print_table(&["  NAME", "KIND", "REQUEST (JSON)", "RESPONSE"], &rows);
         }
         println!("nodes");
         let rows: Vec<Vec<String>> = s

@@ -84,7 +84,7 @@ pub(crate) async fn run(global: &Global, command: &StoreCommand) -> Result<(), B
         StoreCommand::Read(a) | StoreCommand::Delete(a) => (&a.join, &a.table),
         StoreCommand::List(a) => (&a.join, &a.table),
     };
-    let service = join.connect(global).await?;
+    let service = join.connect().await?;
     let result = execute(global, command, &service, table).await;
     let stopped = service.stop().await;
     result?;
@@ -154,6 +154,17 @@ async fn execute(
             let keys = store.list(options).await?;
             if global.json {
                 println!("{}", serde_json::to_string(&keys)?);
+            } else if keys.is_empty() {
+                // On stderr: standard output holds keys only, for scripts.
+                let matching = if args.prefix.is_empty() {
+                    String::new()
+                } else {
+                    format!(" starting with {:?}", args.prefix)
+                };
+                eprintln!(
+                    "no keys{matching} in table {}/{}",
+                    table.database, table.table
+                );
             } else {
                 for key in keys {
                     println!("{key}");
