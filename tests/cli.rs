@@ -1032,9 +1032,57 @@ fn identities_certificates_grants_and_revocations_from_the_command_line() {
     let as_ops = ["--key", &path("ops.key"), "--grant", &path("ops.grant")];
     ok(write(&as_ops, "by ops"));
     assert_eq!(read_k(), "by ops");
+    // A client with no rules of its own presents the grant without warnings about it.
+    let client = run(&[
+        "store",
+        "read",
+        "k",
+        "--table",
+        "cli",
+        "--bootstrap",
+        &addr,
+        "--key",
+        &path("ops.key"),
+        "--grant",
+        &path("ops.grant"),
+    ]);
+    let said = String::from_utf8_lossy(&client.stderr);
+    assert!(client.status.success(), "{said}");
+    assert!(!said.contains("gives it no roles"), "{said}");
 
-    // Revoked through a node that trusts nobody (a plain bootstrap node): the revocation still
-    // reaches the node that enforces the grant, and the grant writes nothing more.
+    // Revoked: the node takes it, and the grant writes nothing more.
+    let revoke = |grant: &str, through: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(run(&[
+            "grant",
+            "revoke",
+            "--issuer",
+            &path("issuer.key"),
+            grant,
+            "--bootstrap",
+            through,
+            "--json",
+        ])))
+        .unwrap()
+    };
+    let revoked = revoke(&path("ops.grant"), &addr);
+    assert!(revoked["peers_reached"].as_u64().unwrap() >= 1, "{revoked}");
+    assert!(!write(&as_ops, "after revocation").status.success());
+    assert_eq!(read_k(), "by ops");
+
+    // Through a node that trusts nobody (a plain bootstrap node, which refuses revocations of
+    // issuers it does not trust): the revocation still reaches the node that does.
+    ok(run(&[
+        "grant",
+        "issue",
+        "--issuer",
+        &path("issuer.key"),
+        "--subject",
+        &ops,
+        "--role",
+        "ops",
+        "--out",
+        &path("ops2.grant"),
+    ]));
     let plain = NodeProcess::start(
         &dir.path().join("plain"),
         &["/ip4/127.0.0.1/tcp/0"],
@@ -1050,18 +1098,9 @@ fn identities_certificates_grants_and_revocations_from_the_command_line() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let revoked: serde_json::Value = serde_json::from_str(&ok(run(&[
-        "grant",
-        "revoke",
-        "--issuer",
-        &path("issuer.key"),
-        &path("ops.grant"),
-        "--bootstrap",
-        &plain_addr,
-        "--json",
-    ])))
-    .unwrap();
-    assert!(revoked["peers_reached"].as_u64().unwrap() >= 1, "{revoked}");
-    assert!(!write(&as_ops, "after revocation").status.success());
-    assert_eq!(read_k(), "by ops");
+    let revoked = revoke(&path("ops2.grant"), &plain_addr);
+    assert_eq!(
+        revoked["peers_reached"], 1,
+        "the node, not the plain one: {revoked}"
+    );
 }
