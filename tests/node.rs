@@ -58,6 +58,53 @@ async fn eight_nodes_from_one_bootstrap_see_and_resolve_each_other() {
     cluster.shutdown().await.unwrap();
 }
 
+/// A node that stops says goodbye: its peers drop it from their routing tables and forget its
+/// provider records at once. A node that crashes says nothing: its peers find it gone with one
+/// dial once its connection breaks, and drop it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn departed_nodes_leave_the_routing_table_at_once() {
+    let mut cluster = Cluster::builder()
+        .size(3)
+        .network("leaving")
+        .build()
+        .await
+        .unwrap();
+    let hub = cluster.node(0).clone();
+    let (graceful, crashed) = (cluster.node(1).peer_id(), cluster.node(2).peer_id());
+    cluster
+        .node(1)
+        .provide(b"leaving-key".to_vec())
+        .await
+        .unwrap();
+    wait_until(WAIT, || async {
+        dht_knows(&hub, graceful).await
+            && dht_knows(&hub, crashed).await
+            && hub
+                .providers(b"leaving-key".to_vec())
+                .await
+                .is_ok_and(|p| p.contains(&graceful))
+    })
+    .await
+    .expect("the hub knows both nodes, and who provides the key");
+
+    cluster.stop(1).await.unwrap();
+    // Exact: the goodbye is taken before the connection closes.
+    assert!(!dht_knows(&hub, graceful).await);
+    assert_eq!(testing::metric(&hub, "micromesh_peers_left_total"), 1);
+    assert_eq!(
+        hub.providers(b"leaving-key".to_vec()).await.unwrap(),
+        Vec::<micromesh::PeerId>::new()
+    );
+
+    cluster.kill(2).await;
+    wait_until(WAIT, || async { !dht_knows(&hub, crashed).await })
+        .await
+        .expect("the crashed node leaves the routing table");
+    assert_eq!(testing::metric(&hub, "micromesh_peers_left_total"), 1);
+    assert!(testing::metric(&hub, "micromesh_routing_removed_total") >= 1);
+    cluster.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_keeps_its_peer_id_and_rejoins() {
     let mut cluster = Cluster::new(3).await.unwrap();

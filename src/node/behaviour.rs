@@ -37,6 +37,12 @@ pub(crate) fn keep_alive_protocol(network: &str) -> StreamProtocol {
         .expect("network names are checked to be protocol-safe")
 }
 
+/// The protocol on which a node that stops says goodbye (`protocols/leave.md`).
+pub(crate) fn leave_protocol(network: &str) -> StreamProtocol {
+    StreamProtocol::try_from_owned(format!("/micromesh/{network}/leave/1.0.0"))
+        .expect("network names are checked to be protocol-safe")
+}
+
 /// The largest value a DHT record may carry. Kademlia's packets must fit a record and its
 /// framing, so the packet limit is raised with it (libp2p's 16 KiB default would refuse records
 /// that its own store accepts).
@@ -326,6 +332,10 @@ pub(crate) fn build_swarm(
                 .map_err(transport_error)?
                 .with_quic_config(|mut quic| {
                     quic.handshake_timeout = connection_timeout;
+                    // A peer that went silent (crashed, unplugged) is noticed after 6 s rather
+                    // than libp2p's 10 s; keep-alives every 2 s hold live connections open.
+                    quic.max_idle_timeout = 6_000;
+                    quic.keep_alive_interval = Duration::from_secs(2);
                     quic
                 })
                 .with_other_transport(|key| memory_transport(key, None))
@@ -374,7 +384,7 @@ mod tests {
             .collect();
         assert!(rows.len() >= 2, "no vectors found");
         for row in rows {
-            let [network, topic, wire, kad, keep] = &row[..] else {
+            let [network, topic, wire, kad, keep, leave] = &row[..] else {
                 panic!("malformed row {row:?}");
             };
             super::super::config::check_network_name(network).unwrap();
@@ -382,6 +392,7 @@ mod tests {
             assert_eq!(&gossip::wire_topic(network, topic), wire);
             assert_eq!(kad_protocol(network).as_ref(), kad);
             assert_eq!(keep_alive_protocol(network).as_ref(), keep);
+            assert_eq!(leave_protocol(network).as_ref(), leave);
         }
         assert_eq!(MAX_KAD_PACKET, 2_162_688, "the spec names this number");
     }

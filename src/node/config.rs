@@ -176,7 +176,7 @@ impl Config {
             dht_mode: DhtMode::Auto,
             idle_timeout: Duration::from_secs(30),
             dial_timeout: Duration::from_secs(15),
-            connection_timeout: Duration::from_secs(5),
+            connection_timeout: Duration::from_secs(3),
             query_timeout: Duration::from_secs(15),
             bootstrap_interval: Duration::from_secs(300),
             max_connections: 2_000,
@@ -432,7 +432,8 @@ impl Builder {
     /// How long establishing one connection may take, on every transport: the TCP connect or
     /// the QUIC handshake, the security handshake and the multiplexer. A dial to a peer that is
     /// gone fails after this at the latest; over QUIC, which hears nothing from a closed port,
-    /// this is how long such a dial takes. Default is 5 s.
+    /// this is how long such a dial takes. Default is 3 s: handshakes take a few round trips,
+    /// and a dial to a dead peer should end well within a call's deadline (10 s by default).
     pub fn connection_timeout(mut self, timeout: Duration) -> Self {
         self.config.connection_timeout = timeout;
         self

@@ -27,8 +27,11 @@ use libp2p::{
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
-    Command, DhtMode, DhtPeer, Error, Event, ExitReason, FoundRecord, PeerInfo, PublishError,
-    behaviour::{Behaviour, BehaviourEvent, OptionalEvent, kad_protocol, keep_alive_protocol},
+    Command, DhtMode, DhtPeer, Error, Event, ExitReason, FoundRecord, PeerInfo, ProvidersReply,
+    PublishError,
+    behaviour::{
+        Behaviour, BehaviourEvent, OptionalEvent, kad_protocol, keep_alive_protocol, leave_protocol,
+    },
     config::Config,
     dial_error, frame,
     gossip::{self, Delivery, Subscriber, Validation},
@@ -51,6 +54,8 @@ const STALE_MIN_AGE: Duration = Duration::from_secs(1);
 const PUBLISH_LINGER: Duration = Duration::from_millis(500);
 /// How many stale-connection reports wait for the event loop.
 const STALE_QUEUE: usize = 64;
+/// How long a stopping node waits for its peers to take its goodbye (`protocols/leave.md`).
+const LEAVE_GRACE: Duration = Duration::from_millis(500);
 
 struct PeerState {
     connections: HashMap<ConnectionId, Multiaddr>,
@@ -94,7 +99,7 @@ enum Query {
     },
     Providers {
         found: HashSet<PeerId>,
-        reply: oneshot::Sender<Result<Vec<PeerId>, Error>>,
+        reply: ProvidersReply,
     },
     PutRecord {
         quorum: usize,
@@ -159,6 +164,12 @@ pub(crate) struct EventLoop {
     /// Why the last dial failed, in plain words: the cause given when the node cannot ask the
     /// mesh for lack of peers.
     last_dial_failure: Option<String>,
+    /// Goodbyes of peers that stop (`protocols/leave.md`).
+    leaves: mpsc::Receiver<(PeerId, libp2p::Stream)>,
+    leave_protocol: StreamProtocol,
+    /// Connected peers that said goodbye: their connections closing is no reason to check on
+    /// them.
+    departed: HashSet<PeerId>,
 }
 
 type Probe = (Instant, Multiaddr, oneshot::Sender<Result<PeerId, Error>>);
@@ -171,6 +182,7 @@ pub(crate) struct Wiring {
     pub(crate) metrics_local: NodeMetrics,
     pub(crate) connected: Arc<RwLock<HashSet<PeerId>>>,
     pub(crate) opener: streams::Opener,
+    pub(crate) leaves: mpsc::Receiver<(PeerId, libp2p::Stream)>,
 }
 
 impl EventLoop {
@@ -182,6 +194,7 @@ impl EventLoop {
             metrics_local,
             connected,
             opener,
+            leaves,
         } = wiring;
         let (stale_tx, stale_rx) = mpsc::channel(STALE_QUEUE);
         Self {
@@ -223,6 +236,9 @@ impl EventLoop {
             validators: HashMap::new(),
             last_publish: None,
             last_dial_failure: None,
+            leaves,
+            leave_protocol: leave_protocol(&config.network),
+            departed: HashSet::new(),
         }
     }
 
@@ -328,6 +344,8 @@ impl EventLoop {
                 },
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some((peer, connection)) = self.stale_rx.recv() => self.on_stale(peer, connection),
+                // The goodbye is the stream itself; its byte need not be read.
+                Some((peer, _goodbye)) = self.leaves.recv() => self.on_peer_left(peer),
                 _ = tick.tick() => self.on_tick(),
             }
         }
@@ -384,20 +402,40 @@ impl EventLoop {
         let _ = self.swarm.disconnect_peer_id(peer);
     }
 
-    /// Closes every connection and waits (briefly) for them to close.
+    /// Says goodbye to the peers of the network, then closes every connection and waits
+    /// (briefly) for them to close.
     async fn drain(&mut self) {
-        // Gossipsub cannot say when its send queues are empty: give messages published just
-        // before the stop a moment to leave before the connections close under them.
-        if let Some(last) = self.last_publish {
-            let linger = tokio::time::sleep_until((last + PUBLISH_LINGER).into());
-            tokio::pin!(linger);
-            loop {
-                tokio::select! {
-                    event = self.swarm.select_next_some() => self.on_swarm_event(event),
-                    _ = &mut linger => break,
-                }
+        let mut goodbyes = tokio::task::JoinSet::new();
+        for (peer, state) in &self.peers {
+            if state.same_network == Some(true) {
+                let opener = self.opener.clone();
+                let protocol = self.leave_protocol.clone();
+                goodbyes.spawn(say_goodbye(opener, *peer, protocol));
             }
         }
+        let goodbyes_until = Instant::now() + LEAVE_GRACE;
+        // Gossipsub cannot say when its send queues are empty: give messages published just
+        // before the stop a moment to leave before the connections close under them.
+        let linger_until = self.last_publish.map(|last| last + PUBLISH_LINGER);
+        loop {
+            let now = Instant::now();
+            let saying_goodbye = !goodbyes.is_empty() && now < goodbyes_until;
+            let lingering = linger_until.is_some_and(|until| now < until);
+            if !saying_goodbye && !lingering {
+                break;
+            }
+            let wake = match (saying_goodbye, linger_until) {
+                (true, Some(linger)) => goodbyes_until.max(linger),
+                (true, None) => goodbyes_until,
+                (false, linger) => linger.unwrap_or(now),
+            };
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some(_) = goodbyes.join_next(), if saying_goodbye => {}
+                () = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+        goodbyes.abort_all();
         let peers: Vec<PeerId> = self.peers.keys().copied().collect();
         for peer in peers {
             let _ = self.swarm.disconnect_peer_id(peer);
@@ -411,6 +449,28 @@ impl EventLoop {
             }
         }
         tracing::debug!("node event loop stopped");
+    }
+
+    /// `peer` said goodbye: it leaves the routing table and takes its provider records along.
+    fn on_peer_left(&mut self, peer: PeerId) {
+        tracing::debug!(%peer, "peer said goodbye");
+        self.metrics_local.peers_left.inc();
+        if self.peers.contains_key(&peer) {
+            self.departed.insert(peer);
+        }
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        kad.remove_peer(&peer);
+        kad.store_mut().forget_provider(&peer);
+        self.emit(Event::PeerLeft { peer_id: peer });
+    }
+
+    /// Whether the DHT routing table holds `peer`.
+    fn in_routing_table(&mut self, peer: &PeerId) -> bool {
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .kbucket(*peer)
+            .is_some_and(|bucket| bucket.iter().any(|entry| entry.node.key.preimage() == peer))
     }
 
     fn emit(&self, event: Event) {
@@ -1065,6 +1125,13 @@ impl EventLoop {
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, ?cause, "connection closed");
+                // An I/O error, not this node's own idle timeout.
+                let failed = matches!(cause, Some(libp2p::swarm::ConnectionError::IO(_)));
+                // The peer went silent: a QUIC connection's idle timeout despite keep-alives.
+                let silent = matches!(
+                    &cause,
+                    Some(libp2p::swarm::ConnectionError::IO(e)) if timed_out(e)
+                );
                 if let Some(state) = self.peers.get_mut(&peer_id) {
                     state.connections.remove(&connection_id);
                 }
@@ -1080,10 +1147,35 @@ impl EventLoop {
                         !peers.is_empty()
                     });
                     self.emit(Event::PeerDisconnected { peer_id });
+                    let departed = self.departed.remove(&peer_id);
                     if self.redial_after_close.remove(&peer_id) {
                         let opts = DialOpts::peer_id(peer_id).build();
                         if let Err(e) = self.swarm.dial(opts) {
                             tracing::debug!(peer = %peer_id, "cannot redial restarted peer: {e}");
+                        }
+                    } else if silent && !departed {
+                        if self
+                            .swarm
+                            .behaviour_mut()
+                            .kad
+                            .remove_peer(&peer_id)
+                            .is_some()
+                        {
+                            tracing::debug!(peer = %peer_id, "silent: removed from the routing table");
+                            self.metrics_local.routing_removed.inc();
+                        }
+                    } else if failed && !departed && self.in_routing_table(&peer_id) {
+                        // The connection broke (reset, failed ping or keep-alive, a silent QUIC
+                        // peer's idle timeout): one dial tells whether the peer is still there,
+                        // so that a dead one leaves the routing table now rather than when a
+                        // lookup finds it dead.
+                        let opts = DialOpts::peer_id(peer_id)
+                            .condition(
+                                libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing,
+                            )
+                            .build();
+                        if let Err(e) = self.swarm.dial(opts) {
+                            tracing::debug!(peer = %peer_id, "cannot check a lost peer: {e}");
                         }
                     }
                 }
@@ -1099,6 +1191,18 @@ impl EventLoop {
                     && !self.peers.contains_key(&peer)
                 {
                     self.finish_probes(peer, Err(reason.clone()));
+                    // A peer that cannot be reached leaves the routing table until it connects
+                    // again, so that lookups stop dialling it.
+                    let unreachable = matches!(
+                        error,
+                        libp2p::swarm::DialError::Transport(_)
+                            | libp2p::swarm::DialError::WrongPeerId { .. }
+                            | libp2p::swarm::DialError::NoAddresses
+                    );
+                    if unreachable && self.swarm.behaviour_mut().kad.remove_peer(&peer).is_some() {
+                        tracing::debug!(%peer, "unreachable: removed from the routing table");
+                        self.metrics_local.routing_removed.inc();
+                    }
                 }
                 if let Some(dial) = self.dials.remove(&connection_id) {
                     match dial.reply {
@@ -1113,7 +1217,7 @@ impl EventLoop {
                         }
                     }
                 } else {
-                    tracing::debug!("outgoing connection failed: {reason}");
+                    tracing::debug!(peer = ?peer_id, "outgoing connection failed: {reason}");
                 }
                 self.last_dial_failure = Some(reason);
                 self.fail_waiting_if_alone();
@@ -1448,18 +1552,41 @@ impl EventLoop {
             (Query::Providers { mut found, reply }, kad::QueryResult::GetProviders(result)) => {
                 match result {
                     Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
-                        found.extend(providers);
+                        for provider in providers {
+                            if found.insert(provider)
+                                && let ProvidersReply::Each(each) = &reply
+                            {
+                                // A reader that fell 64 providers behind does not need more.
+                                let _ = each.try_send(Ok(provider));
+                            }
+                        }
                     }
                     Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => {}
                     Err(e) => {
                         if found.is_empty() {
-                            let _ = reply.send(Err(Error::Dht(e.to_string())));
+                            let error = Error::Dht(e.to_string());
+                            match reply {
+                                ProvidersReply::All(all) => {
+                                    let _ = all.send(Err(error));
+                                }
+                                ProvidersReply::Each(each) => {
+                                    let _ = each.try_send(Err(error));
+                                }
+                            }
                             return;
                         }
                     }
                 }
-                if step.last {
-                    let _ = reply.send(Ok(found.into_iter().collect()));
+                let abandoned = matches!(&reply, ProvidersReply::Each(each) if each.is_closed());
+                if abandoned {
+                    // Nobody reads the providers any more: stop asking.
+                    if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                        query.finish();
+                    }
+                } else if step.last {
+                    if let ProvidersReply::All(all) = reply {
+                        let _ = all.send(Ok(found.into_iter().collect()));
+                    }
                 } else {
                     self.queries.insert(id, Query::Providers { found, reply });
                 }
@@ -1512,6 +1639,47 @@ impl EventLoop {
     }
 }
 
+/// Tells `peer` this node is leaving (`protocols/leave.md`): one byte on a stream of the leave
+/// protocol, then a wait for the peer to close the stream, which it does once it has taken the
+/// goodbye (closing the connection before then could lose the stream on the way).
+async fn say_goodbye(opener: streams::Opener, peer: PeerId, protocol: StreamProtocol) {
+    use futures::{AsyncReadExt as _, AsyncWriteExt as _};
+    let said = async {
+        let (mut stream, _) = opener
+            .open(peer, protocol)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.write_all(&[0]).await.map_err(|e| e.to_string())?;
+        stream.close().await.map_err(|e| e.to_string())?;
+        // End of stream (or a reset) once the peer's node took it; nothing is ever sent back.
+        let mut rest = [0u8; 1];
+        match stream.read(&mut rest).await {
+            Ok(0) => Ok(()),
+            Ok(_) => Err("the peer answered a goodbye".to_owned()),
+            Err(e) if streams::refused(&e) => Err("the peer does not take goodbyes".to_owned()),
+            Err(_) => Ok(()),
+        }
+    };
+    if let Err(e) = said.await {
+        tracing::debug!(%peer, "goodbye not taken: {e}");
+    }
+}
+
+/// Whether an error (or one of its sources) is a timeout.
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        let timeout = e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+        if timeout || e.to_string().to_lowercase().contains("timed out") {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
 /// Answers a DHT command that cannot run: the node knows no peers, for `reason`.
 fn fail_for_lack_of_peers(command: Command, reason: String) {
     let error = || Error::NoKnownPeers(reason.clone());
@@ -1526,9 +1694,14 @@ fn fail_for_lack_of_peers(command: Command, reason: String) {
         Command::Provide { reply, .. } => {
             let _ = reply.send(Ok(()));
         }
-        Command::Providers { reply, .. } => {
-            let _ = reply.send(Err(error()));
-        }
+        Command::Providers { reply, .. } => match reply {
+            ProvidersReply::All(all) => {
+                let _ = all.send(Err(error()));
+            }
+            ProvidersReply::Each(each) => {
+                let _ = each.try_send(Err(error()));
+            }
+        },
         Command::PutRecord { reply, .. } => {
             let _ = reply.send(Err(error()));
         }

@@ -13,6 +13,8 @@ pub(crate) struct NodeMetrics {
     pub(crate) gossip_dropped: Counter,
     pub(crate) inbound_streams_dropped: Counter,
     pub(crate) stale_connections: Counter,
+    pub(crate) peers_left: Counter,
+    pub(crate) routing_removed: Counter,
     pub(crate) gossip_rejected: Counter,
     pub(crate) gossip_send_dropped: Counter,
     pub(crate) store_rejected: Counter,
@@ -57,6 +59,16 @@ impl NodeMetrics {
             "inbound_streams_dropped",
             "Inbound RPC or sync streams refused because their queue was full",
             metrics.inbound_streams_dropped.clone(),
+        );
+        registry.register(
+            "peers_left",
+            "Peers that said goodbye before stopping, and were forgotten at once",
+            metrics.peers_left.clone(),
+        );
+        registry.register(
+            "routing_removed",
+            "Peers removed from the DHT routing table after a dial to them failed",
+            metrics.routing_removed.clone(),
         );
         registry.register(
             "stale_connections",

@@ -243,6 +243,12 @@ pub enum Event {
         /// The topic, without the network prefix.
         topic: String,
     },
+    /// A peer said it is leaving the mesh (it stops gracefully): it is out of the DHT routing
+    /// table and its provider records are gone. Its connections close next.
+    PeerLeft {
+        /// The peer.
+        peer_id: PeerId,
+    },
     /// A connected peer unsubscribed from a gossip topic of the network.
     PeerUnsubscribed {
         /// The peer.
@@ -345,7 +351,7 @@ pub(crate) enum Command {
     },
     Providers {
         key: Vec<u8>,
-        reply: oneshot::Sender<Result<Vec<PeerId>, Error>>,
+        reply: ProvidersReply,
     },
     Subscribe {
         topic: String,
@@ -389,6 +395,18 @@ pub(crate) enum Command {
         reply: oneshot::Sender<()>,
     },
 }
+
+/// How a provider lookup answers.
+pub(crate) enum ProvidersReply {
+    /// Every provider, once the lookup ends.
+    All(oneshot::Sender<Result<Vec<PeerId>, Error>>),
+    /// Each provider as soon as the DHT names it; an error instead if the lookup cannot run.
+    /// The channel closes when the lookup ends, and closing it ends the lookup.
+    Each(mpsc::Sender<Result<PeerId, Error>>),
+}
+
+/// How many providers a streamed lookup queues for a reader that has not taken them yet.
+const PROVIDERS_QUEUE: usize = 64;
 
 pub(crate) struct Inner {
     pub(crate) commands: mpsc::Sender<Command>,
@@ -450,10 +468,13 @@ impl Node {
         let mut registry = Registry::default();
         let node_metrics =
             metrics::NodeMetrics::register(registry.sub_registry_with_prefix("micromesh"));
-        let (streams, opener, inbound_queues) = streams::Behaviour::new(
+        let (streams, opener, mut inbound_queues) = streams::Behaviour::new(
             &served_protocols(&config.network),
             node_metrics.inbound_streams_dropped.clone(),
         );
+        let leaves = inbound_queues
+            .remove(&behaviour::leave_protocol(&config.network))
+            .expect("the node serves the leave protocol");
         let connected = Arc::new(std::sync::RwLock::new(std::collections::HashSet::new()));
         let auth = crate::auth::Auth::new(
             peer_id,
@@ -508,6 +529,7 @@ impl Node {
                 metrics_local: node_metrics,
                 connected: connected.clone(),
                 opener: opener.clone(),
+                leaves,
             },
         );
         event_loop.start(&config).await?;
@@ -515,7 +537,6 @@ impl Node {
         let span =
             tracing::info_span!("node", peer = %short_id(&peer_id), network = %config.network);
         let task = tokio::spawn(event_loop.run().instrument(span.clone()));
-        let mut inbound_queues = inbound_queues;
         if let Some(inbound) =
             inbound_queues.remove(&crate::auth::exchange::protocol(&config.network))
         {
@@ -857,8 +878,31 @@ impl Node {
     /// fails.
     pub async fn providers(&self, key: impl Into<Vec<u8>>) -> Result<Vec<PeerId>, Error> {
         let key = key.into();
-        self.request(|reply| Command::Providers { key, reply })
-            .await?
+        self.request(|reply| Command::Providers {
+            key,
+            reply: ProvidersReply::All(reply),
+        })
+        .await?
+    }
+
+    /// Finds the peers that provide `key`, handing each over as soon as the DHT names it
+    /// (this node's own records first): a reader can act on the first provider without
+    /// waiting for the lookup to end, which takes until every peer asked has answered or its
+    /// dial has failed. The stream ends when the lookup does; dropping it ends the lookup.
+    /// An item is an error (the last one) if the lookup cannot run.
+    pub(crate) async fn providers_as_found(
+        &self,
+        key: Vec<u8>,
+    ) -> Result<mpsc::Receiver<Result<PeerId, Error>>, Error> {
+        let (found, providers) = mpsc::channel(PROVIDERS_QUEUE);
+        let command = Command::Providers {
+            key,
+            reply: ProvidersReply::Each(found),
+        };
+        if self.inner.commands.send(command).await.is_err() {
+            return Err(self.stopped_error().await);
+        }
+        Ok(providers)
     }
 
     /// Subscribes to a gossip topic of this node's network.
@@ -1097,9 +1141,10 @@ pub(crate) use self::event_loop::peer_of;
 
 pub(crate) use self::streams::OpenError;
 
-/// The stream protocols the node accepts for its components.
+/// The stream protocols the node accepts: its own leave protocol, and its components'.
 fn served_protocols(network: &str) -> Vec<StreamProtocol> {
     vec![
+        behaviour::leave_protocol(network),
         crate::transport::protocol(network),
         crate::registry::sync_protocol(network),
         crate::broker::queue_protocol(network),

@@ -423,6 +423,9 @@ fn unix_millis() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// How many providers of a name one lookup fetches announcements from.
+const MAX_LOOKUP_FETCHES: usize = 8;
+
 fn provider_key(name: &str) -> Vec<u8> {
     format!("/micromesh/registry/{name}").into_bytes()
 }
@@ -796,23 +799,46 @@ impl Registry {
         lookup.await
     }
 
+    /// Asks the DHT for providers of `name` and fetches their announcements as they are found:
+    /// returns as soon as the view has the name, without waiting for the rest of the lookup
+    /// (whose last steps may be dials to peers that are gone). Returns the error that kept the
+    /// lookup from asking the mesh, if any.
     async fn lookup_now(&self, name: &str) -> Option<node::Error> {
+        use futures::StreamExt as _;
         self.inner.metrics.lookups.inc();
-        let providers = match self.inner.node.providers(provider_key(name)).await {
+        let mut providers = match self.inner.node.providers_as_found(provider_key(name)).await {
             Ok(providers) => providers,
-            Err(e) => {
-                tracing::debug!(service = %name, "DHT lookup failed: {e}");
-                return Some(e);
-            }
+            Err(e) => return Some(e),
         };
         let me = self.inner.node.peer_id();
-        let fetches = providers
-            .into_iter()
-            .filter(|p| *p != me)
-            .take(8)
-            .map(|peer| sync::fetch(self, peer, Some(name.to_owned())));
-        futures::future::join_all(fetches).await;
-        None
+        let mut fetches = futures::stream::FuturesUnordered::new();
+        let mut asked = 0;
+        let mut lookup_done = false;
+        loop {
+            tokio::select! {
+                found = providers.recv(), if !lookup_done => match found {
+                    Some(Ok(peer)) if peer != me && asked < MAX_LOOKUP_FETCHES => {
+                        asked += 1;
+                        fetches.push(sync::fetch(self, peer, Some(name.to_owned())));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::debug!(service = %name, "DHT lookup failed: {e}");
+                        if asked == 0 {
+                            return Some(e);
+                        }
+                        lookup_done = true;
+                    }
+                    None => lookup_done = true,
+                },
+                Some(()) = fetches.next() => {
+                    if !self.state().view.service(name).is_empty() {
+                        return None;
+                    }
+                }
+                else => return None,
+            }
+        }
     }
 
     /// Applies a signed message from the mesh (gossip or sync). Returns it when it was valid.

@@ -89,6 +89,8 @@ async fn run(
                 }
             }
             event = events.recv() => match event {
+                // A goodbye needs no check: the peer said it is gone.
+                Ok(Event::PeerLeft { peer_id }) => registry.mark_down(peer_id),
                 Ok(Event::PeerDisconnected { peer_id }) if registry.has_services(&peer_id) => {
                     tokio::spawn(check(registry.clone(), peer_id, true, probing.clone()));
                 }
@@ -141,11 +143,13 @@ async fn check(
         .into_iter()
         .map(|a| a.with_p2p(peer).unwrap_or_else(|a| a))
         .collect();
-    let alive = matches!(
-        tokio::time::timeout(registry.config().probe_timeout, node.probe(peer, addrs)).await,
-        Ok(Ok(()))
-    );
-    if !alive {
+    let probe =
+        tokio::time::timeout(registry.config().probe_timeout, node.probe(peer, addrs)).await;
+    // This node is stopping (its connections close, which is why the peer looked gone): the
+    // peer was not found dead.
+    let stopping = matches!(probe, Ok(Err(crate::node::Error::Stopped(_))));
+    let alive = matches!(probe, Ok(Ok(())));
+    if !alive && !stopping {
         registry.mark_down(peer);
         if report {
             let body = wire::Body::Suspect {

@@ -9,7 +9,7 @@
 use std::{
     borrow::Cow,
     cmp::Ordering,
-    collections::{BTreeMap, HashMap, hash_map},
+    collections::{BTreeMap, HashMap, HashSet, hash_map},
     iter,
     time::{Instant, SystemTime},
 };
@@ -52,6 +52,9 @@ pub(crate) struct LocalStore {
     bytes: u64,
     limits: Limits,
     providers: MemoryStore,
+    /// The keys each other peer provides here, so that a peer that leaves the mesh can be
+    /// forgotten at once ([`LocalStore::forget_provider`]).
+    provided_by: HashMap<PeerId, HashSet<RecordKey>>,
     disk: Option<Disk>,
     /// Why the last refused record was refused, for the error of a local write.
     last_refusal: Option<String>,
@@ -99,6 +102,7 @@ impl LocalStore {
             bytes: 0,
             limits,
             providers,
+            provided_by: HashMap::new(),
             disk: None,
             last_refusal: None,
             auth,
@@ -140,7 +144,7 @@ impl LocalStore {
                 disk.remove_provider(&provider.key, &provider.provider);
                 continue;
             }
-            let _ = self.providers.add_provider(provider);
+            let _ = self.hold_provider(provider);
         }
         if kept + dropped > 0 || loaded.undecodable > 0 {
             tracing::info!(
@@ -372,8 +376,9 @@ impl RecordStore for LocalStore {
     }
 
     fn add_provider(&mut self, record: ProviderRecord) -> store::Result<()> {
-        self.providers.add_provider(record.clone())?;
-        if let Some(disk) = &self.disk {
+        if self.hold_provider(record.clone())?
+            && let Some(disk) = &self.disk
+        {
             disk.put_provider(&record);
         }
         Ok(())
@@ -389,9 +394,46 @@ impl RecordStore for LocalStore {
 
     fn remove_provider(&mut self, k: &RecordKey, p: &PeerId) {
         self.providers.remove_provider(k, p);
+        if let hash_map::Entry::Occupied(mut keys) = self.provided_by.entry(*p) {
+            keys.get_mut().remove(k);
+            if keys.get().is_empty() {
+                keys.remove();
+            }
+        }
         if let Some(disk) = &self.disk {
             disk.remove_provider(k, p);
         }
+    }
+}
+
+impl LocalStore {
+    /// Keeps a provider record in memory and indexes it by provider. Returns whether it is held:
+    /// a key's list of providers is bounded, and a full list ignores newcomers.
+    fn hold_provider(&mut self, record: ProviderRecord) -> store::Result<bool> {
+        let (key, provider) = (record.key.clone(), record.provider);
+        self.providers.add_provider(record)?;
+        let held = self
+            .providers
+            .providers(&key)
+            .iter()
+            .any(|p| p.provider == provider);
+        if held && provider != self.local {
+            self.provided_by.entry(provider).or_default().insert(key);
+        }
+        Ok(held)
+    }
+
+    /// Drops every provider record of `peer`: it has left the mesh, and lookups should not be
+    /// sent to it. Returns how many were dropped.
+    pub(crate) fn forget_provider(&mut self, peer: &PeerId) -> usize {
+        let keys = self.provided_by.remove(peer).unwrap_or_default();
+        for key in &keys {
+            self.providers.remove_provider(key, peer);
+            if let Some(disk) = &self.disk {
+                disk.remove_provider(key, peer);
+            }
+        }
+        keys.len()
     }
 }
 

@@ -1,6 +1,7 @@
 //! The scenarios.
 
 mod auth_bench;
+mod churn;
 mod idle;
 mod pubsub_bench;
 mod registry;
@@ -32,6 +33,10 @@ pub(crate) const LIST: &[(&str, &str)] = &[
         "unary call latency and calls/s with auth rules and grants enforced against auth off",
     ),
     (
+        "churn",
+        "a server and N short-lived nodes in turn (half stopped, half killed), TCP and QUIC: first-call latency",
+    ),
+    (
         "registry",
         "register on one node: time until every node sees it; kill it: time until every node drops it",
     ),
@@ -41,6 +46,7 @@ pub(crate) async fn run(name: &str, options: &Options) -> Result<serde_json::Val
     match name {
         "idle" => idle::run(options).await,
         "registry" => registry::run(options).await,
+        "churn" => churn::run(options).await,
         "rpc-bench" => rpc_bench::run(options).await,
         "pubsub-bench" => pubsub_bench::run(options).await,
         "store-bench" => store_bench::run(options).await,
