@@ -28,6 +28,12 @@ pub enum Error {
     /// From loading or storing the identity.
     #[error(transparent)]
     Identity(#[from] crate::identity::Error),
+    /// An auth configuration that cannot be used (a grant for another peer, too many grants).
+    #[error(transparent)]
+    Auth(#[from] crate::auth::Error),
+    /// The record store in the data directory could not be opened.
+    #[error(transparent)]
+    RecordStore(#[from] crate::store::OpenError),
     /// A lifecycle hook failed.
     #[error("the {stage} hook failed: {source}")]
     Hook {

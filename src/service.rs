@@ -381,9 +381,30 @@ impl Builder {
     ///
     /// [`Error::Hook`] if a start hook fails, [`Error::Node`] if the node cannot start (bad
     /// configuration, unreadable identity, address in use).
-    pub async fn build(self) -> Result<Service, Error> {
+    pub async fn build(mut self) -> Result<Service, Error> {
         run_hooks("before_start", &self.hooks.before_start).await?;
-        let node = self.node.build().await?;
+        // The components that plug into the node are made first: the auth policy (shared by
+        // every component) and the store's record keeper, which Kademlia runs with.
+        let identity = self.node.resolve_identity()?;
+        let network = self.node.network_name().to_owned();
+        let auth = crate::auth::Auth::new(
+            identity.peer_id(),
+            network.clone(),
+            self.node.auth_config().clone(),
+        )?;
+        let keeper = store::Keeper::open(
+            identity.peer_id(),
+            network,
+            self.node.data_dir_path(),
+            store::local::Limits::new(self.store.capacity_bytes()),
+            auth.clone(),
+        )?;
+        let node = self
+            .node
+            .auth_component(auth)
+            .records(Box::new(keeper.clone()))
+            .build()
+            .await?;
         tracing::info!(
             service = %self.name,
             version = %self.version,
@@ -406,13 +427,16 @@ impl Builder {
         let transport = self.transport;
         let name = self.name.clone();
         let started = async {
+            crate::auth::exchange::start(&node).map_err(|e| {
+                Error::Node(node::Error::InvalidConfig(format!("auth exchange: {e}")))
+            })?;
             let registry = Registry::start(node.clone(), self.registry).await?;
             let selector = Selector::new(self.selector);
             selector.follow(&node);
             let server = server::Server::start(&node, name, Arc::new(router), transport.clone());
             let client = Client::new(node.clone(), registry.clone(), selector.clone(), transport);
             let broker = Broker::start(node.clone(), self.broker)?;
-            let store = Store::new(node.clone(), self.store)?;
+            let store = Store::with_keeper(node.clone(), Some(keeper), self.store)?;
             if self.register {
                 let mut registration = Registration::new(self.name.clone())
                     .version(self.version.clone())

@@ -472,10 +472,7 @@ async fn a_lone_node_keeps_its_writes_and_a_corrupt_store_file_is_reported() {
     let message = err.to_string();
     assert!(message.contains("store.redb"), "{message}");
     assert!(message.contains("corrupt"), "{message}");
-    assert!(
-        matches!(err, micromesh::Error::Node(NodeError::RecordStore(_))),
-        "{err:?}"
-    );
+    assert!(matches!(err, micromesh::Error::RecordStore(_)), "{err:?}");
     assert!(path.exists(), "a damaged file is left in place");
 }
 
@@ -517,7 +514,7 @@ async fn a_holder_that_missed_a_write_is_repaired_by_a_read() {
 async fn a_full_store_refuses_writes_clearly_and_keeps_what_it_has() {
     let cluster = Cluster::builder()
         .size(4)
-        .configure(|_, b| b.configure_node(|n| n.store_capacity(100 * 1024)))
+        .configure(|_, b| b.store_config(micromesh::store::Config::default().capacity(100 * 1024)))
         .build()
         .await
         .unwrap();

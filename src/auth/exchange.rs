@@ -6,21 +6,19 @@
 //! when it learns new revocations (it passes them to every connected peer, which pass them on:
 //! a revocation floods the mesh). Each side sends one `Hello` frame and reads one.
 
-use std::{
-    collections::HashSet,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use tokio::sync::{broadcast, mpsc};
 
-use super::{Auth, MAX_PRESENTED, MAX_REVOCATIONS, Presentation, Revocation};
+use futures::{FutureExt as _, future::BoxFuture};
+
+use super::{Auth, Exchanger, MAX_PRESENTED, MAX_REVOCATIONS, Presentation, Revocation};
 use crate::{
     PeerId,
-    node::{Event, streams::Opener},
+    node::{Event, Node},
     transport::frame,
 };
 
@@ -72,7 +70,7 @@ impl Hello {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Error {
     #[error("cannot open an auth stream: {0}")]
-    Open(#[from] crate::node::streams::OpenError),
+    Open(#[from] crate::node::OpenError),
     #[error("auth stream: {0}")]
     Io(#[from] std::io::Error),
     #[error("auth stream: {0}")]
@@ -81,44 +79,45 @@ pub(crate) enum Error {
     Invalid(String),
 }
 
-/// What the auth component needs of the node to talk to peers.
+/// The exchange of one node: what the auth policy needs to talk to peers. Cheap to clone.
+#[derive(Clone)]
 pub(crate) struct Handle {
-    /// `None` for an auth component without a node (unit tests): it exchanges with nobody.
-    opener: Option<Opener>,
-    connected: Arc<RwLock<HashSet<PeerId>>>,
+    node: Node,
     protocol: StreamProtocol,
 }
 
+impl Exchanger for Handle {
+    fn ask(
+        &self,
+        auth: &Auth,
+        peer: PeerId,
+    ) -> BoxFuture<'static, Result<Arc<Presentation>, String>> {
+        let (handle, auth) = (self.clone(), auth.clone());
+        async move {
+            match tokio::time::timeout(TIMEOUT, handle.exchange(&auth, peer, Vec::new())).await {
+                Ok(Ok(grants)) => Ok(grants),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".to_owned()),
+            }
+        }
+        .boxed()
+    }
+
+    fn spread(&self, auth: &Auth, revocation: Revocation) -> BoxFuture<'static, usize> {
+        let (handle, auth) = (self.clone(), auth.clone());
+        async move { handle.spread_now(&auth, &revocation).await }.boxed()
+    }
+
+    fn push_all(&self, auth: &Auth) {
+        for peer in self.peers() {
+            spawn_exchange(self, auth, peer, Vec::new());
+        }
+    }
+}
+
 impl Handle {
-    pub(crate) fn new(
-        opener: Opener,
-        connected: Arc<RwLock<HashSet<PeerId>>>,
-        network: &str,
-    ) -> Self {
-        Self {
-            opener: Some(opener),
-            connected,
-            protocol: protocol(network),
-        }
-    }
-
-    /// A handle that reaches no peer.
-    #[cfg(test)]
-    pub(crate) fn detached(network: &str) -> Self {
-        Self {
-            opener: None,
-            connected: Arc::default(),
-            protocol: protocol(network),
-        }
-    }
-
     fn peers(&self) -> Vec<PeerId> {
-        self.connected
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .copied()
-            .collect()
+        self.node.connected_peers()
     }
 
     /// Exchanges with `peer`, sending `revocations`; returns what it presented.
@@ -140,24 +139,20 @@ impl Handle {
         peer: PeerId,
         revocations: Vec<Revocation>,
     ) -> Result<(Arc<Presentation>, Hello), Error> {
-        let opener = self
-            .opener
-            .as_ref()
-            .ok_or(crate::node::streams::OpenError::NotConnected)?;
-        let (mut stream, _) = opener.open(peer, self.protocol.clone()).await?;
+        let mut stream = self.node.open_stream(peer, self.protocol.clone()).await?;
         let hello = hello_of(auth, revocations);
         frame::write(&mut stream, &hello.encode()).await?;
         let reply = frame::read(&mut stream, MAX_HELLO).await?;
         let reply = Hello::decode(&reply).map_err(Error::Invalid)?;
         let grants = auth.record_presented(peer, &reply.grants);
-        learn(auth, peer, &reply.revocations);
+        learn(self, auth, peer, &reply.revocations);
         let _ = futures::AsyncWriteExt::close(&mut stream).await;
         Ok((grants, reply))
     }
 
     /// Hands `revocation` to every connected peer and waits for their answers; returns how
     /// many hold it now (their digest matches this node's, or they listed it).
-    pub(crate) async fn spread(&self, auth: &Auth, revocation: &Revocation) -> usize {
+    async fn spread_now(&self, auth: &Auth, revocation: &Revocation) -> usize {
         let exchanges = self.peers().into_iter().map(|peer| async move {
             let exchange = self.exchange_reply(auth, peer, vec![revocation.clone()]);
             match tokio::time::timeout(TIMEOUT, exchange).await {
@@ -182,23 +177,11 @@ impl Handle {
             .count()
     }
 
-    /// Tells every connected peer this node's grants (they changed).
-    pub(crate) fn push_all(&self, auth: &Auth) {
-        for peer in self.peers() {
-            spawn_exchange(auth, peer, Vec::new());
-        }
-    }
-
     /// Passes new revocations to every connected peer but `except` (which sent them).
-    pub(crate) fn push_revocations(
-        &self,
-        auth: &Auth,
-        revocations: Vec<Revocation>,
-        except: Option<PeerId>,
-    ) {
+    fn push_revocations(&self, auth: &Auth, revocations: Vec<Revocation>, except: Option<PeerId>) {
         for peer in self.peers() {
             if Some(peer) != except {
-                spawn_exchange(auth, peer, revocations.clone());
+                spawn_exchange(self, auth, peer, revocations.clone());
             }
         }
     }
@@ -215,10 +198,10 @@ fn hello_of(auth: &Auth, revocations: Vec<Revocation>) -> Hello {
     }
 }
 
-fn spawn_exchange(auth: &Auth, peer: PeerId, revocations: Vec<Revocation>) {
-    let auth = auth.clone();
+fn spawn_exchange(handle: &Handle, auth: &Auth, peer: PeerId, revocations: Vec<Revocation>) {
+    let (handle, auth) = (handle.clone(), auth.clone());
     tokio::spawn(async move {
-        let exchange = auth.inner.exchange.exchange(&auth, peer, revocations);
+        let exchange = handle.exchange(&auth, peer, revocations);
         match tokio::time::timeout(TIMEOUT, exchange).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::debug!(%peer, "auth exchange failed: {e}"),
@@ -228,7 +211,7 @@ fn spawn_exchange(auth: &Auth, peer: PeerId, revocations: Vec<Revocation>) {
 }
 
 /// Takes the revocations a peer sent; passes the new ones on to every other peer.
-fn learn(auth: &Auth, from: PeerId, revocations: &[ByteBuf]) {
+fn learn(handle: &Handle, auth: &Auth, from: PeerId, revocations: &[ByteBuf]) {
     let mut new = Vec::new();
     for bytes in revocations {
         match Revocation::decode(bytes) {
@@ -241,16 +224,21 @@ fn learn(auth: &Auth, from: PeerId, revocations: &[ByteBuf]) {
         }
     }
     if !new.is_empty() {
-        auth.inner.exchange.push_revocations(auth, new, Some(from));
+        handle.push_revocations(auth, new, Some(from));
     }
 }
 
 /// Answers one inbound exchange.
-async fn serve(auth: &Auth, peer: PeerId, mut stream: libp2p::Stream) -> Result<(), Error> {
+async fn serve(
+    handle: &Handle,
+    auth: &Auth,
+    peer: PeerId,
+    mut stream: libp2p::Stream,
+) -> Result<(), Error> {
     let hello = frame::read(&mut stream, MAX_HELLO).await?;
     let hello = Hello::decode(&hello).map_err(Error::Invalid)?;
     auth.record_presented(peer, &hello.grants);
-    learn(auth, peer, &hello.revocations);
+    learn(handle, auth, peer, &hello.revocations);
     let ours = auth.revocation_digest();
     let revocations = if hello.digest != ours {
         auth.revocations()
@@ -262,8 +250,30 @@ async fn serve(auth: &Auth, peer: PeerId, mut stream: libp2p::Stream) -> Result<
     Ok(())
 }
 
+/// Starts the exchange of `node`'s auth: it serves the auth protocol, exchanges with every
+/// peer that connects, and is what the policy asks when it needs to talk to peers.
+///
+/// # Errors
+///
+/// When the protocol is served already (an exchange runs on this node).
+pub(crate) fn start(node: &Node) -> Result<(), crate::node::streams::AlreadyAccepted> {
+    let protocol = protocol(node.network());
+    let inbound = node.accept(protocol.clone())?;
+    // Subscribed before the exchange is attached, so that no connection after it is missed.
+    let events = node.events();
+    let handle = Handle {
+        node: node.clone(),
+        protocol,
+    };
+    let auth = node.auth().clone();
+    auth.attach(Arc::new(handle.clone()));
+    node.spawn_task("auth", run(handle, auth, inbound, events));
+    Ok(())
+}
+
 /// Serves inbound exchanges and starts one with every peer that connects, while the node runs.
-pub(crate) async fn run(
+async fn run(
+    handle: Handle,
     auth: Auth,
     mut inbound: mpsc::Receiver<(PeerId, libp2p::Stream)>,
     mut events: broadcast::Receiver<Event>,
@@ -272,9 +282,9 @@ pub(crate) async fn run(
         tokio::select! {
             next = inbound.recv() => {
                 let Some((peer, stream)) = next else { break };
-                let auth = auth.clone();
+                let (handle, auth) = (handle.clone(), auth.clone());
                 tokio::spawn(async move {
-                    match tokio::time::timeout(TIMEOUT, serve(&auth, peer, stream)).await {
+                    match tokio::time::timeout(TIMEOUT, serve(&handle, &auth, peer, stream)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => tracing::debug!(%peer, "auth exchange failed: {e}"),
                         Err(_) => tracing::debug!(%peer, "auth exchange timed out"),
@@ -285,7 +295,7 @@ pub(crate) async fn run(
                 Ok(Event::PeerConnected { peer_id, .. }) => {
                     let revocations = auth.revocations();
                     if !revocations.is_empty() || !auth.own_encoded().is_empty() {
-                        spawn_exchange(&auth, peer_id, revocations);
+                        spawn_exchange(&handle, &auth, peer_id, revocations);
                     }
                 }
                 Ok(Event::PeerDisconnected { peer_id }) => auth.forget(&peer_id),

@@ -103,6 +103,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use futures::future::BoxFuture;
 use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
@@ -385,8 +386,25 @@ struct Inner {
     verified: Mutex<HashMap<[u8; 32], Verdict>>,
     /// What each connected peer presented, or is being asked for.
     presented: Mutex<HashMap<PeerId, Arc<Presented>>>,
-    exchange: exchange::Handle,
+    /// The protocol that talks to peers, once a node's exchange is attached
+    /// ([`Auth::attach`]); without one, this node asks nobody and tells nobody.
+    exchanger: std::sync::OnceLock<Arc<dyn Exchanger>>,
     metrics: Metrics,
+}
+
+/// What the policy needs from the auth exchange, which talks to peers over the node (the
+/// exchange sits above the node; the policy below it, so it cannot name the exchange).
+pub(crate) trait Exchanger: Send + Sync + 'static {
+    /// Asks `peer` for the grants it presents.
+    fn ask(
+        &self,
+        auth: &Auth,
+        peer: PeerId,
+    ) -> BoxFuture<'static, Result<Arc<Presentation>, String>>;
+    /// Hands `revocation` to every connected peer; resolves to how many hold it now.
+    fn spread(&self, auth: &Auth, revocation: Revocation) -> BoxFuture<'static, usize>;
+    /// Tells every connected peer this node's grants (they changed).
+    fn push_all(&self, auth: &Auth);
 }
 
 /// A node's auth component: its policy, its grants, the revocations it knows, and what peers
@@ -405,12 +423,9 @@ impl fmt::Debug for Auth {
 }
 
 impl Auth {
-    pub(crate) fn new(
-        this: PeerId,
-        network: String,
-        config: Config,
-        exchange: exchange::Handle,
-    ) -> Result<Self, Error> {
+    /// The policy of node `this` on `network`; it talks to peers once an exchange is
+    /// attached ([`Auth::attach`]).
+    pub(crate) fn new(this: PeerId, network: String, config: Config) -> Result<Self, Error> {
         let auth = Self {
             inner: Arc::new(Inner {
                 this,
@@ -424,7 +439,7 @@ impl Auth {
                 revocations: RwLock::new(Revocations::default()),
                 verified: Mutex::new(HashMap::new()),
                 presented: Mutex::new(HashMap::new()),
-                exchange,
+                exchanger: std::sync::OnceLock::new(),
                 metrics: Metrics::default(),
             }),
         };
@@ -474,13 +489,18 @@ impl Auth {
     /// An auth component without a node, for unit tests.
     #[cfg(test)]
     pub(crate) fn detached(this: PeerId, network: &str, config: Config) -> Self {
-        Self::new(
-            this,
-            network.to_owned(),
-            config,
-            exchange::Handle::detached(network),
-        )
-        .expect("a valid test configuration")
+        Self::new(this, network.to_owned(), config).expect("a valid test configuration")
+    }
+
+    /// Attaches the protocol that talks to peers. Once only: a second one is ignored.
+    pub(crate) fn attach(&self, exchanger: Arc<dyn Exchanger>) {
+        if self.inner.exchanger.set(exchanger).is_err() {
+            tracing::debug!("an auth exchange is attached already");
+        }
+    }
+
+    fn exchanger(&self) -> Option<&Arc<dyn Exchanger>> {
+        self.inner.exchanger.get()
     }
 
     /// This node's peer id.
@@ -546,7 +566,9 @@ impl Auth {
     /// may trust it) and logged.
     pub fn add_grant(&self, grant: Grant) -> Result<(), Error> {
         self.add_own(grant)?;
-        self.inner.exchange.push_all(self);
+        if let Some(exchanger) = self.exchanger() {
+            exchanger.push_all(self);
+        }
         Ok(())
     }
 
@@ -559,7 +581,9 @@ impl Auth {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .push(Arc::new(grant));
-        self.inner.exchange.push_all(self);
+        if let Some(exchanger) = self.exchanger() {
+            exchanger.push_all(self);
+        }
     }
 
     fn add_own(&self, grant: Grant) -> Result<(), Error> {
@@ -598,7 +622,10 @@ impl Auth {
     /// network.
     pub async fn revoke(&self, revocation: Revocation) -> Result<usize, Error> {
         self.learn_revocation(revocation.clone())?;
-        Ok(self.inner.exchange.spread(self, &revocation).await)
+        Ok(match self.exchanger() {
+            Some(exchanger) => exchanger.spread(self, revocation).await,
+            None => 0,
+        })
     }
 
     /// Whether this node knows that `grant` is revoked.
@@ -868,15 +895,9 @@ impl Auth {
             .clone();
         let result = cell
             .get_or_try_init(|| async {
-                let exchanged = tokio::time::timeout(
-                    exchange::TIMEOUT,
-                    self.inner.exchange.exchange(self, peer, Vec::new()),
-                )
-                .await;
-                match exchanged {
-                    Ok(Ok(grants)) => Ok(grants),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("timed out".to_owned()),
+                match self.exchanger() {
+                    Some(exchanger) => exchanger.ask(self, peer).await,
+                    None => Err("no auth exchange runs on this node".to_owned()),
                 }
             })
             .await;

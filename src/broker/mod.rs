@@ -49,8 +49,6 @@ mod order;
 pub(crate) mod queue;
 pub(crate) mod wire;
 
-pub(crate) use queue::protocol as queue_protocol;
-
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fmt,
@@ -689,8 +687,8 @@ impl Broker {
     /// [`Error::AlreadyRunning`] if a broker already runs on this node.
     pub fn start(node: Node, config: Config) -> Result<Self, Error> {
         let inbound = node
-            .take_inbound(&queue::protocol(node.network()))
-            .ok_or(Error::AlreadyRunning)?;
+            .accept(queue::protocol(node.network()))
+            .map_err(|_| Error::AlreadyRunning)?;
         let metrics = Metrics::register(&node);
         let inner = Arc::new(Inner {
             outbox: queue::Outbox::new(config.outbox_capacity, config.max_in_flight),

@@ -19,8 +19,7 @@ use libp2p::{
 };
 use prometheus_client::registry::Registry;
 
-use super::{Error, config::Config, gossip, keep_alive, scoring, streams};
-use crate::store::local::LocalStore;
+use super::{Error, config::Config, gossip, keep_alive, records, scoring, streams};
 
 /// The version string of micromesh's protocol family, sent in identify.
 pub(crate) const PROTOCOL_VERSION: &str = "/micromesh/1.0.0";
@@ -56,7 +55,7 @@ pub(crate) struct Behaviour {
     pub(crate) keep_alive: keep_alive::Behaviour,
     pub(crate) identify: identify::Behaviour,
     pub(crate) ping: ping::Behaviour,
-    pub(crate) kad: kad::Behaviour<LocalStore>,
+    pub(crate) kad: kad::Behaviour<records::Store>,
     pub(crate) gossipsub: gossipsub::Behaviour<gossipsub::IdentityTransform, gossip::Filter>,
     pub(crate) streams: streams::Behaviour,
     pub(crate) relay_client: relay::client::Behaviour,
@@ -95,7 +94,7 @@ impl Behaviour {
         config: &Config,
         registry: &mut Registry,
         streams: streams::Behaviour,
-        store: LocalStore,
+        store: records::Store,
     ) -> Result<Self, Error> {
         let peer_id = key.public().to_peer_id();
         let network = &config.network;
@@ -282,7 +281,7 @@ pub(crate) fn build_swarm(
     config: &Config,
     registry: &mut Registry,
     streams: streams::Behaviour,
-    store: LocalStore,
+    store: records::Store,
 ) -> Result<Swarm<Behaviour>, Error> {
     let mut store = Some(store);
     let idle_timeout = config.idle_timeout;

@@ -1,10 +1,16 @@
 //! How a node is configured: [`Builder`], [`Preset`], [`PreSharedKey`].
 
-use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use crate::{Identity, Multiaddr};
 
-use super::{Error, Node};
+use super::{Error, Node, records::Records};
 
 /// The network a node joins when none is named.
 pub const DEFAULT_NETWORK: &str = "main";
@@ -141,9 +147,23 @@ pub(crate) struct Config {
     pub(crate) subscription_queue: usize,
     pub(crate) command_queue: usize,
     pub(crate) event_queue: usize,
-    pub(crate) store_capacity: u64,
     pub(crate) replication: std::num::NonZeroUsize,
     pub(crate) auth: crate::auth::Config,
+    /// An auth component made by the caller (a [`Service`](crate::Service) shares it with its
+    /// other components); otherwise one is made from `auth`.
+    pub(crate) auth_component: Option<crate::auth::Auth>,
+    /// What keeps the DHT's records; without it, provider records only.
+    pub(crate) records: RecordsSlot,
+}
+
+/// The record keeper handed to a node, taken once when it starts.
+#[derive(Clone, Default)]
+pub(crate) struct RecordsSlot(Arc<Mutex<Option<Box<dyn Records>>>>);
+
+impl fmt::Debug for RecordsSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RecordsSlot")
+    }
 }
 
 impl Config {
@@ -190,10 +210,36 @@ impl Config {
             subscription_queue: 1_024,
             command_queue: 1_024,
             event_queue: 1_024,
-            store_capacity: 256 * 1024 * 1024,
             replication: std::num::NonZeroUsize::new(5).expect("5 > 0"),
             auth: crate::auth::Config::default(),
+            auth_component: None,
+            records: RecordsSlot::default(),
         }
+    }
+
+    /// The identity the node runs as, loaded (or created) now if it comes from the data
+    /// directory; later calls return the same one.
+    pub(crate) fn resolve_identity(&mut self) -> Result<Identity, Error> {
+        let identity = match &self.identity {
+            IdentitySource::Given(identity) => return Ok((**identity).clone()),
+            IdentitySource::Default => match &self.data_dir {
+                Some(dir) => {
+                    Identity::load_or_create(dir).map_err(|e| Error::Identity(Arc::new(e)))?
+                }
+                None => Identity::generate(),
+            },
+        };
+        self.identity = IdentitySource::Given(Box::new(identity.clone()));
+        Ok(identity)
+    }
+
+    /// The record keeper, if one was given and not taken yet.
+    pub(crate) fn take_records(&self) -> Option<Box<dyn Records>> {
+        self.records
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     pub(crate) fn validate(&self) -> Result<(), Error> {
@@ -273,7 +319,8 @@ impl Builder {
     }
 
     /// Resets every transport and discovery setting to a preset, keeping the network, identity,
-    /// data directory, bootstrap peers and listen addresses already set. Default is
+    /// data directory, bootstrap peers, pre-shared key, auth policy and listen addresses already
+    /// set. Default is
     /// [`Preset::Production`].
     pub fn preset(mut self, preset: Preset) -> Self {
         let mut fresh = Config::new(preset);
@@ -282,6 +329,9 @@ impl Builder {
         fresh.data_dir = self.config.data_dir.take();
         fresh.bootstrap = std::mem::take(&mut self.config.bootstrap);
         fresh.psk = self.config.psk;
+        fresh.auth = std::mem::take(&mut self.config.auth);
+        fresh.auth_component = self.config.auth_component.take();
+        fresh.records = std::mem::take(&mut self.config.records);
         if self.listen_set {
             fresh.listen = std::mem::take(&mut self.config.listen);
         }
@@ -502,15 +552,6 @@ impl Builder {
         self
     }
 
-    /// The most bytes of records (keys and values) this node keeps for the mesh's
-    /// [store](crate::store), in memory and in its data directory. A replica that is full
-    /// refuses new records, so a write fails when too few replicas can take it. Default is
-    /// 256 MiB.
-    pub fn store_capacity(mut self, bytes: u64) -> Self {
-        self.config.store_capacity = bytes;
-        self
-    }
-
     /// How many peers closest to a key hold each [store](crate::store) record (Kademlia's
     /// replication factor; also how many closest peers a DHT lookup returns). Every node of a
     /// network should use the same value. Default is 5: with the store's write quorum of 3, a
@@ -524,6 +565,44 @@ impl Builder {
     /// grants it presents. Default: no rules, any authenticated peer allowed.
     pub fn auth(mut self, config: crate::auth::Config) -> Self {
         self.config.auth = config;
+        self
+    }
+
+    /// The identity the node will run as: loaded (or created) from the data directory now, so
+    /// that components made before the node can know its peer id.
+    pub(crate) fn resolve_identity(&mut self) -> Result<Identity, Error> {
+        self.config.resolve_identity()
+    }
+
+    /// The data directory, if any.
+    pub(crate) fn data_dir_path(&self) -> Option<&Path> {
+        self.config.data_dir.as_deref()
+    }
+
+    /// The network the node will join.
+    pub(crate) fn network_name(&self) -> &str {
+        &self.config.network
+    }
+
+    /// The auth configuration given with [`Builder::auth`].
+    pub(crate) fn auth_config(&self) -> &crate::auth::Config {
+        &self.config.auth
+    }
+
+    /// Runs with this auth component instead of one made from the configuration.
+    pub(crate) fn auth_component(mut self, auth: crate::auth::Auth) -> Self {
+        self.config.auth_component = Some(auth);
+        self
+    }
+
+    /// Keeps the DHT's records in `records` (the store's keeper).
+    pub(crate) fn records(self, records: Box<dyn Records>) -> Self {
+        *self
+            .config
+            .records
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(records);
         self
     }
 

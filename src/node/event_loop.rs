@@ -767,10 +767,6 @@ impl EventLoop {
                     );
                 }
             }
-            Command::LocalRevision { key, reply } => {
-                let key = kad::RecordKey::new(&key);
-                let _ = reply.send(self.swarm.behaviour_mut().kad.store_mut().revision(&key));
-            }
             Command::StopProviding { key } => {
                 self.swarm.behaviour_mut().kad.stop_providing(&key.into());
             }
@@ -1125,8 +1121,13 @@ impl EventLoop {
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, ?cause, "connection closed");
-                // An I/O error, not this node's own idle timeout.
-                let failed = matches!(cause, Some(libp2p::swarm::ConnectionError::IO(_)));
+                // An I/O error: not this node's own idle timeout, nor a close the remote made on
+                // purpose (its connection manager, its own idle timeout), which must not be
+                // answered with a dial.
+                let failed = matches!(
+                    &cause,
+                    Some(libp2p::swarm::ConnectionError::IO(e)) if !closed_by_remote(e)
+                );
                 // The peer went silent: a QUIC connection's idle timeout despite keep-alives.
                 let silent = matches!(
                     &cause,
@@ -1552,10 +1553,20 @@ impl EventLoop {
             (Query::Providers { mut found, reply }, kad::QueryResult::GetProviders(result)) => {
                 match result {
                     Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                        let local = *self.swarm.local_peer_id();
                         for provider in providers {
                             if found.insert(provider)
                                 && let ProvidersReply::Each(each) = &reply
                             {
+                                // A reader acts on a provider at once, usually by connecting to
+                                // it: dial now, while the lookup still knows the addresses its
+                                // answer carried (they go with the lookup when it ends).
+                                if provider != local && !self.peers.contains_key(&provider) {
+                                    let opts = DialOpts::peer_id(provider)
+                                        .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
+                                        .build();
+                                    let _ = self.swarm.dial(opts);
+                                }
                                 // A reader that fell 64 providers behind does not need more.
                                 let _ = each.try_send(Ok(provider));
                             }
@@ -1663,6 +1674,20 @@ async fn say_goodbye(opener: streams::Opener, peer: PeerId, protocol: StreamProt
     if let Err(e) = said.await {
         tracing::debug!(%peer, "goodbye not taken: {e}");
     }
+}
+
+/// Whether a connection's error is the remote closing it on purpose: yamux's close
+/// ("connection is closed") or a QUIC close frame ("closed by peer").
+fn closed_by_remote(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        let text = e.to_string();
+        if text.contains("connection is closed") || text.contains("closed by peer") {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }
 
 /// Whether an error (or one of its sources) is a timeout.

@@ -1,9 +1,6 @@
 //! The node's own counters, registered next to libp2p's.
 
-use prometheus_client::{
-    metrics::{counter::Counter, gauge::Gauge},
-    registry::Registry,
-};
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
 
 /// Counters of the node itself (prefix `micromesh_`).
 #[derive(Clone, Default)]
@@ -17,29 +14,11 @@ pub(crate) struct NodeMetrics {
     pub(crate) routing_removed: Counter,
     pub(crate) gossip_rejected: Counter,
     pub(crate) gossip_send_dropped: Counter,
-    pub(crate) store_rejected: Counter,
-    pub(crate) store_full: Counter,
-    pub(crate) store_bytes: Gauge,
 }
 
 impl NodeMetrics {
     pub(crate) fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
-        registry.register(
-            "store_rejected",
-            "DHT records refused: failed checks (signature, size, key, expiry) or older than the held version",
-            metrics.store_rejected.clone(),
-        );
-        registry.register(
-            "store_full",
-            "DHT records refused because the local record store was full",
-            metrics.store_full.clone(),
-        );
-        registry.register(
-            "store_bytes",
-            "Bytes of DHT records held by the local record store",
-            metrics.store_bytes.clone(),
-        );
         registry.register(
             "connections_pruned",
             "Connections closed by the connection manager above its high water mark",

@@ -33,11 +33,12 @@ pub(crate) mod frame;
 pub mod gossip;
 mod keep_alive;
 mod metrics;
+pub(crate) mod records;
 mod scoring;
 pub(crate) mod streams;
+mod tasks;
 
 use std::{
-    collections::HashMap,
     fmt,
     sync::{
         Arc, Mutex,
@@ -54,6 +55,7 @@ use tracing::Instrument as _;
 pub use self::{
     config::{Builder, DEFAULT_NETWORK, DhtMode, MAX_NETWORK_LEN, PreSharedKey, Preset},
     gossip::{Message, Subscription},
+    tasks::TaskPanic,
 };
 use crate::{Identity, Multiaddr, PeerId, identity};
 
@@ -70,9 +72,6 @@ pub enum Error {
     /// The identity could not be loaded.
     #[error(transparent)]
     Identity(Arc<identity::Error>),
-    /// The record store in the data directory could not be opened.
-    #[error(transparent)]
-    RecordStore(Arc<crate::store::OpenError>),
     /// This node's record store refused a record it was asked to publish.
     #[error("this node's record store refused the record: {0}")]
     RecordRefused(String),
@@ -332,10 +331,6 @@ pub(crate) enum Command {
         want: usize,
         reply: oneshot::Sender<Result<Vec<FoundRecord>, Error>>,
     },
-    LocalRevision {
-        key: Vec<u8>,
-        reply: oneshot::Sender<Option<u64>>,
-    },
     /// Sends a record to these peers without storing it locally, answering nobody.
     PutRecordTo {
         key: Vec<u8>,
@@ -424,10 +419,11 @@ pub(crate) struct Inner {
     subscription_queue: usize,
     abort: tokio::task::AbortHandle,
     opener: streams::Opener,
-    inbound: Mutex<HashMap<StreamProtocol, mpsc::Receiver<(PeerId, libp2p::Stream)>>>,
+    acceptor: streams::Acceptor,
     /// The peers with an open connection, kept by the event loop, read without asking it.
     connected: Arc<std::sync::RwLock<std::collections::HashSet<PeerId>>>,
     auth: crate::auth::Auth,
+    tasks: tasks::Tasks,
 }
 
 /// A handle to a running node. Cheap to clone; every clone drives the same node.
@@ -453,69 +449,39 @@ impl Node {
         Builder::new()
     }
 
-    async fn start(config: config::Config) -> Result<Self, Error> {
+    async fn start(mut config: config::Config) -> Result<Self, Error> {
         config.validate()?;
-        let identity = match &config.identity {
-            config::IdentitySource::Given(identity) => (**identity).clone(),
-            config::IdentitySource::Default => match &config.data_dir {
-                Some(dir) => {
-                    Identity::load_or_create(dir).map_err(|e| Error::Identity(Arc::new(e)))?
-                }
-                None => Identity::generate(),
-            },
-        };
+        let identity = config.resolve_identity()?;
         let peer_id = identity.peer_id();
         let mut registry = Registry::default();
         let node_metrics =
             metrics::NodeMetrics::register(registry.sub_registry_with_prefix("micromesh"));
-        let (streams, opener, mut inbound_queues) = streams::Behaviour::new(
-            &served_protocols(&config.network),
-            node_metrics.inbound_streams_dropped.clone(),
-        );
-        let leaves = inbound_queues
-            .remove(&behaviour::leave_protocol(&config.network))
-            .expect("the node serves the leave protocol");
+        let (streams, opener, acceptor) =
+            streams::Behaviour::new(node_metrics.inbound_streams_dropped.clone());
+        let leaves = acceptor
+            .accept(behaviour::leave_protocol(&config.network))
+            .expect("the node's own protocol is accepted first");
         let connected = Arc::new(std::sync::RwLock::new(std::collections::HashSet::new()));
-        let auth = crate::auth::Auth::new(
-            peer_id,
-            config.network.clone(),
-            config.auth.clone(),
-            crate::auth::exchange::Handle::new(opener.clone(), connected.clone(), &config.network),
-        )?;
-        auth.register_metrics(registry.sub_registry_with_prefix("micromesh_auth"));
-        let disk = match &config.data_dir {
-            Some(dir) => Some(
-                crate::store::persist::Disk::open(dir)
-                    .map_err(|e| Error::RecordStore(Arc::new(e)))?,
-            ),
-            None => None,
+        let auth = match config.auth_component.take() {
+            Some(auth) => auth,
+            None => crate::auth::Auth::new(peer_id, config.network.clone(), config.auth.clone())?,
         };
-        let record_store = crate::store::local::LocalStore::new(
-            peer_id,
-            config.network.clone(),
-            crate::store::local::Limits {
-                max_bytes: config.store_capacity,
-                rejected: node_metrics.store_rejected.clone(),
-                full: node_metrics.store_full.clone(),
-                bytes: node_metrics.store_bytes.clone(),
-            },
-            disk,
-            auth.clone(),
-        );
+        auth.register_metrics(registry.sub_registry_with_prefix("micromesh_auth"));
+        let records = config
+            .take_records()
+            .unwrap_or_else(|| Box::new(records::ProvidersOnly::new(peer_id)));
         let libp2p_registry = registry.sub_registry_with_prefix("libp2p");
         let swarm = behaviour::build_swarm(
             identity.keypair().clone(),
             &config,
             libp2p_registry,
             streams,
-            record_store,
+            records::Store(records),
         )?;
         let libp2p_metrics = libp2p::metrics::Metrics::new(libp2p_registry);
 
         let (commands, command_rx) = mpsc::channel(config.command_queue);
         let (events_tx, events) = broadcast::channel(config.event_queue);
-        // Subscribed before the event loop runs, so the auth exchange sees every connection.
-        let auth_events = events_tx.subscribe();
         let (exit_tx, exit) = watch::channel(None);
         let metrics = Arc::new(Mutex::new(registry));
 
@@ -537,29 +503,24 @@ impl Node {
         let span =
             tracing::info_span!("node", peer = %short_id(&peer_id), network = %config.network);
         let task = tokio::spawn(event_loop.run().instrument(span.clone()));
-        if let Some(inbound) =
-            inbound_queues.remove(&crate::auth::exchange::protocol(&config.network))
-        {
-            tokio::spawn(
-                crate::auth::exchange::run(auth.clone(), inbound, auth_events).instrument(span),
-            );
-        }
         let abort = task.abort_handle();
+        let tasks = tasks::Tasks::new(span);
+        let (stopped_tx, stopped_rx) = oneshot::channel::<()>();
+        tokio::spawn(tasks.clone().supervise(async move {
+            let _ = stopped_rx.await;
+        }));
         tokio::spawn(async move {
             let reason = match task.await {
                 Ok(reason) => reason,
                 Err(e) if e.is_panic() => {
-                    let payload = e.into_panic();
-                    let msg = payload
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| payload.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic payload".into());
+                    let msg = tasks::panic_message(e.into_panic());
                     tracing::error!(%peer_id, "node event loop panicked: {msg}");
                     ExitReason::Panicked(msg)
                 }
                 Err(_) => ExitReason::Aborted,
             };
+            // Every component's task ends with the node.
+            let _ = stopped_tx.send(());
             let _ = exit_tx.send(Some(reason));
         });
 
@@ -577,11 +538,52 @@ impl Node {
                 subscription_queue: config.subscription_queue,
                 abort,
                 opener,
-                inbound: Mutex::new(inbound_queues),
+                acceptor,
                 connected,
                 auth,
+                tasks,
             }),
         })
+    }
+
+    /// Accepts inbound streams of a component's `protocol` from now on, and returns them as
+    /// they arrive with the peer that opened each. Streams of a protocol nobody accepts are
+    /// refused in negotiation.
+    ///
+    /// # Errors
+    ///
+    /// When the protocol is accepted already by a component that still reads its streams.
+    pub(crate) fn accept(
+        &self,
+        protocol: StreamProtocol,
+    ) -> Result<streams::Incoming, streams::AlreadyAccepted> {
+        self.inner.acceptor.accept(protocol)
+    }
+
+    /// Runs `task` for `component` until it ends or the node stops, inside a span naming the
+    /// node and the component. A panic is logged and remembered ([`Node::task_panics`]).
+    pub(crate) fn spawn_task<F>(&self, component: &'static str, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.inner.tasks.spawn(component, task);
+    }
+
+    /// The background tasks of this node and its components that panicked: each is a bug,
+    /// logged when it happens. [`testing::Cluster`](crate::testing) fails a test on any.
+    pub fn task_panics(&self) -> Vec<TaskPanic> {
+        self.inner.tasks.panics()
+    }
+
+    /// The peers with an open connection, without a round trip to the event loop.
+    pub(crate) fn connected_peers(&self) -> Vec<PeerId> {
+        self.inner
+            .connected
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect()
     }
 
     /// The node's auth component: its policy, grants, and the revocations it knows.
@@ -700,19 +702,6 @@ impl Node {
     /// kept open on another one are no longer on the best path.
     pub(crate) fn best_connection(&self, peer: &PeerId) -> Option<ConnectionId> {
         self.inner.opener.best(peer)
-    }
-
-    /// The queue of inbound streams of one of micromesh's own protocols (see
-    /// [`served_protocols`]); each can be taken once.
-    pub(crate) fn take_inbound(
-        &self,
-        protocol: &StreamProtocol,
-    ) -> Option<mpsc::Receiver<(PeerId, libp2p::Stream)>> {
-        self.inner
-            .inbound
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(protocol)
     }
 
     /// The connected peers, with their addresses and last ping round trip.
@@ -848,12 +837,6 @@ impl Node {
             .send(Command::PutRecordTo { key, value, peers })
             .await
             .map_err(|_| Error::Stopped(self.exit_reason().unwrap_or(ExitReason::Aborted)))
-    }
-
-    /// The version of the store record this node holds under `key`, if any.
-    pub(crate) async fn local_revision(&self, key: Vec<u8>) -> Result<Option<u64>, Error> {
-        self.request(|reply| Command::LocalRevision { key, reply })
-            .await
     }
 
     /// Stops announcing `key`.
@@ -1140,17 +1123,6 @@ impl Node {
 pub(crate) use self::event_loop::peer_of;
 
 pub(crate) use self::streams::OpenError;
-
-/// The stream protocols the node accepts: its own leave protocol, and its components'.
-fn served_protocols(network: &str) -> Vec<StreamProtocol> {
-    vec![
-        behaviour::leave_protocol(network),
-        crate::transport::protocol(network),
-        crate::registry::sync_protocol(network),
-        crate::broker::queue_protocol(network),
-        crate::auth::exchange::protocol(network),
-    ]
-}
 
 /// The last 6 characters of a peer id: enough to tell nodes apart in logs.
 pub(crate) fn short_id(peer: &PeerId) -> String {

@@ -1,5 +1,9 @@
 //! Streams of micromesh's own protocols (RPC, registry sync), in and out.
 //!
+//! Components register the protocols they serve at run time ([`Acceptor::accept`], behind
+//! [`Node::accept`](super::Node::accept)), as libp2p-stream's `Control::accept` does: the node
+//! knows them only as names. A protocol nobody accepts is refused in negotiation.
+//!
 //! Inbound streams are queued per protocol for the tasks that serve them, in a bounded queue;
 //! a stream is refused only when its queue is full (the node is overloaded), and every such
 //! refusal is counted. (libp2p-stream hands them over through a single slot and drops the
@@ -26,7 +30,7 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     future::{Ready, ready},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     task::{Context, Poll},
     time::Instant,
 };
@@ -169,39 +173,67 @@ impl Opener {
     }
 }
 
-type Queues = Arc<HashMap<StreamProtocol, mpsc::Sender<(PeerId, Stream)>>>;
-
 /// The behaviour: accepts streams of a fixed set of protocols and opens streams on request.
 pub(crate) struct Behaviour {
-    offered: Protocols,
-    queues: Queues,
+    accepting: Arc<RwLock<Accepting>>,
     shared: Arc<Mutex<Shared>>,
     dropped: Counter,
 }
 
-/// The receiving ends of the inbound queues, one per protocol.
-pub(crate) type Inbound = HashMap<StreamProtocol, mpsc::Receiver<(PeerId, Stream)>>;
+/// The inbound streams of one protocol, as they arrive, with the peer that opened each.
+pub(crate) type Incoming = mpsc::Receiver<(PeerId, Stream)>;
+
+/// The protocols accepted, and where their inbound streams go.
+#[derive(Default)]
+struct Accepting {
+    /// What every connection offers; replaced (not changed) when a protocol is added, so that
+    /// handlers share it without copying.
+    offered: Protocols,
+    queues: HashMap<StreamProtocol, mpsc::Sender<(PeerId, Stream)>>,
+}
+
+/// A protocol is accepted already, by a component that still reads its streams.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the protocol {0} is already accepted on this node")]
+pub(crate) struct AlreadyAccepted(pub(crate) StreamProtocol);
+
+/// Registers protocols to accept. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Acceptor {
+    accepting: Arc<RwLock<Accepting>>,
+}
+
+impl Acceptor {
+    /// Accepts inbound streams of `protocol` from now on, on every connection, old and new.
+    pub(crate) fn accept(&self, protocol: StreamProtocol) -> Result<Incoming, AlreadyAccepted> {
+        let mut accepting = self.accepting.write().unwrap_or_else(|e| e.into_inner());
+        if accepting
+            .queues
+            .get(&protocol)
+            .is_some_and(|queue| !queue.is_closed())
+        {
+            return Err(AlreadyAccepted(protocol));
+        }
+        let (tx, rx) = mpsc::channel(INBOUND_QUEUE);
+        accepting.queues.insert(protocol, tx);
+        accepting.offered = Protocols(accepting.queues.keys().cloned().collect());
+        Ok(rx)
+    }
+}
 
 impl Behaviour {
-    /// A behaviour accepting `protocols`.
-    pub(crate) fn new(protocols: &[StreamProtocol], dropped: Counter) -> (Self, Opener, Inbound) {
-        let mut senders = HashMap::new();
-        let mut receivers = HashMap::new();
-        for protocol in protocols {
-            let (tx, rx) = mpsc::channel(INBOUND_QUEUE);
-            senders.insert(protocol.clone(), tx);
-            receivers.insert(protocol.clone(), rx);
-        }
+    /// A behaviour that accepts nothing until protocols are registered with the [`Acceptor`].
+    pub(crate) fn new(dropped: Counter) -> (Self, Opener, Acceptor) {
+        let accepting = Arc::new(RwLock::new(Accepting::default()));
         let shared = Arc::new(Mutex::new(Shared::default()));
         (
             Self {
-                offered: Protocols(protocols.iter().cloned().collect()),
-                queues: Arc::new(senders),
+                accepting: accepting.clone(),
                 shared: shared.clone(),
                 dropped,
             },
             Opener { shared },
-            receivers,
+            Acceptor { accepting },
         )
     }
 
@@ -222,8 +254,7 @@ impl Behaviour {
             });
         Handler {
             peer,
-            offered: self.offered.clone(),
-            queues: self.queues.clone(),
+            accepting: self.accepting.clone(),
             dropped: self.dropped.clone(),
             requests: rx,
         }
@@ -286,6 +317,12 @@ impl NetworkBehaviour for Behaviour {
 #[derive(Clone)]
 pub(crate) struct Protocols(Arc<[StreamProtocol]>);
 
+impl Default for Protocols {
+    fn default() -> Self {
+        Self(Arc::from([]))
+    }
+}
+
 /// Iterates the protocols of a [`Protocols`] without copying the set.
 #[derive(Clone)]
 pub(crate) struct ProtocolIter {
@@ -339,8 +376,7 @@ impl OutboundUpgrade<Stream> for Protocols {
 /// streams it hands out do, while they are open.
 pub(crate) struct Handler {
     peer: PeerId,
-    offered: Protocols,
-    queues: Queues,
+    accepting: Arc<RwLock<Accepting>>,
     dropped: Counter,
     requests: mpsc::Receiver<Request>,
 }
@@ -354,7 +390,8 @@ impl ConnectionHandler for Handler {
     type OutboundOpenInfo = (StreamProtocol, Reply);
 
     fn listen_protocol(&self) -> SubstreamProtocol<Protocols> {
-        SubstreamProtocol::new(self.offered.clone(), ())
+        let accepting = self.accepting.read().unwrap_or_else(|e| e.into_inner());
+        SubstreamProtocol::new(accepting.offered.clone(), ())
     }
 
     fn on_behaviour_event(&mut self, event: Infallible) {
@@ -370,7 +407,14 @@ impl ConnectionHandler for Handler {
                 protocol: (stream, protocol),
                 ..
             }) => {
-                if let Some(queue) = self.queues.get(&protocol)
+                let queue = self
+                    .accepting
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .queues
+                    .get(&protocol)
+                    .cloned();
+                if let Some(queue) = queue
                     && queue.try_send((self.peer, stream)).is_err()
                 {
                     // Dropping the stream resets it: the caller sees a failed call, not a hang.

@@ -41,7 +41,6 @@
 
 mod sync;
 
-pub(crate) use self::sync::protocol as sync_protocol;
 mod task;
 mod view;
 pub(crate) mod wire;

@@ -24,15 +24,8 @@ fn invalid(e: frame::ReadError) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
 }
 
-/// Serves sync requests until the node stops.
-pub(crate) async fn serve(registry: Registry) {
-    let Some(mut incoming) = registry
-        .node()
-        .take_inbound(&protocol(registry.node().network()))
-    else {
-        tracing::error!("the registry sync protocol is already served");
-        return;
-    };
+/// Serves the sync requests of `incoming` until the node stops.
+pub(crate) async fn serve(registry: Registry, mut incoming: crate::node::streams::Incoming) {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_SERVED));
     let stopped = registry.node().clone();
     let serving = async {

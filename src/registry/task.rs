@@ -42,11 +42,14 @@ pub(crate) async fn spawn(registry: Registry) -> Result<(), Error> {
             }
         }
     };
+    let incoming = node
+        .accept(sync::protocol(node.network()))
+        .map_err(|e| Error::Invalid(format!("a registry runs on this node already ({e})")))?;
     node.set_validator(TOPIC, Some(Arc::new(hook))).await?;
     let subscription = node.subscribe_unchecked(TOPIC).await?;
     let events = node.events();
-    tokio::spawn(sync::serve(registry.clone()));
-    tokio::spawn(run(registry, subscription, events));
+    node.spawn_task("registry", sync::serve(registry.clone(), incoming));
+    node.spawn_task("registry", run(registry, subscription, events));
     Ok(())
 }
 

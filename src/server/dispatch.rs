@@ -129,17 +129,17 @@ impl Server {
                 auth: node.auth().clone(),
             }),
         };
-        match node.take_inbound(&transport::protocol(node.network())) {
-            Some(mut incoming) => {
+        match node.accept(transport::protocol(node.network())) {
+            Ok(mut incoming) => {
                 let server = server.clone();
-                tokio::spawn(async move {
+                node.spawn_task("server", async move {
                     // Ends when the node stops and drops the queue's sender.
                     while let Some((peer, stream)) = incoming.recv().await {
                         server.spawn_call(peer, stream);
                     }
                 });
             }
-            None => tracing::error!("RPC is already served on this node"),
+            Err(e) => tracing::error!("RPC cannot be served: {e}"),
         }
         server
     }

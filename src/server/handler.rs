@@ -16,7 +16,6 @@ use super::Context;
 use crate::{
     Metadata, Status,
     codec::{Codec as _, ContentType},
-    error::BoxError,
     registry,
     transport::wire::{CallKind, DataFrame},
 };
@@ -42,6 +41,9 @@ pub struct Response {
     /// Metadata returned to the caller.
     pub metadata: Metadata,
 }
+
+/// An error of a tower layer or handler, before it becomes a [`Status`].
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 pub(crate) type BoxedUnary = BoxCloneSyncService<Request, Response, BoxError>;
 

@@ -74,7 +74,7 @@ impl Router {
 }
 
 /// Maps an error from a tower stack to the status the caller sees.
-pub(crate) fn status_of(error: crate::error::BoxError) -> crate::Status {
+pub(crate) fn status_of(error: handler::BoxError) -> crate::Status {
     let error = match error.downcast::<crate::Status>() {
         Ok(status) => return *status,
         Err(e) => e,

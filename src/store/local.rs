@@ -11,6 +11,8 @@ use std::{
     cmp::Ordering,
     collections::{BTreeMap, HashMap, HashSet, hash_map},
     iter,
+    path::Path,
+    sync::{Arc, Mutex},
     time::{Instant, SystemTime},
 };
 
@@ -23,7 +25,10 @@ use libp2p::{
 };
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 
+use crate::node::records::Records;
+
 use super::{
+    OpenError,
     persist::{Disk, Loaded},
     record::{self, Checked, KeyKind},
 };
@@ -286,6 +291,127 @@ impl LocalStore {
     /// Why the last refused record was refused.
     pub(crate) fn take_refusal(&mut self) -> Option<String> {
         self.last_refusal.take()
+    }
+}
+
+/// A [`Keeper`] that does not keep the records alive.
+#[derive(Clone)]
+pub(crate) struct WeakKeeper(std::sync::Weak<Mutex<LocalStore>>);
+
+impl WeakKeeper {
+    /// The version of the data record held under `key`, if any (and the node still runs).
+    pub(crate) fn revision(&self, key: &RecordKey) -> Option<u64> {
+        let records = self.0.upgrade()?;
+        let guard = records.lock().unwrap_or_else(|e| e.into_inner());
+        guard.revision(key)
+    }
+}
+
+/// A node's records, shared by Kademlia (which runs in the node's event loop and reaches them
+/// through [`Records`]) and the store component (which reads the versions it holds). Cheap to
+/// clone.
+#[derive(Clone)]
+pub(crate) struct Keeper(Arc<Mutex<LocalStore>>);
+
+impl Keeper {
+    /// The records of node `local` on `network`, loaded from `data_dir` when there is one.
+    pub(crate) fn open(
+        local: PeerId,
+        network: String,
+        data_dir: Option<&Path>,
+        limits: Limits,
+        auth: crate::auth::Auth,
+    ) -> Result<Self, OpenError> {
+        let disk = data_dir.map(Disk::open).transpose()?;
+        Ok(Self(Arc::new(Mutex::new(LocalStore::new(
+            local, network, limits, disk, auth,
+        )))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LocalStore> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A handle that does not keep the records alive: they belong to the node (its event loop
+    /// drops them, and closes their database, when it stops).
+    pub(crate) fn downgrade(&self) -> WeakKeeper {
+        WeakKeeper(Arc::downgrade(&self.0))
+    }
+
+    /// Registers the records' counters in `node`'s metrics (`micromesh_store_*`).
+    pub(crate) fn register_metrics(&self, node: &crate::node::Node) {
+        let limits = self.lock().limits.clone();
+        node.register_metrics("store", |r| {
+            r.register(
+                "rejected",
+                "DHT records refused: failed checks (signature, size, key, expiry, auth) or older than the held version",
+                limits.rejected,
+            );
+            r.register(
+                "full",
+                "DHT records refused because the local record store was full",
+                limits.full,
+            );
+            r.register(
+                "bytes",
+                "Bytes of DHT records held by the local record store",
+                limits.bytes,
+            );
+        });
+    }
+}
+
+impl Limits {
+    /// A capacity of `max_bytes`, with fresh counters.
+    pub(crate) fn new(max_bytes: u64) -> Self {
+        Self {
+            max_bytes,
+            rejected: Counter::default(),
+            full: Counter::default(),
+            bytes: Gauge::default(),
+        }
+    }
+}
+
+impl Records for Keeper {
+    fn get(&self, key: &RecordKey) -> Option<Cow<'_, Record>> {
+        self.lock().get(key).map(|r| Cow::Owned(r.into_owned()))
+    }
+
+    fn put(&mut self, record: Record) -> store::Result<()> {
+        self.lock().put(record)
+    }
+
+    fn remove(&mut self, key: &RecordKey) {
+        self.lock().remove(key);
+    }
+
+    fn records(&self) -> Vec<Record> {
+        self.lock().records().map(Cow::into_owned).collect()
+    }
+
+    fn add_provider(&mut self, record: ProviderRecord) -> store::Result<()> {
+        self.lock().add_provider(record)
+    }
+
+    fn providers(&self, key: &RecordKey) -> Vec<ProviderRecord> {
+        self.lock().providers(key)
+    }
+
+    fn provided(&self) -> Vec<ProviderRecord> {
+        self.lock().provided().map(Cow::into_owned).collect()
+    }
+
+    fn remove_provider(&mut self, key: &RecordKey, provider: &PeerId) {
+        self.lock().remove_provider(key, provider);
+    }
+
+    fn forget_provider(&mut self, peer: &PeerId) -> usize {
+        self.lock().forget_provider(peer)
+    }
+
+    fn take_refusal(&mut self) -> Option<String> {
+        self.lock().take_refusal()
     }
 }
 

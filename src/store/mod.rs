@@ -42,6 +42,8 @@
 //! ```
 
 pub(crate) mod local;
+
+pub(crate) use self::local::Keeper;
 pub(crate) mod persist;
 pub(crate) mod record;
 
@@ -84,6 +86,7 @@ pub struct Config {
     tombstone_retention: Duration,
     database: String,
     table: String,
+    capacity: u64,
 }
 
 impl Default for Config {
@@ -95,11 +98,25 @@ impl Default for Config {
             tombstone_retention: Duration::from_secs(7 * 24 * 3600),
             database: "micromesh".into(),
             table: "default".into(),
+            capacity: 256 * 1024 * 1024,
         }
     }
 }
 
 impl Config {
+    /// The most bytes of records (keys and values) this node keeps for the mesh, in memory and
+    /// in its data directory. A replica that is full refuses new records, so a write fails when
+    /// too few replicas can take it. Default is 256 MiB.
+    pub fn capacity(mut self, bytes: u64) -> Self {
+        self.capacity = bytes;
+        self
+    }
+
+    /// The capacity set with [`Config::capacity`].
+    pub(crate) fn capacity_bytes(&self) -> u64 {
+        self.capacity
+    }
+
     /// How many peers besides the writer must hold a record before a write succeeds. Capped at
     /// the number of peers the node knows; a node alone keeps its writes locally. Default 3.
     pub fn write_quorum(mut self, peers: usize) -> Self {
@@ -329,6 +346,9 @@ impl ListOptions {
 
 struct Inner {
     node: Node,
+    /// This node's own records, when it keeps them (a node started by a
+    /// [`Service`](crate::Service) does).
+    keeper: Option<local::WeakKeeper>,
     config: Config,
     /// The last version this node wrote, so that its versions only grow.
     last_version: AtomicU64,
@@ -372,14 +392,32 @@ impl Store {
     /// # Errors
     ///
     /// [`Error::InvalidName`] if the configured database or table name is invalid.
+    ///
+    /// A node built on its own keeps no records (it has no record keeper): its writes and reads
+    /// go to the records of other peers. A [`Service`](crate::Service) runs a store whose node
+    /// keeps records too.
     pub fn new(node: Node, config: Config) -> Result<Self, Error> {
+        Self::with_keeper(node, None, config)
+    }
+
+    /// A store whose node keeps its records in `keeper`.
+    pub(crate) fn with_keeper(
+        node: Node,
+        keeper: Option<local::Keeper>,
+        config: Config,
+    ) -> Result<Self, Error> {
         record::check_name("database", &config.database).map_err(Error::InvalidName)?;
         record::check_name("table", &config.table).map_err(Error::InvalidName)?;
+        if let Some(keeper) = &keeper {
+            keeper.register_metrics(&node);
+        }
+        let keeper = keeper.map(|k| k.downgrade());
         Ok(Self {
             database: config.database.clone(),
             table: config.table.clone(),
             inner: Arc::new(Inner {
                 node,
+                keeper,
                 config,
                 last_version: AtomicU64::new(0),
                 verified: Mutex::new(HashSet::new()),
@@ -664,9 +702,16 @@ impl Store {
     async fn change(&self, key: &str, change: Change) -> Result<u64, Error> {
         // Above the version this node holds, if it is a holder.
         let held = self
-            .node()
-            .local_revision(record::record_key(&self.database, &self.table, key))
-            .await?
+            .inner
+            .keeper
+            .as_ref()
+            .and_then(|keeper| {
+                keeper.revision(&libp2p::kad::RecordKey::new(&record::record_key(
+                    &self.database,
+                    &self.table,
+                    key,
+                )))
+            })
             .map_or(0, |revision| revision + 1);
         let version = self.next_version(held);
         match self.put(key, &change, version).await {

@@ -133,8 +133,8 @@ pub(crate) async fn run(global: &Global, args: &NodeArgs) -> Result<(), BoxError
             .upnp(!no_upnp)
             .autonat(!no_autonat)
             .relay_server(relay)
-            .store_capacity(capacity)
     });
+    builder = builder.store_config(micromesh::store::Config::default().capacity(capacity));
     let service = builder.build().await?;
     let node = service.node().clone();
     // Subscribe before reading the current addresses, so none is missed in between.
