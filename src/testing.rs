@@ -124,6 +124,8 @@ impl Builder {
             network: self.network,
             configure: self.configure,
             members: Vec::new(),
+            past_panics: Vec::new(),
+            panics_reported: false,
             bootstrap: None,
             connect_timeout: self.connect_timeout,
         };
@@ -149,6 +151,10 @@ pub struct Cluster {
     network: String,
     configure: Configure,
     members: Vec<Member>,
+    /// What panicked in members that were stopped or killed since.
+    past_panics: Vec<(usize, String)>,
+    /// Whether [`Cluster::shutdown`] reported the panics already.
+    panics_reported: bool,
     bootstrap: Option<Multiaddr>,
     connect_timeout: Duration,
 }
@@ -323,8 +329,24 @@ impl Cluster {
     /// As [`Service::stop`].
     pub async fn stop(&mut self, i: usize) -> Result<(), Error> {
         match self.members[i].service.take() {
-            Some(service) => service.stop().await,
+            Some(service) => {
+                let stopped = service.stop().await;
+                self.remember_panics(i, &service);
+                stopped
+            }
             None => Ok(()),
+        }
+    }
+
+    /// Keeps what panicked in a member that leaves the cluster, for [`Cluster::shutdown`].
+    fn remember_panics(&mut self, i: usize, service: &Service) {
+        let node = service.node();
+        if let Some(ExitReason::Panicked(msg)) = node.exit_reason() {
+            self.past_panics.push((i, format!("event loop: {msg}")));
+        }
+        for panic in node.task_panics() {
+            self.past_panics
+                .push((i, format!("{} task: {}", panic.component, panic.message)));
         }
     }
 
@@ -334,6 +356,7 @@ impl Cluster {
         if let Some(service) = self.members[i].service.take() {
             service.node().kill();
             service.node().stopped().await;
+            self.remember_panics(i, &service);
         }
     }
 
@@ -359,25 +382,33 @@ impl Cluster {
         self.start(i).await
     }
 
+    /// What panicked in any member, now or before it stopped: event loops and the tasks of
+    /// every component.
     fn panics(&self) -> Vec<(usize, String)> {
-        self.members
-            .iter()
-            .enumerate()
-            .filter_map(|(i, m)| match m.service.as_ref()?.node().exit_reason() {
-                Some(ExitReason::Panicked(msg)) => Some((i, msg)),
-                _ => None,
-            })
-            .collect()
+        let mut panics = self.past_panics.clone();
+        for (i, m) in self.members.iter().enumerate() {
+            let Some(service) = &m.service else { continue };
+            let node = service.node();
+            if let Some(ExitReason::Panicked(msg)) = node.exit_reason() {
+                panics.push((i, format!("event loop: {msg}")));
+            }
+            for panic in node.task_panics() {
+                panics.push((i, format!("{} task: {}", panic.component, panic.message)));
+            }
+        }
+        panics
     }
 
     /// Stops every member gracefully.
     ///
     /// # Errors
     ///
-    /// [`Error::Node`] with [`ExitReason::Panicked`] if any member's event loop panicked
-    /// during the test, and any error of stopping a member.
+    /// [`Error::Node`] with [`ExitReason::Panicked`] if any member's event loop, or any task of
+    /// its components, panicked during the test; and any error of stopping a member.
     pub async fn shutdown(mut self) -> Result<(), Error> {
         if let Some((i, msg)) = self.panics().into_iter().next() {
+            // Reported here: dropping the cluster must not panic about it again.
+            self.panics_reported = true;
             return Err(Error::Node(crate::node::Error::Stopped(
                 ExitReason::Panicked(format!("cluster member {i}: {msg}")),
             )));
@@ -400,7 +431,7 @@ impl Drop for Cluster {
                 service.node().kill();
             }
         }
-        if !panics.is_empty() && !std::thread::panicking() {
+        if !panics.is_empty() && !self.panics_reported && !std::thread::panicking() {
             panic!("cluster members panicked: {panics:?}");
         }
     }
@@ -421,6 +452,13 @@ fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
 /// calls in flight break, connections drop.
 pub fn crash(service: &Service) {
     service.node().kill();
+}
+
+/// Fault injection: runs a task on `node` that panics with `message`, as a bug in a component
+/// would: the node goes on, the panic is logged and listed by [`Node::task_panics`], and a
+/// [`Cluster`] holding the node fails its [`Cluster::shutdown`].
+pub fn inject_task_panic(node: &Node, message: &'static str) {
+    node.spawn_task("testing", async move { panic!("{message}") });
 }
 
 /// The value of one series in `node`'s metrics, 0 while the node has none (a counter appears

@@ -105,6 +105,25 @@ async fn departed_nodes_leave_the_routing_table_at_once() {
     cluster.shutdown().await.unwrap();
 }
 
+/// Every background task belongs to its node: one that panics is reported, the node goes on,
+/// and a test cluster fails its shutdown; the tasks end with the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_panics_is_reported_and_fails_the_cluster() {
+    let cluster = Cluster::new(2).await.unwrap();
+    let node = cluster.node(1).clone();
+    testing::inject_task_panic(&node, "a bug in a component");
+    wait_until(WAIT, || async { !node.task_panics().is_empty() })
+        .await
+        .expect("the panic is reported");
+    let panic = node.task_panics().remove(0);
+    assert_eq!(panic.component, "testing");
+    assert_eq!(panic.message, "a bug in a component");
+    // The node goes on serving.
+    assert!(node.peers().await.is_ok());
+    let err = cluster.shutdown().await.unwrap_err();
+    assert!(err.to_string().contains("a bug in a component"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_keeps_its_peer_id_and_rejoins() {
     let mut cluster = Cluster::new(3).await.unwrap();

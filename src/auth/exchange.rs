@@ -199,9 +199,9 @@ fn hello_of(auth: &Auth, revocations: Vec<Revocation>) -> Hello {
 }
 
 fn spawn_exchange(handle: &Handle, auth: &Auth, peer: PeerId, revocations: Vec<Revocation>) {
-    let (handle, auth) = (handle.clone(), auth.clone());
-    tokio::spawn(async move {
-        let exchange = handle.exchange(&auth, peer, revocations);
+    let (task, auth) = (handle.clone(), auth.clone());
+    handle.node.spawn_task("auth", async move {
+        let exchange = task.exchange(&auth, peer, revocations);
         match tokio::time::timeout(TIMEOUT, exchange).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::debug!(%peer, "auth exchange failed: {e}"),
@@ -282,9 +282,9 @@ async fn run(
         tokio::select! {
             next = inbound.recv() => {
                 let Some((peer, stream)) = next else { break };
-                let (handle, auth) = (handle.clone(), auth.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(TIMEOUT, serve(&handle, &auth, peer, stream)).await {
+                let (task, auth) = (handle.clone(), auth.clone());
+                handle.node.spawn_task("auth", async move {
+                    match tokio::time::timeout(TIMEOUT, serve(&task, &auth, peer, stream)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => tracing::debug!(%peer, "auth exchange failed: {e}"),
                         Err(_) => tracing::debug!(%peer, "auth exchange timed out"),

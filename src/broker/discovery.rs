@@ -120,7 +120,7 @@ impl Discovery {
             .shared();
         state.running = Some(round.clone());
         // The round runs whether or not anybody waits for it.
-        tokio::spawn(round.clone());
+        node.spawn_task("broker", round.clone());
         round
     }
 }

@@ -705,7 +705,9 @@ impl Broker {
             discovery: discovery::Discovery::default(),
             metrics,
         });
-        tokio::spawn(queue::serve(Arc::downgrade(&inner), inbound));
+        inner
+            .node
+            .spawn_task("broker", queue::serve(Arc::downgrade(&inner), inbound));
         Ok(Self { inner })
     }
 
@@ -885,14 +887,17 @@ impl Broker {
             for (permit, group) in permits.into_iter().zip(&groups) {
                 let (report, delivered) = oneshot::channel();
                 deliveries.push(delivered);
-                tokio::spawn(queue::deliver(
-                    self.inner.clone(),
-                    permit,
-                    topic.to_owned(),
-                    group.clone(),
-                    envelope.clone(),
-                    report,
-                ));
+                inner.node.spawn_task(
+                    "broker",
+                    queue::deliver(
+                        self.inner.clone(),
+                        permit,
+                        topic.to_owned(),
+                        group.clone(),
+                        envelope.clone(),
+                        report,
+                    ),
+                );
             }
         }
         inner.metrics.published.inc();
@@ -1223,7 +1228,9 @@ impl Broker {
             ),
         };
         let (close, closed) = oneshot::channel();
-        tokio::spawn(worker.run(gossip, local_rx, closed));
+        inner
+            .node
+            .spawn_task("broker", worker.run(gossip, local_rx, closed));
         Ok(close)
     }
 
@@ -1259,7 +1266,7 @@ impl Broker {
         let stats = stats.clone();
         let metrics = inner.metrics.clone();
         let (close, mut closed) = oneshot::channel::<()>();
-        tokio::spawn(async move {
+        inner.node.spawn_task("broker", async move {
             // Held for the subscription's life: it announces the membership.
             let announcement = announcement;
             let mut queue = queue_rx;

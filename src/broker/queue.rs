@@ -20,6 +20,8 @@ use super::{
 };
 use crate::{PeerId, transport::frame};
 
+/// How many deliveries to this node's members are served at once.
+pub(crate) const MAX_SERVING: usize = 256;
 /// How long a member waits for the delivery frame once a stream is open.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first and the longest pause before a group whose every member failed is tried again.
@@ -265,12 +267,20 @@ pub(crate) async fn serve(
     broker: Weak<Inner>,
     mut inbound: mpsc::Receiver<(PeerId, libp2p::Stream)>,
 ) {
+    // Deliveries served at once: beyond, streams wait in the node's bounded inbound queue, and
+    // beyond that the node refuses them (the publisher redelivers elsewhere).
+    let slots = Arc::new(Semaphore::new(MAX_SERVING));
     while let Some((peer, stream)) = inbound.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let Some(inner) = broker.upgrade() else {
             return;
         };
         inner.serving.fetch_add(1, Ordering::AcqRel);
-        tokio::spawn(async move {
+        let node = inner.node.clone();
+        node.spawn_task("broker", async move {
+            let _slot = slot;
             if let Err(e) = serve_one(&inner, peer, stream).await {
                 tracing::debug!(%peer, "queue delivery stream failed: {e}");
             }

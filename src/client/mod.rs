@@ -339,10 +339,10 @@ impl Client {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                pool: pool::Pool::new(config.idle_timeout, &node),
                 node,
                 registry,
                 selector,
-                pool: pool::Pool::new(config.idle_timeout),
                 config,
             }),
         }

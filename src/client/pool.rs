@@ -39,7 +39,7 @@ pub(crate) struct Pool {
 impl Pool {
     /// A pool whose streams are closed once idle for `idle_timeout`, by a task that ends with
     /// the pool.
-    pub(crate) fn new(idle_timeout: Duration) -> Arc<Self> {
+    pub(crate) fn new(idle_timeout: Duration, node: &crate::node::Node) -> Arc<Self> {
         let pool = Arc::new(Self {
             by_peer: Mutex::new(HashMap::new()),
             idle_timeout,
@@ -48,7 +48,7 @@ impl Pool {
         // connection, for as long as the client lives.
         let weak = Arc::downgrade(&pool);
         let every = (idle_timeout / 4).max(Duration::from_millis(50));
-        tokio::spawn(async move {
+        node.spawn_task("client", async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {

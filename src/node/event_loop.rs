@@ -36,7 +36,7 @@ use super::{
     dial_error, frame,
     gossip::{self, Delivery, Subscriber, Validation},
     metrics::NodeMetrics,
-    scoring, streams,
+    scoring, streams, tasks,
 };
 
 /// How long a shutdown waits for connections to close gracefully.
@@ -170,6 +170,8 @@ pub(crate) struct EventLoop {
     /// Connected peers that said goodbye: their connections closing is no reason to check on
     /// them.
     departed: HashSet<PeerId>,
+    /// The owner of the node's background tasks.
+    tasks: tasks::Tasks,
 }
 
 type Probe = (Instant, Multiaddr, oneshot::Sender<Result<PeerId, Error>>);
@@ -183,6 +185,7 @@ pub(crate) struct Wiring {
     pub(crate) connected: Arc<RwLock<HashSet<PeerId>>>,
     pub(crate) opener: streams::Opener,
     pub(crate) leaves: mpsc::Receiver<(PeerId, libp2p::Stream)>,
+    pub(crate) tasks: tasks::Tasks,
 }
 
 impl EventLoop {
@@ -195,6 +198,7 @@ impl EventLoop {
             connected,
             opener,
             leaves,
+            tasks,
         } = wiring;
         let (stale_tx, stale_rx) = mpsc::channel(STALE_QUEUE);
         Self {
@@ -239,6 +243,7 @@ impl EventLoop {
             leaves,
             leave_protocol: leave_protocol(&config.network),
             departed: HashSet::new(),
+            tasks,
         }
     }
 
@@ -367,7 +372,7 @@ impl EventLoop {
             let opener = self.opener.clone();
             let protocol = self.keep_alive_protocol.clone();
             let stale = self.stale_tx.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn("node", async move {
                 let probe = opener.open_on(peer, connection, protocol);
                 match tokio::time::timeout(STALE_PROBE_TIMEOUT, probe).await {
                     // Alive, closed meanwhile, or refused for a reason of its own: only a

@@ -480,6 +480,9 @@ impl Node {
         )?;
         let libp2p_metrics = libp2p::metrics::Metrics::new(libp2p_registry);
 
+        let span =
+            tracing::info_span!("node", peer = %short_id(&peer_id), network = %config.network);
+        let tasks = tasks::Tasks::new(span.clone());
         let (commands, command_rx) = mpsc::channel(config.command_queue);
         let (events_tx, events) = broadcast::channel(config.event_queue);
         let (exit_tx, exit) = watch::channel(None);
@@ -496,15 +499,13 @@ impl Node {
                 connected: connected.clone(),
                 opener: opener.clone(),
                 leaves,
+                tasks: tasks.clone(),
             },
         );
         event_loop.start(&config).await?;
 
-        let span =
-            tracing::info_span!("node", peer = %short_id(&peer_id), network = %config.network);
-        let task = tokio::spawn(event_loop.run().instrument(span.clone()));
+        let task = tokio::spawn(event_loop.run().instrument(span));
         let abort = task.abort_handle();
-        let tasks = tasks::Tasks::new(span);
         let (stopped_tx, stopped_rx) = oneshot::channel::<()>();
         tokio::spawn(tasks.clone().supervise(async move {
             let _ = stopped_rx.await;

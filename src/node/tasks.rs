@@ -138,3 +138,51 @@ pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic payload".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use super::Tasks;
+
+    #[tokio::test]
+    async fn tasks_end_with_their_owner_and_panics_are_kept() {
+        let tasks = Tasks::new(tracing::Span::none());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let supervisor = tokio::spawn(tasks.clone().supervise(async move {
+            let _ = stopped.await;
+        }));
+        let held = Arc::new(());
+        let in_task = held.clone();
+        tasks.spawn("forever", async move {
+            let _held = in_task;
+            std::future::pending::<()>().await;
+        });
+        tasks.spawn("buggy", async { panic!("broken") });
+        let reported = async {
+            while tasks.panics().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), reported)
+            .await
+            .expect("the panic is reported");
+        assert_eq!(tasks.panics()[0].component, "buggy");
+        assert_eq!(Arc::strong_count(&held), 2, "the endless task runs");
+        stop.send(()).unwrap();
+        supervisor.await.unwrap();
+        // Aborted: its future (and what it held) is dropped.
+        let released = async {
+            while Arc::strong_count(&held) > 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), released)
+            .await
+            .expect("the endless task is aborted");
+        // After the owner stopped, nothing new starts.
+        let late = held.clone();
+        tasks.spawn("late", async move { drop(late) });
+        assert_eq!(Arc::strong_count(&held), 1);
+    }
+}

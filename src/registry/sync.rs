@@ -34,7 +34,8 @@ pub(crate) async fn serve(registry: Registry, mut incoming: crate::node::streams
                 break;
             };
             let registry = registry.clone();
-            tokio::spawn(async move {
+            let node = registry.node().clone();
+            node.spawn_task("registry", async move {
                 let _slot = slot;
                 let result = tokio::time::timeout(SERVE_TIMEOUT, async {
                     let request = frame::read(&mut stream, wire::MAX_SYNC_REQUEST)

@@ -87,7 +87,8 @@ async fn run(
                             tracing::debug!("cannot re-announce: {e}");
                         }
                     } else if registry.has_services(&peer) {
-                        tokio::spawn(check(registry.clone(), peer, false, probing.clone()));
+                        let node = registry.node();
+                        node.spawn_task("registry", check(registry.clone(), peer, false, probing.clone()));
                     }
                 }
             }
@@ -95,12 +96,13 @@ async fn run(
                 // A goodbye needs no check: the peer said it is gone.
                 Ok(Event::PeerLeft { peer_id }) => registry.mark_down(peer_id),
                 Ok(Event::PeerDisconnected { peer_id }) if registry.has_services(&peer_id) => {
-                    tokio::spawn(check(registry.clone(), peer_id, true, probing.clone()));
+                    let node = registry.node();
+                    node.spawn_task("registry", check(registry.clone(), peer_id, true, probing.clone()));
                 }
                 Ok(Event::PeerIdentified { peer_id, same_network: true }) if synced < registry.config().initial_syncs => {
                     synced += 1;
-                    let registry = registry.clone();
-                    tokio::spawn(async move { sync::fetch(&registry, peer_id, None).await });
+                    let task = registry.clone();
+                    registry.node().spawn_task("registry", async move { sync::fetch(&task, peer_id, None).await });
                 }
                 Ok(_) | Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => break,

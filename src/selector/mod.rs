@@ -392,7 +392,7 @@ impl Selector {
     pub fn follow(&self, node: &crate::node::Node) {
         let selector = self.clone();
         let mut events = node.events();
-        tokio::spawn(async move {
+        node.spawn_task("selector", async move {
             loop {
                 match events.recv().await {
                     Ok(crate::node::Event::PeerRtt { peer_id, rtt }) => {

@@ -50,6 +50,8 @@ struct Inner {
     per_peer: Mutex<HashMap<PeerId, usize>>,
     metrics: Metrics,
     auth: crate::auth::Auth,
+    /// The node, which owns the tasks serving calls.
+    node: crate::node::Node,
 }
 
 /// Counts a call in flight (in total and per peer) until dropped.
@@ -127,6 +129,7 @@ impl Server {
                 per_peer: Mutex::new(HashMap::new()),
                 metrics,
                 auth: node.auth().clone(),
+                node: node.clone(),
             }),
         };
         match node.accept(transport::protocol(node.network())) {
@@ -149,7 +152,9 @@ impl Server {
         let span = tracing::debug_span!("calls", %peer);
         inner.metrics.streams.inc();
         inner.metrics.streams_open.inc();
-        tokio::spawn(
+        let node = inner.node.clone();
+        node.spawn_task(
+            "server",
             async move {
                 serve(&inner, peer, stream).await;
                 inner.metrics.streams_open.dec();
