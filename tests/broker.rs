@@ -707,3 +707,178 @@ async fn a_restarted_subscriber_gets_messages_again_over_quic() {
 async fn a_restarted_subscriber_gets_messages_again_over_tcp() {
     a_restarted_subscriber_gets_messages_again("/ip4/127.0.0.1/tcp/0").await;
 }
+
+/// A validation hook that blocks for seconds holds up its own topic only: the same node goes
+/// on answering calls, its event loop answers at once, and registry updates spread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_validation_hook_holds_up_only_its_topic() {
+    let cluster = Cluster::builder()
+        .size(3)
+        .configure(|i, b| {
+            if i == 1 {
+                b.handle("Echo.Echo", |_: micromesh::Context, n: u64| async move {
+                    Ok::<_, Status>(n)
+                })
+                .register(true)
+            } else {
+                b
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let slow = cluster.service(1).clone();
+    let hooks_run = Arc::new(AtomicUsize::new(0));
+    let runs = hooks_run.clone();
+    slow.broker().set_validator("slow", move |_: &Message| {
+        runs.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_secs(5));
+        Validation::Accept
+    });
+    let _sub = slow
+        .broker()
+        .subscribe_raw("slow", SubscribeOptions::new(), |_: Message| async {
+            Ok::<_, Status>(())
+        })
+        .await
+        .unwrap();
+    let publisher = cluster.service(2).clone();
+    wait_for_topic_peers(&publisher, "slow", 1).await;
+    for n in 0..20u64 {
+        publisher
+            .broker()
+            .publish_raw("slow", n.to_be_bytes().to_vec(), PublishOptions::new())
+            .await
+            .unwrap();
+    }
+    wait_until(WAIT, || async { hooks_run.load(Ordering::SeqCst) >= 1 })
+        .await
+        .expect("the slow hook runs");
+
+    // While the hook sleeps: calls to the node are answered, each well within a second.
+    let caller = cluster.service(0).clone();
+    let registry = caller.registry().clone();
+    wait_until(WAIT, || async {
+        registry.get_service("member-1").await.is_ok()
+    })
+    .await
+    .expect("the caller knows the node");
+    for n in 0..50u64 {
+        let started = std::time::Instant::now();
+        let echoed: u64 = caller
+            .client()
+            .call_with(
+                "member-1",
+                "Echo.Echo",
+                &n,
+                micromesh::client::CallOptions::default().timeout(Duration::from_secs(2)),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("call {n} while the hook sleeps: {e}"));
+        assert_eq!(echoed, n);
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    // Its event loop answers at once, and a registration on it spreads to the others.
+    for _ in 0..10 {
+        tokio::time::timeout(Duration::from_secs(1), slow.node().peers())
+            .await
+            .expect("the event loop answers within a second")
+            .unwrap();
+    }
+    slow.registry()
+        .register(micromesh::registry::Registration::new("added-while-slow"))
+        .await
+        .unwrap();
+    let watcher = caller.registry().clone();
+    wait_until(Duration::from_secs(4), || async {
+        !watcher.cached_service("added-while-slow").is_empty()
+    })
+    .await
+    .expect("the registration spreads while the hook sleeps");
+    assert!(
+        hooks_run.load(Ordering::SeqCst) < 20,
+        "the test ran while the hook was still behind"
+    );
+    cluster.shutdown().await.unwrap();
+}
+
+/// A flood of 10,000 gossip messages with forged frames: each is refused by the first node that
+/// sees it, and calls to that node go on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_invalid_gossip_does_not_stop_calls() {
+    let cluster = Cluster::builder()
+        .size(3)
+        .configure(|i, b| {
+            if i == 1 {
+                b.handle("Echo.Echo", |_: micromesh::Context, n: u64| async move {
+                    Ok::<_, Status>(n)
+                })
+                .register(true)
+            } else {
+                b
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let target = cluster.service(1).clone();
+    let _sub = target
+        .broker()
+        .subscribe_raw("news", SubscribeOptions::new(), |_: Message| async {
+            Ok::<_, Status>(())
+        })
+        .await
+        .unwrap();
+    let attacker = cluster.node(2).clone();
+    wait_until(WAIT, || async {
+        attacker
+            .topic_peers("news")
+            .await
+            .is_ok_and(|p| p.contains(&target.peer_id()))
+    })
+    .await
+    .unwrap();
+    let flood = tokio::spawn(async move {
+        for n in 0..10_000u32 {
+            // Not a frame at all: every one fails its check.
+            let _ = micromesh::testing::inject_gossip_frame(
+                &attacker,
+                "news",
+                n.to_be_bytes().repeat(40),
+            )
+            .await;
+        }
+    });
+    let caller = cluster.service(0).clone();
+    let registry = caller.registry().clone();
+    wait_until(WAIT, || async {
+        registry.get_service("member-1").await.is_ok()
+    })
+    .await
+    .unwrap();
+    let mut calls = 0u64;
+    while !flood.is_finished() || calls < 50 {
+        let echoed: u64 = caller
+            .client()
+            .call_with(
+                "member-1",
+                "Echo.Echo",
+                &calls,
+                micromesh::client::CallOptions::default().timeout(Duration::from_secs(2)),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("call {calls} during the flood: {e}"));
+        assert_eq!(echoed, calls);
+        calls += 1;
+    }
+    flood.await.unwrap();
+    assert!(micromesh::testing::metric(target.node(), "micromesh_gossip_rejected_total") >= 1);
+    let score = target
+        .node()
+        .gossip_score(cluster.node(2).peer_id())
+        .await
+        .unwrap()
+        .unwrap_or(0.0);
+    assert!(score < 0.0, "the flooder still scores {score}");
+    cluster.shutdown().await.unwrap();
+}

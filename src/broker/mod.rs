@@ -1028,8 +1028,10 @@ impl Broker {
     /// of the topic this node receives, before the message is delivered to local subscribers or
     /// forwarded to other nodes: [`Validation::Reject`] drops it and lowers the gossipsub score of
     /// the peer that sent it; [`Validation::Ignore`] drops it without penalty. The hook runs on
-    /// the node's event loop: it must be fast and must not block. Malformed and oversized
-    /// messages are rejected before any hook runs.
+    /// the topic's validation worker, off the node's event loop: a slow or blocking hook holds
+    /// up this topic only (beyond 512 waiting messages, new ones are dropped and counted in
+    /// `micromesh_gossip_validation_overflow_total`), and a hook that panics drops the message.
+    /// Malformed and oversized messages are rejected before any hook runs.
     ///
     /// ```
     /// # use micromesh::{node::{Node, Preset}, broker::{Broker, Message, Validation}};

@@ -33,10 +33,10 @@ use super::{
         Behaviour, BehaviourEvent, OptionalEvent, kad_protocol, keep_alive_protocol, leave_protocol,
     },
     config::Config,
-    dial_error, frame,
+    dial_error,
     gossip::{self, Delivery, Subscriber, Validation},
     metrics::NodeMetrics,
-    scoring, streams, tasks,
+    scoring, streams, tasks, validation,
 };
 
 /// How long a shutdown waits for connections to close gracefully.
@@ -157,8 +157,13 @@ pub(crate) struct EventLoop {
     /// The connected peers subscribed to each topic of the network (topic name without the
     /// network prefix), as gossipsub reported their subscriptions.
     topic_peers: HashMap<String, HashSet<PeerId>>,
-    /// Validation hooks of gossip topics (user topic name → hook).
-    validators: HashMap<String, gossip::Validator>,
+    /// Validation hooks of gossip topics (user topic name → hook), shared with the workers.
+    hooks: validation::Hooks,
+    /// The validation worker of each subscribed topic.
+    workers: HashMap<String, mpsc::Sender<validation::Pending>>,
+    /// Verdicts of the workers, sent back to this loop.
+    verdicts_tx: mpsc::Sender<validation::Checked>,
+    verdicts_rx: mpsc::Receiver<validation::Checked>,
     /// When this node last published a gossip message.
     last_publish: Option<Instant>,
     /// Why the last dial failed, in plain words: the cause given when the node cannot ask the
@@ -201,6 +206,7 @@ impl EventLoop {
             tasks,
         } = wiring;
         let (stale_tx, stale_rx) = mpsc::channel(STALE_QUEUE);
+        let (verdicts_tx, verdicts_rx) = mpsc::channel(validation::VERDICT_QUEUE);
         Self {
             swarm,
             commands,
@@ -237,7 +243,10 @@ impl EventLoop {
             stale_rx,
             redial_after_close: HashSet::new(),
             topic_peers: HashMap::new(),
-            validators: HashMap::new(),
+            hooks: validation::Hooks::default(),
+            workers: HashMap::new(),
+            verdicts_tx,
+            verdicts_rx,
             last_publish: None,
             last_dial_failure: None,
             leaves,
@@ -351,6 +360,7 @@ impl EventLoop {
                 Some((peer, connection)) = self.stale_rx.recv() => self.on_stale(peer, connection),
                 // The goodbye is the stream itself; its byte need not be read.
                 Some((peer, _goodbye)) = self.leaves.recv() => self.on_peer_left(peer),
+                Some(checked) = self.verdicts_rx.recv() => self.on_checked(checked),
                 _ = tick.tick() => self.on_tick(),
             }
         }
@@ -796,6 +806,7 @@ impl EventLoop {
                     Ok(_) => {
                         // Invalid messages on the topic then count against their senders.
                         let _ = gossipsub.set_topic_params(wire, scoring::topic_params());
+                        self.start_worker(&topic);
                         self.topics.entry(topic).or_default().push(subscriber);
                         Ok(())
                     }
@@ -863,14 +874,13 @@ impl EventLoop {
                     .collect();
                 let _ = reply.send(found);
             }
-            Command::SetValidator { topic, validator } => match validator {
-                Some(validator) => {
-                    self.validators.insert(topic, validator);
-                }
-                None => {
-                    self.validators.remove(&topic);
-                }
-            },
+            Command::SetValidator { topic, validator } => {
+                let mut hooks = self.hooks.write().unwrap_or_else(|e| e.into_inner());
+                match validator {
+                    Some(validator) => hooks.insert(topic, validator),
+                    None => hooks.remove(&topic),
+                };
+            }
             Command::GossipScore { peer, reply } => {
                 let _ = reply.send(self.swarm.behaviour().gossipsub.peer_score(&peer));
             }
@@ -1001,8 +1011,29 @@ impl EventLoop {
             .all(|bucket| bucket.num_entries() == 0)
     }
 
+    /// Starts the validation worker of `topic` unless it runs.
+    fn start_worker(&mut self, topic: &str) {
+        if self.workers.contains_key(topic) {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(validation::TOPIC_QUEUE);
+        self.workers.insert(topic.to_owned(), tx);
+        self.tasks.spawn(
+            "gossip",
+            validation::worker(
+                topic.to_owned(),
+                gossip::wire_topic(&self.network, topic),
+                rx,
+                self.hooks.clone(),
+                self.verdicts_tx.clone(),
+            ),
+        );
+    }
+
     fn unsubscribe_topic(&mut self, topic: &str) {
         self.topics.remove(topic);
+        // Its worker ends once it has checked what it holds.
+        self.workers.remove(topic);
         let wire = gossipsub::IdentTopic::new(gossip::wire_topic(&self.network, topic));
         self.swarm.behaviour_mut().gossipsub.unsubscribe(&wire);
     }
@@ -1413,17 +1444,54 @@ impl EventLoop {
         });
     }
 
+    /// Hands a message of a subscribed topic to the topic's validation worker; its verdict
+    /// comes back through [`EventLoop::on_checked`]. Nothing here waits.
     fn on_gossip_message(
         &mut self,
         via: PeerId,
         id: gossipsub::MessageId,
         message: gossipsub::Message,
     ) {
-        let (verdict, accepted) = match self.check_gossip_message(via, message) {
-            Ok(accepted) => (Validation::Accept, Some(accepted)),
-            Err(verdict) => (verdict, None),
+        if let Some(state) = self.peers.get_mut(&via) {
+            state.last_active = Instant::now();
+        }
+        let verdict = match message.topic.as_str().strip_prefix(&self.gossip_prefix) {
+            None => Some(gossipsub::MessageAcceptance::Reject),
+            Some(topic) => match self.workers.get(topic) {
+                // Gossipsub hands over only the first copy of each message, so each signature
+                // is checked once.
+                Some(worker) => {
+                    let pending = validation::Pending {
+                        id: id.clone(),
+                        via,
+                        data: message.data,
+                    };
+                    match worker.try_send(pending) {
+                        Ok(()) => None,
+                        Err(_) => {
+                            // The topic's hook is behind: drop without penalty.
+                            self.metrics_local.gossip_validation_overflow.inc();
+                            Some(gossipsub::MessageAcceptance::Ignore)
+                        }
+                    }
+                }
+                None => Some(gossipsub::MessageAcceptance::Ignore),
+            },
         };
-        let acceptance = match verdict {
+        if let Some(verdict) = verdict {
+            if verdict == gossipsub::MessageAcceptance::Reject {
+                self.metrics_local.gossip_rejected.inc();
+            }
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .report_message_validation_result(&id, &via, verdict);
+        }
+    }
+
+    /// A worker's verdict: gossipsub forwards (or drops) the message, subscribers get it.
+    fn on_checked(&mut self, checked: validation::Checked) {
+        let acceptance = match checked.verdict {
             Validation::Accept => gossipsub::MessageAcceptance::Accept,
             Validation::Reject => {
                 self.metrics_local.gossip_rejected.inc();
@@ -1438,54 +1506,10 @@ impl EventLoop {
         self.swarm
             .behaviour_mut()
             .gossipsub
-            .report_message_validation_result(&id, &via, acceptance);
-        if let Some(message) = accepted {
+            .report_message_validation_result(&checked.id, &checked.via, acceptance);
+        if let Some(message) = checked.message {
             self.deliver_gossip(&message);
         }
-    }
-
-    /// Validates a message: `Ok` with the message to deliver when it is accepted, the verdict
-    /// otherwise.
-    fn check_gossip_message(
-        &mut self,
-        via: PeerId,
-        message: gossipsub::Message,
-    ) -> Result<gossip::Message, Validation> {
-        let Some(topic) = message.topic.as_str().strip_prefix(&self.gossip_prefix) else {
-            return Err(Validation::Reject);
-        };
-        if let Some(state) = self.peers.get_mut(&via) {
-            state.last_active = Instant::now();
-        }
-        if !self.topics.contains_key(topic) {
-            return Err(Validation::Ignore);
-        }
-        // Gossipsub hands over only the first copy of each message, so each signature is checked
-        // once.
-        let frame = frame::open(message.topic.as_str(), message.data).map_err(|e| {
-            tracing::debug!(peer = %via, %topic, "gossip message refused: {e}");
-            Validation::Reject
-        })?;
-        let delivered = gossip::Message {
-            topic: topic.to_owned(),
-            source: frame.publisher,
-            via,
-            sequence: Some(frame.sequence),
-            data: frame.payload,
-        };
-        if let Some(validator) = self.validators.get(topic) {
-            let verdict =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| validator(&delivered)));
-            match verdict {
-                Ok(Validation::Accept) => {}
-                Ok(other) => return Err(other),
-                Err(_) => {
-                    tracing::error!(%topic, "a gossip validation hook panicked; message ignored");
-                    return Err(Validation::Ignore);
-                }
-            }
-        }
-        Ok(delivered)
     }
 
     /// Queues an accepted message to its topic's subscribers.

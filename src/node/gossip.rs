@@ -138,8 +138,9 @@ pub enum Validation {
     Ignore,
 }
 
-/// A validation hook of one topic. It runs on the node's event loop for every message of the
-/// topic, so it must be fast and must not block.
+/// A validation hook of one topic. It runs for every message of the topic on the topic's
+/// validation worker, off the event loop: a slow hook holds up its own topic only (whose
+/// messages are dropped beyond a bounded queue), and a panic ignores the message.
 pub(crate) type Validator = Arc<dyn Fn(&Message) -> Validation + Send + Sync>;
 
 /// The sending half of a subscription, held by the event loop.

@@ -14,6 +14,7 @@ pub(crate) struct NodeMetrics {
     pub(crate) routing_removed: Counter,
     pub(crate) gossip_rejected: Counter,
     pub(crate) gossip_send_dropped: Counter,
+    pub(crate) gossip_validation_overflow: Counter,
 }
 
 impl NodeMetrics {
@@ -48,6 +49,11 @@ impl NodeMetrics {
             "routing_removed",
             "Peers removed from the DHT routing table after a dial to them failed",
             metrics.routing_removed.clone(),
+        );
+        registry.register(
+            "gossip_validation_overflow",
+            "Gossip messages ignored because their topic's validation queue was full (a slow hook)",
+            metrics.gossip_validation_overflow.clone(),
         );
         registry.register(
             "stale_connections",

@@ -37,6 +37,7 @@ pub(crate) mod records;
 mod scoring;
 pub(crate) mod streams;
 mod tasks;
+mod validation;
 
 use std::{
     fmt,

@@ -26,14 +26,9 @@ pub(crate) async fn spawn(registry: Registry) -> Result<(), Error> {
     let network = node.network().to_owned();
     let rejected = registry.rejection_counter();
     let hook = move |message: &gossip::Message| {
-        let checked = wire::verify(&network, &message.data).and_then(|v| {
-            if v.signer == message.source {
-                Ok(v)
-            } else {
-                Err(wire::Rejection::WrongPublisher)
-            }
-        });
-        match checked {
+        // The gossip frame's signature, checked by the node, covers the message: only its
+        // shape, its limits and its signer are checked here.
+        match wire::verify_published(&network, &message.data, message.source) {
             Ok(_) => Validation::Accept,
             Err(rejection) => {
                 tracing::debug!("rejected a registry message: {rejection}");

@@ -171,6 +171,26 @@ pub(crate) fn sign(
 /// Decodes a signed message from untrusted bytes, checks its size, shape, limits and
 /// signature, and that the signer is the peer the message speaks for.
 pub(crate) fn verify(network: &str, bytes: &[u8]) -> Result<Verified, Rejection> {
+    verify_signed(network, bytes, None)
+}
+
+/// As [`verify`], for a message that arrived on gossip in a frame signed by `publisher`: the
+/// frame's signature already covers these bytes, so the message must be `publisher`'s own
+/// (else [`Rejection::WrongPublisher`]) and its own signature is not checked a second time.
+/// Its limits are.
+pub(crate) fn verify_published(
+    network: &str,
+    bytes: &[u8],
+    publisher: PeerId,
+) -> Result<Verified, Rejection> {
+    verify_signed(network, bytes, Some(publisher))
+}
+
+fn verify_signed(
+    network: &str,
+    bytes: &[u8],
+    publisher: Option<PeerId>,
+) -> Result<Verified, Rejection> {
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(Rejection::TooLarge(bytes.len()));
     }
@@ -184,8 +204,14 @@ pub(crate) fn verify(network: &str, bytes: &[u8]) -> Result<Verified, Rejection>
     };
     let signer =
         PeerId::from_bytes(speaker).map_err(|e| Rejection::Malformed(format!("peer id: {e}")))?;
-    if !identity::verify(&signer, &signing_input(network, &signed.body), &signed.sig) {
-        return Err(Rejection::BadSignature);
+    match publisher {
+        Some(publisher) if publisher != signer => return Err(Rejection::WrongPublisher),
+        Some(_) => {}
+        None => {
+            if !identity::verify(&signer, &signing_input(network, &signed.body), &signed.sig) {
+                return Err(Rejection::BadSignature);
+            }
+        }
     }
     check_limits(&body)?;
     if signed.g.len() > crate::auth::MAX_PRESENTED {

@@ -6,6 +6,7 @@ mod idle;
 mod pubsub_bench;
 mod registry;
 mod rpc_bench;
+mod slow_hook;
 mod store_bench;
 
 use crate::measure::Options;
@@ -37,6 +38,10 @@ pub(crate) const LIST: &[(&str, &str)] = &[
         "a server and N short-lived nodes in turn (half stopped, half killed), TCP and QUIC: first-call latency",
     ),
     (
+        "slow-hook",
+        "call latency on a node whose gossip validation hook blocks, against the same without",
+    ),
+    (
         "registry",
         "register on one node: time until every node sees it; kill it: time until every node drops it",
     ),
@@ -47,6 +52,7 @@ pub(crate) async fn run(name: &str, options: &Options) -> Result<serde_json::Val
         "idle" => idle::run(options).await,
         "registry" => registry::run(options).await,
         "churn" => churn::run(options).await,
+        "slow-hook" => slow_hook::run(options).await,
         "rpc-bench" => rpc_bench::run(options).await,
         "pubsub-bench" => pubsub_bench::run(options).await,
         "store-bench" => store_bench::run(options).await,
