@@ -571,6 +571,13 @@ pub fn registry_announcement(
     wire::sign(signer, network, &body, &[])
 }
 
+/// Hands a signed registry message (from [`registry_announcement`], say) to `registry` as if a
+/// peer had sent it by sync: checked, then applied. Returns whether it was valid. For filling a
+/// view with many synthetic instances in benchmarks.
+pub fn feed_registry(registry: &crate::registry::Registry, message: &[u8]) -> bool {
+    registry.receive(message).is_some()
+}
+
 /// Fault injection: a registry leave signed by `signer`, claiming to come from `claimed`.
 pub fn registry_leave(
     signer: &crate::Identity,

@@ -210,12 +210,15 @@ impl Client {
         tried: &[PeerId],
     ) -> Result<Selected, Error> {
         let registry = &self.inner.registry;
-        let resolved = registry.get_service(service).await;
+        // The view's shared snapshot: nothing here copies or scans the service's nodes, except
+        // for a pinned peer.
+        let resolved = registry.resolve(service).await;
         let mut select = options.select.clone();
         let candidates = match (options.peer, resolved) {
             (Some(peer), resolved) => {
                 // The pinned peer, with the addresses the registry has for it, if any.
-                let mut known = resolved.unwrap_or_default();
+                let mut known: Vec<registry::Service> =
+                    resolved.map(|found| found.to_vec()).unwrap_or_default();
                 for s in &mut known {
                     s.nodes.retain(|n| n.peer_id == peer);
                 }
@@ -223,15 +226,17 @@ impl Client {
                 if known.is_empty() {
                     known.push(pinned(service, peer));
                 }
-                known
+                std::sync::Arc::new(known)
             }
             (None, Ok(found)) => {
-                let untried = found
-                    .iter()
-                    .flat_map(|s| &s.nodes)
-                    .any(|n| !tried.contains(&n.peer_id));
-                if untried {
-                    select.exclude.extend(tried.iter().copied());
+                if !tried.is_empty() {
+                    let untried = found
+                        .iter()
+                        .flat_map(|s| &s.nodes)
+                        .any(|n| !tried.contains(&n.peer_id));
+                    if untried {
+                        select.exclude.extend(tried.iter().copied());
+                    }
                 }
                 found
             }

@@ -293,6 +293,10 @@ pub struct Config {
     /// From how many of the first peers it meets a node fetches their whole view. Default is
     /// 3.
     pub initial_syncs: usize,
+    /// The most peers the view holds (with services, or recently gone). Beyond, announcements of
+    /// new peers are not taken, and counted in `micromesh_registry_view_full_total`. Default is
+    /// 100,000.
+    pub max_peers: usize,
 }
 
 impl Default for Config {
@@ -304,6 +308,7 @@ impl Default for Config {
             lookup_timeout: Duration::from_secs(10),
             watch_queue: 1024,
             initial_syncs: 3,
+            max_peers: view::DEFAULT_MAX_PEERS,
         }
     }
 }
@@ -338,6 +343,8 @@ struct Metrics {
     syncs: Counter,
     lookups: Counter,
     services: Gauge,
+    view_full: Counter,
+    view_peers: Gauge,
 }
 
 impl Metrics {
@@ -377,6 +384,16 @@ impl Metrics {
             "services",
             "Service names in this node's view",
             self.services.clone(),
+        );
+        registry.register(
+            "view_full",
+            "Announcements of new peers not taken because the view held its most peers",
+            self.view_full.clone(),
+        );
+        registry.register(
+            "view_peers",
+            "Peers in this node's view, with services or recently gone",
+            self.view_peers.clone(),
         );
     }
 }
@@ -438,6 +455,7 @@ impl Registry {
     /// [`Error::Node`] if the node has stopped.
     pub async fn start(node: node::Node, config: Config) -> Result<Self, Error> {
         let (events, _) = broadcast::channel(config.watch_queue.max(1));
+        let view = view::View::with_capacity(config.max_peers);
         let registry = Self {
             inner: Arc::new(Inner {
                 metrics: Metrics::register(&node),
@@ -448,7 +466,7 @@ impl Registry {
                     // Sequence numbers start at the wall clock, so a restarted node's
                     // announcements are newer than those of its previous run.
                     seq: unix_millis(),
-                    view: view::View::default(),
+                    view,
                 }),
                 events,
                 lookups: Mutex::new(HashMap::new()),
@@ -689,8 +707,12 @@ impl Registry {
         if events.is_empty() {
             return;
         }
-        let names = self.state().view.names().len();
+        let (names, peers) = {
+            let state = self.state();
+            (state.view.names().len(), state.view.len())
+        };
         self.inner.metrics.services.set(names as i64);
+        self.inner.metrics.view_peers.set(peers as i64);
         for event in events {
             let _ = self.inner.events.send(event);
         }
@@ -706,6 +728,12 @@ impl Registry {
     /// [`Error::NotFound`] if neither the view nor the DHT knows the name, [`Error::Node`] with
     /// [`node::Error::NoKnownPeers`] if the node could not ask the mesh (it reached no peer).
     pub async fn get_service(&self, name: &str) -> Result<Vec<Service>, Error> {
+        self.resolve(name).await.map(|found| found.to_vec())
+    }
+
+    /// As [`Registry::get_service`], sharing the view's snapshot instead of copying it: what a
+    /// call costs does not grow with the number of the service's nodes.
+    pub(crate) async fn resolve(&self, name: &str) -> Result<Arc<Vec<Service>>, Error> {
         let found = self.state().view.service(name);
         if !found.is_empty() {
             return Ok(found);
@@ -721,17 +749,16 @@ impl Registry {
 
     /// Every version of `name` in this node's view, without a DHT lookup.
     pub fn cached_service(&self, name: &str) -> Vec<Service> {
-        self.state().view.service(name)
+        self.state().view.service(name).to_vec()
     }
 
     /// Every service in this node's view: one entry per name and version, with its nodes.
     pub fn list_services(&self) -> Vec<Service> {
-        let state = self.state();
-        state
-            .view
-            .names()
+        let mut state = self.state();
+        let names = state.view.names();
+        names
             .iter()
-            .flat_map(|name| state.view.service(name))
+            .flat_map(|name| state.view.service(name).to_vec())
             .collect()
     }
 
@@ -890,11 +917,11 @@ impl Registry {
             _ => Vec::new(),
         };
         let now = std::time::Instant::now();
-        let events = {
+        let applied = {
             let mut state = self.state();
             match &verified.body {
                 // Our own announcements come back through sync: ours are authoritative.
-                _ if verified.signer == node.peer_id() => None,
+                _ if verified.signer == node.peer_id() => Err(view::Unchanged::Stale),
                 wire::Body::Announce {
                     seq, ttl_ms, addrs, ..
                 } => {
@@ -913,11 +940,16 @@ impl Registry {
                     state.view.announce(verified.signer, announced, now)
                 }
                 wire::Body::Leave { seq, .. } => state.view.leave(verified.signer, *seq, now),
-                wire::Body::Suspect { .. } => None,
+                wire::Body::Suspect { .. } => Err(view::Unchanged::Stale),
             }
         };
-        if let Some(events) = events {
-            self.emit(events);
+        match applied {
+            Ok(events) => self.emit(events),
+            Err(view::Unchanged::Full) => {
+                tracing::debug!(peer = %verified.signer, "registry view full: announcement not taken");
+                self.inner.metrics.view_full.inc();
+            }
+            Err(view::Unchanged::Stale) => {}
         }
         Some(verified)
     }

@@ -34,7 +34,7 @@
 mod ewma;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fmt,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -235,6 +235,36 @@ struct Candidate<'a> {
     version: &'a str,
 }
 
+/// The node a selection settled on.
+struct Chosen {
+    peer: PeerId,
+    addresses: Vec<Multiaddr>,
+    version: String,
+}
+
+/// Above this many candidates a selection samples them instead of scanning them all.
+const SAMPLE_ABOVE: usize = 64;
+/// How many candidates a sample looks at before it falls back to the scan.
+const SAMPLE_TRIES: usize = 32;
+
+/// Whether `node` of `service` may be picked now: not excluded, through every filter, and not
+/// ejected (unless the options take unhealthy nodes).
+fn eligible_now(
+    state: &State,
+    options: &SelectOptions,
+    service: &Service,
+    node: &crate::registry::Node,
+    now: Instant,
+) -> bool {
+    !options.exclude.contains(&node.peer_id)
+        && options.filters.iter().all(|f| passes(f, service, node))
+        && (options.include_unhealthy
+            || !state
+                .peers
+                .get(&node.peer_id)
+                .is_some_and(|p| p.ejected(now)))
+}
+
 fn passes(filter: &Filter, service: &Service, node: &crate::registry::Node) -> bool {
     match filter {
         Filter::Version(v) => service.version == *v,
@@ -283,24 +313,24 @@ impl Selector {
         options: &SelectOptions,
         now: Instant,
     ) -> Result<Selected, Error> {
-        if candidates.iter().all(|s| s.nodes.is_empty()) {
+        let total: usize = candidates.iter().map(|s| s.nodes.len()).sum();
+        if total == 0 {
             return Err(Error::NoNodes(service.to_owned()));
         }
         let mut state = self.state();
+        // Many candidates: sample a few at random instead of scanning them all, so that a
+        // call costs the same among ten instances as among ten thousand. The sample falls back
+        // to the scan when it finds too few eligible ones (strict filters, most ejected).
+        if total > SAMPLE_ABOVE
+            && let Some(chosen) = self.sample(&mut state, service, candidates, total, options, now)
+        {
+            return Ok(self.guard(&mut state, chosen, now));
+        }
         let mut eligible: Vec<Candidate<'_>> = Vec::new();
+        let mut seen = HashSet::new();
         for s in candidates {
             for node in &s.nodes {
-                if options.exclude.contains(&node.peer_id)
-                    || !options.filters.iter().all(|f| passes(f, s, node))
-                    || eligible.iter().any(|c| c.peer == node.peer_id)
-                {
-                    continue;
-                }
-                let ejected = state
-                    .peers
-                    .get(&node.peer_id)
-                    .is_some_and(|p| p.ejected(now));
-                if ejected && !options.include_unhealthy {
+                if !eligible_now(&state, options, s, node, now) || !seen.insert(node.peer_id) {
                     continue;
                 }
                 eligible.push(Candidate {
@@ -368,19 +398,120 @@ impl Selector {
             }
         };
         let chosen = &eligible[index];
+        let chosen = Chosen {
+            peer: chosen.peer,
+            addresses: chosen.addresses.to_vec(),
+            version: chosen.version.to_owned(),
+        };
+        Ok(self.guard(&mut state, chosen, now))
+    }
+
+    /// Picks among `total` candidates by sampling: random, or the cheaper of two random ones
+    /// (latency-weighted), or the next in turn (round robin). `None` when the strategy needs
+    /// every candidate (least outstanding) or the samples found too few eligible ones.
+    fn sample(
+        &self,
+        state: &mut State,
+        service: &str,
+        candidates: &[Service],
+        total: usize,
+        options: &SelectOptions,
+        now: Instant,
+    ) -> Option<Chosen> {
+        let at = |mut i: usize| -> (&Service, &crate::registry::Node) {
+            for s in candidates {
+                if i < s.nodes.len() {
+                    return (s, &s.nodes[i]);
+                }
+                i -= s.nodes.len();
+            }
+            unreachable!("an index below the total")
+        };
+        let chosen = |s: &Service, node: &crate::registry::Node| Chosen {
+            peer: node.peer_id,
+            addresses: node.addresses.clone(),
+            version: s.version.clone(),
+        };
+        let wanted = match options.strategy {
+            Strategy::LeastOutstanding => return None,
+            Strategy::RoundRobin => {
+                let first = *state.round_robin.entry(service.to_owned()).or_default();
+                for step in 0..SAMPLE_TRIES {
+                    let (s, node) = at((first + step) % total);
+                    if eligible_now(state, options, s, node, now) {
+                        let counter = state.round_robin.entry(service.to_owned()).or_default();
+                        *counter = (first + step + 1) % total;
+                        return Some(chosen(s, node));
+                    }
+                }
+                return None;
+            }
+            Strategy::Random => 1,
+            Strategy::LatencyWeighted if rand::random::<f64>() < self.config.explore => 1,
+            Strategy::LatencyWeighted => 2,
+        };
+        let mut picked: Vec<(&Service, &crate::registry::Node)> = Vec::with_capacity(2);
+        for _ in 0..SAMPLE_TRIES {
+            let (s, node) = at(rand::random_range(0..total));
+            if picked.iter().any(|(_, n)| n.peer_id == node.peer_id)
+                || !eligible_now(state, options, s, node, now)
+            {
+                continue;
+            }
+            picked.push((s, node));
+            if picked.len() == wanted {
+                break;
+            }
+        }
+        let config = &self.config;
+        let best = picked.into_iter().min_by(|(_, a), (_, b)| {
+            let mut cost = |peer: PeerId| {
+                state
+                    .peers
+                    .entry(peer)
+                    .or_insert_with(|| PeerStats::new(config, now))
+                    .cost(now)
+            };
+            let (a, b) = (cost(a.peer_id), cost(b.peer_id));
+            a.total_cmp(&b)
+        })?;
+        Some(chosen(best.0, best.1))
+    }
+
+    /// Counts the chosen peer's outstanding request, in a guard that gives it back.
+    fn guard(&self, state: &mut State, chosen: Chosen, now: Instant) -> Selected {
         let config = &self.config;
         state
             .peers
             .entry(chosen.peer)
             .or_insert_with(|| PeerStats::new(config, now))
             .outstanding += 1;
-        Ok(Selected {
+        Selected {
             peer: chosen.peer,
-            addresses: chosen.addresses.to_vec(),
-            version: chosen.version.to_owned(),
+            addresses: chosen.addresses,
+            version: chosen.version,
             started: now,
             selector: Some(self.clone()),
-        })
+        }
+    }
+
+    /// Forgets what was learned of `peer` (it left the mesh, or its connection closed), unless
+    /// a call to it is still counted or it is ejected for now.
+    pub(crate) fn forget(&self, peer: &PeerId) {
+        let now = Instant::now();
+        let mut state = self.state();
+        if state
+            .peers
+            .get(peer)
+            .is_some_and(|p| p.outstanding == 0 && !p.ejected(now))
+        {
+            state.peers.remove(peer);
+        }
+    }
+
+    /// How many peers the selector keeps statistics for.
+    pub fn tracked_peers(&self) -> usize {
+        self.state().peers.len()
     }
 
     /// Records the outcome of a call to `peer` that was not made through a [`Selected`] guard.
@@ -388,7 +519,8 @@ impl Selector {
         self.record(peer, Some(outcome), false, Instant::now());
     }
 
-    /// Feeds the node's ping round trips into the latencies, until the node stops.
+    /// Feeds the node's ping round trips into the latencies, and forgets peers whose
+    /// connections closed, until the node stops.
     pub fn follow(&self, node: &crate::node::Node) {
         let selector = self.clone();
         let mut events = node.events();
@@ -398,6 +530,12 @@ impl Selector {
                     Ok(crate::node::Event::PeerRtt { peer_id, rtt }) => {
                         selector.observe_rtt(peer_id, rtt)
                     }
+                    // What was learned of a peer goes with its connection: a node keeps no
+                    // state of peers it no longer talks to.
+                    Ok(
+                        crate::node::Event::PeerDisconnected { peer_id }
+                        | crate::node::Event::PeerLeft { peer_id },
+                    ) => selector.forget(&peer_id),
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 }

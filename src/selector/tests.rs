@@ -326,3 +326,68 @@ fn selector_pick(candidates: &[Service], options: &SelectOptions) -> Option<Peer
         .ok()
         .map(|s| s.peer_id())
 }
+
+#[test]
+fn many_candidates_are_sampled_and_still_obey_the_options() {
+    let peers: Vec<PeerId> = (0..10_000).map(|_| PeerId::random()).collect();
+    let candidates = [service("1", &peers[..5_000]), service("2", &peers[5_000..])];
+    let selector = Selector::default();
+    let now = Instant::now();
+    // Latency-weighted: a sample of two, over both versions.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..200 {
+        let selected = selector
+            .select_at("svc", &candidates, &SelectOptions::default(), now)
+            .unwrap();
+        seen.insert(selected.peer_id());
+        selected.finish_at(Outcome::Success(Duration::from_millis(1)), now);
+    }
+    assert!(
+        seen.len() > 150,
+        "spread over the candidates: {}",
+        seen.len()
+    );
+    // A filter that only a few pass: the sample falls back to the scan and finds them.
+    let v2 = SelectOptions::default().filter(Filter::Version("2".into()));
+    for _ in 0..20 {
+        let selected = selector.select_at("svc", &candidates, &v2, now).unwrap();
+        assert!(peers[5_000..].contains(&selected.peer_id()));
+    }
+    let mut only_one = SelectOptions::default();
+    for p in &peers[1..] {
+        only_one = only_one.exclude(*p);
+    }
+    let selected = selector
+        .select_at("svc", &candidates, &only_one, now)
+        .unwrap();
+    assert_eq!(selected.peer_id(), peers[0]);
+    // Round robin walks the candidates in turn.
+    let rr = SelectOptions::default().strategy(Strategy::RoundRobin);
+    let first = selector
+        .select_at("svc", &candidates, &rr, now)
+        .unwrap()
+        .peer_id();
+    let second = selector
+        .select_at("svc", &candidates, &rr, now)
+        .unwrap()
+        .peer_id();
+    assert_ne!(first, second);
+}
+
+#[test]
+fn what_was_learned_of_a_peer_is_forgotten_with_it_unless_it_is_in_use() {
+    let (a, b) = (PeerId::random(), PeerId::random());
+    let selector = Selector::default();
+    selector.observe_rtt(a, Duration::from_millis(3));
+    let candidates = [service("1", &[b])];
+    let held = selector
+        .select("svc", &candidates, &SelectOptions::default())
+        .unwrap();
+    assert_eq!(selector.tracked_peers(), 2);
+    selector.forget(&a);
+    selector.forget(&b);
+    assert_eq!(selector.tracked_peers(), 1, "b has a call in flight");
+    held.finish(Outcome::Success(Duration::from_millis(1)));
+    selector.forget(&b);
+    assert_eq!(selector.tracked_peers(), 0);
+}

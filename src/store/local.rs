@@ -432,12 +432,27 @@ impl RecordStore for LocalStore {
     }
 
     fn put(&mut self, record: Record) -> store::Result<()> {
+        // A record this node keeps is one it can keep across a restart: while the disk is far
+        // behind, it is refused (its writer counts one replica fewer) rather than held in
+        // memory only or waited for.
+        if self.disk.as_ref().is_some_and(|disk| !disk.has_room()) {
+            self.limits.full.inc();
+            self.last_refusal = Some(format!(
+                "this node's disk is {} writes behind; try again shortly",
+                super::persist::QUEUE
+            ));
+            return Err(store::Error::MaxRecords);
+        }
         let key = record.key.clone();
         match self.insert(record) {
             Ok(changed) => {
-                if changed && let (Some(disk), Some(stored)) = (&self.disk, self.records.get(&key))
+                if changed
+                    && let (Some(disk), Some(stored)) = (&self.disk, self.records.get(&key))
+                    && disk.put_record(stored).is_err()
                 {
-                    disk.put_record(stored);
+                    // Checked above; another record may have filled the queue since (there is
+                    // none: the store is behind one lock). Kept in memory, logged.
+                    tracing::warn!("a record could not be queued for the disk");
                 }
                 Ok(())
             }

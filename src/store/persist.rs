@@ -2,12 +2,15 @@
 //!
 //! The swarm task never waits for the disk. Changes go to a writer thread that commits them
 //! in batches (one durable transaction per batch, so a burst of writes costs one `fsync`).
+//! When the writer falls [`QUEUE`] changes behind, new records are refused (their writer hears
+//! so, and the write counts one replica fewer) rather than queued without bound or waited for.
 //! Dropping the [`Disk`] commits what is queued and closes the database, so a node that stops,
 //! gracefully or by its task being aborted, leaves every record it accepted on disk.
 
 use std::{
+    collections::VecDeque,
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{Arc, Condvar, Mutex},
     thread,
     time::{Duration, UNIX_EPOCH},
 };
@@ -24,9 +27,13 @@ use super::record::{deadline_of, unix_ms, wall_clock_of};
 /// The file name of the record store inside a data directory.
 pub(crate) const FILE_NAME: &str = "store.redb";
 
-/// Changes queued for the writer thread. When the disk falls this far behind, the swarm task
-/// waits for it (backpressure) rather than queueing without bound.
-const QUEUE: usize = 16_384;
+/// Changes queued for the writer thread before new records are refused.
+pub(crate) const QUEUE: usize = 16_384;
+/// Changes that must not be lost to a full queue (removals, provider records) may go this far
+/// beyond it; past that, they are dropped and logged.
+const HARD_LIMIT: usize = 2 * QUEUE;
+/// The most changes one transaction commits.
+const BATCH: usize = 4096;
 
 const RECORDS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("records");
 const PROVIDERS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("providers");
@@ -91,11 +98,25 @@ pub(crate) struct Loaded {
     pub(crate) undecodable: usize,
 }
 
+/// The changes waiting for the writer, shared with it.
+#[derive(Default)]
+struct Queue {
+    ops: VecDeque<Op>,
+    /// The handle was dropped: the writer commits what is left and ends.
+    closed: bool,
+}
+
+type Shared = Arc<(Mutex<Queue>, Condvar)>;
+
 /// The handle of the writer thread.
 pub(crate) struct Disk {
-    ops: Option<mpsc::SyncSender<Op>>,
+    queue: Shared,
     writer: Option<thread::JoinHandle<()>>,
 }
+
+/// The disk writer is [`QUEUE`] changes behind: a new record cannot be queued.
+#[derive(Debug)]
+pub(crate) struct Behind;
 
 fn provider_key(key: &RecordKey, provider: &PeerId) -> Vec<u8> {
     let key = key.as_ref();
@@ -188,40 +209,65 @@ impl Disk {
         drop(providers);
         drop(read);
 
-        let (ops, rx) = mpsc::sync_channel(QUEUE);
+        let queue: Shared = Arc::default();
+        let shared = queue.clone();
         let writer = thread::Builder::new()
             .name("micromesh-store".into())
-            .spawn(move || write_loop(&db, &path, &rx))
+            .spawn(move || write_loop(&db, &path, &shared))
             .map_err(|e| OpenError::Open {
                 path: dir.join(FILE_NAME),
                 reason: format!("cannot start the writer thread: {e}"),
             })?;
         Ok((
             Self {
-                ops: Some(ops),
+                queue,
                 writer: Some(writer),
             },
             loaded,
         ))
     }
 
-    fn send(&self, op: Op) {
-        if let Some(ops) = &self.ops {
-            // The writer only ends when this handle drops; a send cannot fail before.
-            let _ = ops.send(op);
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `op` if fewer than `limit` changes wait. Never waits for the writer.
+    fn send(&self, op: Op, limit: usize) -> Result<(), Behind> {
+        let mut queue = self.lock();
+        if queue.ops.len() >= limit {
+            return Err(Behind);
+        }
+        queue.ops.push_back(op);
+        drop(queue);
+        self.queue.1.notify_one();
+        Ok(())
+    }
+
+    /// Queues a change that must not be refused: a removal, a provider record.
+    fn send_soon(&self, op: Op) {
+        if self.send(op, HARD_LIMIT).is_err() {
+            tracing::warn!(
+                "the record store's disk is {HARD_LIMIT} changes behind; a change was not saved"
+            );
         }
     }
 
-    pub(crate) fn put_record(&self, record: &Record) {
+    /// Whether a new record can be queued now.
+    pub(crate) fn has_room(&self) -> bool {
+        self.lock().ops.len() < QUEUE
+    }
+
+    /// Queues a record for the disk, or says the disk is too far behind to take it.
+    pub(crate) fn put_record(&self, record: &Record) -> Result<(), Behind> {
         let stored = StoredRecord {
             publisher: record.publisher.map(|p| p.to_bytes()),
             value: record.value.clone(),
         };
-        self.send(Op::PutRecord(record.key.to_vec(), encode(&stored)));
+        self.send(Op::PutRecord(record.key.to_vec(), encode(&stored)), QUEUE)
     }
 
     pub(crate) fn remove_record(&self, key: &RecordKey) {
-        self.send(Op::RemoveRecord(key.to_vec()));
+        self.send_soon(Op::RemoveRecord(key.to_vec()));
     }
 
     pub(crate) fn put_provider(&self, record: &ProviderRecord) {
@@ -235,35 +281,42 @@ impl Disk {
                 .map(|a| serde_bytes::ByteBuf::from(a.to_vec()))
                 .collect(),
         };
-        self.send(Op::PutProvider(
+        self.send_soon(Op::PutProvider(
             provider_key(&record.key, &record.provider),
             encode(&stored),
         ));
     }
 
     pub(crate) fn remove_provider(&self, key: &RecordKey, provider: &PeerId) {
-        self.send(Op::RemoveProvider(provider_key(key, provider)));
+        self.send_soon(Op::RemoveProvider(provider_key(key, provider)));
     }
 }
 
 impl Drop for Disk {
     fn drop(&mut self) {
-        drop(self.ops.take());
+        self.lock().closed = true;
+        self.queue.1.notify_one();
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
     }
 }
 
-fn write_loop(db: &redb::Database, path: &Path, ops: &mpsc::Receiver<Op>) {
-    while let Ok(first) = ops.recv() {
-        let mut batch = vec![first];
-        while let Ok(op) = ops.try_recv() {
-            batch.push(op);
-            if batch.len() >= 4096 {
-                break;
+/// Commits the queued changes in batches until the handle is dropped and nothing is left.
+fn write_loop(db: &redb::Database, path: &Path, shared: &Shared) {
+    let (queue, ready) = &**shared;
+    loop {
+        let batch: Vec<Op> = {
+            let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
+            while queue.ops.is_empty() && !queue.closed {
+                queue = ready.wait(queue).unwrap_or_else(|e| e.into_inner());
             }
-        }
+            if queue.ops.is_empty() {
+                return;
+            }
+            let n = queue.ops.len().min(BATCH);
+            queue.ops.drain(..n).collect()
+        };
         if let Err(e) = apply(db, &batch) {
             tracing::error!(path = %path.display(), "record store write failed: {e}");
         }

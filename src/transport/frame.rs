@@ -51,9 +51,37 @@ pub(crate) async fn read<S: futures::AsyncRead + Unpin>(
     max: usize,
 ) -> Result<Vec<u8>, ReadError> {
     let size = read_len(stream, max).await?;
-    let mut payload = vec![0u8; size];
-    stream.read_exact(&mut payload).await?;
-    Ok(payload)
+    Ok(read_to(stream, Vec::new(), size).await?)
+}
+
+/// How far ahead of the bytes received a reader allocates.
+const READ_AHEAD: usize = 64 * 1024;
+
+/// Appends to `buf` until it holds `size` bytes, allocating as they arrive (at most
+/// [`READ_AHEAD`] beyond them): a length prefix alone, from a peer that then sends nothing,
+/// does not make the reader allocate the whole frame.
+///
+/// # Errors
+///
+/// The stream's errors; `UnexpectedEof` if it ends first.
+pub(crate) async fn read_to<S: futures::AsyncRead + Unpin>(
+    stream: &mut S,
+    mut buf: Vec<u8>,
+    size: usize,
+) -> std::io::Result<Vec<u8>> {
+    while buf.len() < size {
+        let start = buf.len();
+        if start >= READ_AHEAD && buf.capacity() < size {
+            // The peer is sending the frame: room for the rest at once, not by doublings.
+            buf.reserve_exact(size - start);
+        }
+        buf.resize(start + (size - start).min(READ_AHEAD), 0);
+        match stream.read(&mut buf[start..]).await? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => buf.truncate(start + n),
+        }
+    }
+    Ok(buf)
 }
 
 /// Reads a frame's length prefix, and checks it against `max`.
@@ -80,6 +108,48 @@ pub(crate) async fn read_len<S: futures::AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer that sends a length prefix and a few bytes, then nothing: records the largest
+    /// buffer it was asked to fill.
+    struct Stalling {
+        sent: Vec<u8>,
+        largest_ask: usize,
+    }
+
+    impl futures::AsyncRead for Stalling {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.largest_ask = self.largest_ask.max(buf.len());
+            if self.sent.is_empty() {
+                return std::task::Poll::Pending;
+            }
+            let n = buf.len().min(self.sent.len());
+            buf[..n].copy_from_slice(&self.sent[..n]);
+            self.sent.drain(..n);
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn a_length_prefix_alone_does_not_allocate_its_frame() {
+        use futures::FutureExt as _;
+        let mut peer = Stalling {
+            sent: [&(1u32 << 20).to_be_bytes()[..], b"abc"].concat(),
+            largest_ask: 0,
+        };
+        assert!(
+            read(&mut peer, 2 << 20).now_or_never().is_none(),
+            "still waiting"
+        );
+        assert!(
+            peer.largest_ask <= READ_AHEAD,
+            "asked for {}",
+            peer.largest_ask
+        );
+    }
 
     #[tokio::test]
     async fn frames_round_trip_and_bad_lengths_are_refused() {

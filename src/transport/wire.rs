@@ -201,14 +201,10 @@ pub(crate) async fn read<S: futures::AsyncRead + Unpin>(
     if let Some((at, len)) = data_head(&first[..peeked])
         && u64::try_from(size - at).ok() == Some(len)
     {
-        let mut body = vec![0u8; size - at];
-        body[..peeked - at].copy_from_slice(&first[at..peeked]);
-        stream.read_exact(&mut body[peeked - at..]).await?;
+        let body = frame::read_to(stream, first[at..peeked].to_vec(), size - at).await?;
         return Ok(Ok(Frame::Data(body)));
     }
-    let mut bytes = vec![0u8; size];
-    bytes[..peeked].copy_from_slice(&first[..peeked]);
-    stream.read_exact(&mut bytes[peeked..]).await?;
+    let bytes = frame::read_to(stream, first[..peeked].to_vec(), size).await?;
     Ok(Frame::decode(&bytes))
 }
 

@@ -1,6 +1,7 @@
 //! The scenarios.
 
 mod auth_bench;
+mod call_cost;
 mod churn;
 mod idle;
 mod pubsub_bench;
@@ -42,6 +43,10 @@ pub(crate) const LIST: &[(&str, &str)] = &[
         "call latency on a node whose gossip validation hook blocks, against the same without",
     ),
     (
+        "call-cost",
+        "call latency and CPU with 10, 1,000 and 10,000 instances in the view; selection among N",
+    ),
+    (
         "registry",
         "register on one node: time until every node sees it; kill it: time until every node drops it",
     ),
@@ -52,6 +57,7 @@ pub(crate) async fn run(name: &str, options: &Options) -> Result<serde_json::Val
         "idle" => idle::run(options).await,
         "registry" => registry::run(options).await,
         "churn" => churn::run(options).await,
+        "call-cost" => call_cost::run(options).await,
         "slow-hook" => slow_hook::run(options).await,
         "rpc-bench" => rpc_bench::run(options).await,
         "pubsub-bench" => pubsub_bench::run(options).await,
