@@ -217,7 +217,7 @@ impl Client {
         let candidates = match (options.peer, resolved) {
             (Some(peer), resolved) => {
                 // The pinned peer, with the addresses the registry has for it, if any.
-                let mut known: Vec<registry::Service> =
+                let mut known: Vec<registry::Entry> =
                     resolved.map(|found| found.to_vec()).unwrap_or_default();
                 for s in &mut known {
                     s.nodes.retain(|n| n.peer_id == peer);
@@ -302,13 +302,13 @@ impl Client {
 /// Why a call to a peer that does not speak this network's RPC protocol failed.
 const NO_RPC: &str = "the peer serves no RPC on this network";
 
-fn pinned(service: &str, peer: PeerId) -> registry::Service {
-    registry::Service {
+fn pinned(service: &str, peer: PeerId) -> registry::Entry {
+    registry::Entry {
         name: service.to_owned(),
         version: String::new(),
         metadata: Default::default(),
         endpoints: Vec::new(),
-        nodes: vec![registry::Node {
+        nodes: vec![registry::Instance {
             peer_id: peer,
             addresses: Vec::new(),
             metadata: Default::default(),

@@ -572,7 +572,7 @@ impl Node {
     }
 
     /// The background tasks of this node and its components that panicked: each is a bug,
-    /// logged when it happens. [`testing::Cluster`](crate::testing) fails a test on any.
+    /// logged when it happens. `testing::Cluster` (feature `testing`) fails a test on any.
     pub fn task_panics(&self) -> Vec<TaskPanic> {
         self.inner.tasks.panics()
     }

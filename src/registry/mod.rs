@@ -68,7 +68,7 @@ pub(crate) const TOPIC: &str = "_registry";
 /// A service as the registry knows it: one version of one name, with the nodes that run it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
-pub struct Service {
+pub struct Entry {
     /// The service name, e.g. `greeter`.
     pub name: String,
     /// The version.
@@ -78,10 +78,10 @@ pub struct Service {
     /// The endpoints it serves.
     pub endpoints: Vec<Endpoint>,
     /// The nodes that run this version.
-    pub nodes: Vec<Node>,
+    pub nodes: Vec<Instance>,
 }
 
-impl Service {
+impl Entry {
     /// Whether the service has an endpoint called `name`.
     pub fn has_endpoint(&self, name: &str) -> bool {
         self.endpoints.iter().any(|e| e.name == name)
@@ -154,7 +154,7 @@ impl Endpoint {
 /// A node that runs a service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
-pub struct Node {
+pub struct Instance {
     /// The node's peer id.
     pub peer_id: PeerId,
     /// The addresses it announced.
@@ -242,16 +242,16 @@ impl Registration {
 #[non_exhaustive]
 pub enum Event {
     /// A node started running a service version.
-    Created(Service),
+    Created(Entry),
     /// A node changed what it announces for a service version.
-    Updated(Service),
+    Updated(Entry),
     /// A node stopped running a service version (left, unreachable, or expired).
-    Deleted(Service),
+    Deleted(Entry),
 }
 
 impl Event {
     /// The service the event is about.
-    pub fn service(&self) -> &Service {
+    pub fn service(&self) -> &Entry {
         match self {
             Self::Created(s) | Self::Updated(s) | Self::Deleted(s) => s,
         }
@@ -276,34 +276,27 @@ pub enum Error {
     Node(#[from] node::Error),
 }
 
+/// How long an entry lives without a newer announcement, unless configured otherwise.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+
 /// Registry settings.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
-    /// How often a node re-announces its services. Default is 10 s.
-    pub announce_interval: Duration,
-    /// How long an entry lives without a newer announcement. Default is 30 s.
-    pub ttl: Duration,
-    /// How long a liveness check of a peer may take. Default is 3 s.
-    pub probe_timeout: Duration,
-    /// How long a DHT fallback lookup and its fetches may take. Default is 10 s.
-    pub lookup_timeout: Duration,
-    /// How many events each watcher queues before it lags. Default is 1,024.
-    pub watch_queue: usize,
-    /// From how many of the first peers it meets a node fetches their whole view. Default is
-    /// 3.
-    pub initial_syncs: usize,
-    /// The most peers the view holds (with services, or recently gone). Beyond, announcements of
-    /// new peers are not taken, and counted in `micromesh_registry_view_full_total`. Default is
-    /// 100,000.
-    pub max_peers: usize,
+    pub(crate) announce_interval: Duration,
+    pub(crate) ttl: Duration,
+    pub(crate) probe_timeout: Duration,
+    pub(crate) lookup_timeout: Duration,
+    pub(crate) watch_queue: usize,
+    pub(crate) initial_syncs: usize,
+    pub(crate) max_peers: usize,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             announce_interval: Duration::from_secs(10),
-            ttl: Duration::from_secs(30),
+            ttl: DEFAULT_TTL,
             probe_timeout: Duration::from_secs(3),
             lookup_timeout: Duration::from_secs(10),
             watch_queue: 1024,
@@ -314,6 +307,51 @@ impl Default for Config {
 }
 
 impl Config {
+    /// How often a node re-announces its services. Default is 10 s.
+    pub fn announce_interval(mut self, value: Duration) -> Self {
+        self.announce_interval = value;
+        self
+    }
+
+    /// How long an entry lives without a newer announcement. Default is 30 s.
+    pub fn ttl(mut self, value: Duration) -> Self {
+        self.ttl = value;
+        self
+    }
+
+    /// How long a liveness check of a peer may take. Default is 3 s.
+    pub fn probe_timeout(mut self, value: Duration) -> Self {
+        self.probe_timeout = value;
+        self
+    }
+
+    /// How long a DHT fallback lookup and its fetches may take. Default is 10 s.
+    pub fn lookup_timeout(mut self, value: Duration) -> Self {
+        self.lookup_timeout = value;
+        self
+    }
+
+    /// How many events each watcher queues before it lags. Default is 1,024.
+    pub fn watch_queue(mut self, value: usize) -> Self {
+        self.watch_queue = value;
+        self
+    }
+
+    /// From how many of the first peers it meets a node fetches their whole view. Default is
+    /// 3.
+    pub fn initial_syncs(mut self, value: usize) -> Self {
+        self.initial_syncs = value;
+        self
+    }
+
+    /// The most peers the view holds (with services, or recently gone). Beyond, announcements of
+    /// new peers are not taken, and counted in `micromesh_registry_view_full_total`. Default is
+    /// 100,000.
+    pub fn max_peers(mut self, value: usize) -> Self {
+        self.max_peers = value;
+        self
+    }
+
     /// The defaults, with this announce interval and a TTL of three intervals.
     pub fn with_announce_interval(interval: Duration) -> Self {
         Self {
@@ -321,12 +359,6 @@ impl Config {
             ttl: interval * 3,
             ..Self::default()
         }
-    }
-
-    /// Sets how many of the first peers a node syncs its view from.
-    pub fn initial_syncs(mut self, peers: usize) -> Self {
-        self.initial_syncs = peers;
-        self
     }
 }
 
@@ -727,13 +759,13 @@ impl Registry {
     ///
     /// [`Error::NotFound`] if neither the view nor the DHT knows the name, [`Error::Node`] with
     /// [`node::Error::NoKnownPeers`] if the node could not ask the mesh (it reached no peer).
-    pub async fn get_service(&self, name: &str) -> Result<Vec<Service>, Error> {
+    pub async fn get_service(&self, name: &str) -> Result<Vec<Entry>, Error> {
         self.resolve(name).await.map(|found| found.to_vec())
     }
 
     /// As [`Registry::get_service`], sharing the view's snapshot instead of copying it: what a
     /// call costs does not grow with the number of the service's nodes.
-    pub(crate) async fn resolve(&self, name: &str) -> Result<Arc<Vec<Service>>, Error> {
+    pub(crate) async fn resolve(&self, name: &str) -> Result<Arc<Vec<Entry>>, Error> {
         let found = self.state().view.service(name);
         if !found.is_empty() {
             return Ok(found);
@@ -748,12 +780,12 @@ impl Registry {
     }
 
     /// Every version of `name` in this node's view, without a DHT lookup.
-    pub fn cached_service(&self, name: &str) -> Vec<Service> {
+    pub fn cached_service(&self, name: &str) -> Vec<Entry> {
         self.state().view.service(name).to_vec()
     }
 
     /// Every service in this node's view: one entry per name and version, with its nodes.
-    pub fn list_services(&self) -> Vec<Service> {
+    pub fn list_services(&self) -> Vec<Entry> {
         let mut state = self.state();
         let names = state.view.names();
         names

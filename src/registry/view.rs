@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Endpoint, Event, Node, Service, wire};
+use super::{Endpoint, Entry, Event, Instance, wire};
 use crate::{Multiaddr, PeerId};
 
 /// What one peer runs, from its latest announcement.
@@ -31,8 +31,8 @@ pub(crate) struct Announced {
     pub(crate) signed: Vec<u8>,
 }
 
-fn instance(peer: PeerId, addrs: &[Multiaddr], record: &wire::ServiceRecord) -> Service {
-    Service {
+fn instance(peer: PeerId, addrs: &[Multiaddr], record: &wire::ServiceRecord) -> Entry {
+    Entry {
         name: record.name.clone(),
         version: record.version.clone(),
         metadata: record.metadata.clone(),
@@ -46,7 +46,7 @@ fn instance(peer: PeerId, addrs: &[Multiaddr], record: &wire::ServiceRecord) -> 
                 metadata: e.metadata.clone(),
             })
             .collect(),
-        nodes: vec![Node {
+        nodes: vec![Instance {
             peer_id: peer,
             addresses: addrs.to_vec(),
             metadata: record.node_metadata.clone(),
@@ -66,7 +66,7 @@ pub(crate) struct View {
     /// The peers that run each service name.
     by_name: HashMap<String, BTreeSet<PeerId>>,
     /// Each name's versions and nodes, as last read; dropped when a peer running it changes.
-    snapshots: HashMap<String, Arc<Vec<Service>>>,
+    snapshots: HashMap<String, Arc<Vec<Entry>>>,
     /// When each entry expires, soonest first.
     expiries: BTreeSet<(Instant, PeerId)>,
     /// The most peers (entries and tombstones) the view holds.
@@ -304,11 +304,11 @@ impl View {
 
     /// Every version of `name`, each with its nodes (in peer order), sorted by version: a
     /// shared snapshot, rebuilt only after a change to a peer that runs the name.
-    pub(crate) fn service(&mut self, name: &str) -> Arc<Vec<Service>> {
+    pub(crate) fn service(&mut self, name: &str) -> Arc<Vec<Entry>> {
         if let Some(snapshot) = self.snapshots.get(name) {
             return snapshot.clone();
         }
-        let mut versions: BTreeMap<String, Service> = BTreeMap::new();
+        let mut versions: BTreeMap<String, Entry> = BTreeMap::new();
         for peer in self.by_name.get(name).into_iter().flatten() {
             let Some(entry) = self.peers.get(peer) else {
                 continue;

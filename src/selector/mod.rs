@@ -19,8 +19,8 @@
 //! ```
 //! use std::time::Duration;
 //! use micromesh::selector::{Outcome, Selector, SelectOptions};
-//! # use micromesh::registry::Service;
-//! # fn services() -> Vec<Service> { Vec::new() }
+//! # use micromesh::registry::Entry;
+//! # fn services() -> Vec<Entry> { Vec::new() }
 //!
 //! let selector = Selector::new(Default::default());
 //! let candidates = services(); // from registry.get_service("greeter")
@@ -41,7 +41,7 @@ use std::{
 };
 
 use self::ewma::{PeakEwma, Penalty};
-use crate::{Multiaddr, PeerId, registry::Service};
+use crate::{Multiaddr, PeerId, registry::Entry};
 
 /// How the selector picks among the candidates that pass the filters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -133,25 +133,67 @@ pub enum Error {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
+    pub(crate) default_rtt: Duration,
+    pub(crate) decay: Duration,
+    pub(crate) failure_penalty: Duration,
+    pub(crate) explore: f64,
+    pub(crate) full_scan_max: usize,
+    pub(crate) eject_after: u32,
+    pub(crate) base_ejection: Duration,
+    pub(crate) max_ejection: Duration,
+}
+
+impl Config {
     /// The latency assumed for a peer never measured. Default is 5 ms.
-    pub default_rtt: Duration,
+    pub fn default_rtt(mut self, value: Duration) -> Self {
+        self.default_rtt = value;
+        self
+    }
+
     /// How fast old latency samples fade (the EWMA's time constant). Default is 10 s.
-    pub decay: Duration,
+    pub fn decay(mut self, value: Duration) -> Self {
+        self.decay = value;
+        self
+    }
+
     /// The penalty each failure adds to a node's latency; it fades with `decay`, and each
     /// success halves it. Default is 1 s.
-    pub failure_penalty: Duration,
+    pub fn failure_penalty(mut self, value: Duration) -> Self {
+        self.failure_penalty = value;
+        self
+    }
+
     /// The share of latency-weighted picks that are uniform, so that every node keeps being
     /// measured. Default is 0.05.
-    pub explore: f64,
+    pub fn explore(mut self, value: f64) -> Self {
+        self.explore = value;
+        self
+    }
+
     /// Up to this many candidates, latency-weighted selection compares every one; above it,
     /// two chosen at random (power of two choices). Default is 5.
-    pub full_scan_max: usize,
+    pub fn full_scan_max(mut self, value: usize) -> Self {
+        self.full_scan_max = value;
+        self
+    }
+
     /// Consecutive failures that eject a node. Default is 5.
-    pub eject_after: u32,
+    pub fn eject_after(mut self, value: u32) -> Self {
+        self.eject_after = value;
+        self
+    }
+
     /// The first ejection's length; each further one doubles it. Default is 1 s.
-    pub base_ejection: Duration,
+    pub fn base_ejection(mut self, value: Duration) -> Self {
+        self.base_ejection = value;
+        self
+    }
+
     /// The longest ejection. Default is 60 s.
-    pub max_ejection: Duration,
+    pub fn max_ejection(mut self, value: Duration) -> Self {
+        self.max_ejection = value;
+        self
+    }
 }
 
 impl Default for Config {
@@ -252,8 +294,8 @@ const SAMPLE_TRIES: usize = 32;
 fn eligible_now(
     state: &State,
     options: &SelectOptions,
-    service: &Service,
-    node: &crate::registry::Node,
+    service: &Entry,
+    node: &crate::registry::Instance,
     now: Instant,
 ) -> bool {
     !options.exclude.contains(&node.peer_id)
@@ -265,7 +307,7 @@ fn eligible_now(
                 .is_some_and(|p| p.ejected(now)))
 }
 
-fn passes(filter: &Filter, service: &Service, node: &crate::registry::Node) -> bool {
+fn passes(filter: &Filter, service: &Entry, node: &crate::registry::Instance) -> bool {
     match filter {
         Filter::Version(v) => service.version == *v,
         Filter::Metadata(k, v) => {
@@ -300,7 +342,7 @@ impl Selector {
     pub fn select(
         &self,
         service: &str,
-        candidates: &[Service],
+        candidates: &[Entry],
         options: &SelectOptions,
     ) -> Result<Selected, Error> {
         self.select_at(service, candidates, options, Instant::now())
@@ -309,7 +351,7 @@ impl Selector {
     pub(crate) fn select_at(
         &self,
         service: &str,
-        candidates: &[Service],
+        candidates: &[Entry],
         options: &SelectOptions,
         now: Instant,
     ) -> Result<Selected, Error> {
@@ -413,12 +455,12 @@ impl Selector {
         &self,
         state: &mut State,
         service: &str,
-        candidates: &[Service],
+        candidates: &[Entry],
         total: usize,
         options: &SelectOptions,
         now: Instant,
     ) -> Option<Chosen> {
-        let at = |mut i: usize| -> (&Service, &crate::registry::Node) {
+        let at = |mut i: usize| -> (&Entry, &crate::registry::Instance) {
             for s in candidates {
                 if i < s.nodes.len() {
                     return (s, &s.nodes[i]);
@@ -427,7 +469,7 @@ impl Selector {
             }
             unreachable!("an index below the total")
         };
-        let chosen = |s: &Service, node: &crate::registry::Node| Chosen {
+        let chosen = |s: &Entry, node: &crate::registry::Instance| Chosen {
             peer: node.peer_id,
             addresses: node.addresses.clone(),
             version: s.version.clone(),
@@ -450,7 +492,7 @@ impl Selector {
             Strategy::LatencyWeighted if rand::random::<f64>() < self.config.explore => 1,
             Strategy::LatencyWeighted => 2,
         };
-        let mut picked: Vec<(&Service, &crate::registry::Node)> = Vec::with_capacity(2);
+        let mut picked: Vec<(&Entry, &crate::registry::Instance)> = Vec::with_capacity(2);
         for _ in 0..SAMPLE_TRIES {
             let (s, node) = at(rand::random_range(0..total));
             if picked.iter().any(|(_, n)| n.peer_id == node.peer_id)

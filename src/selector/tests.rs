@@ -8,13 +8,13 @@ use std::{
 use super::*;
 use crate::{Metadata, registry};
 
-fn service(version: &str, peers: &[PeerId]) -> Service {
-    let node = |p: &PeerId| registry::Node {
+fn service(version: &str, peers: &[PeerId]) -> Entry {
+    let node = |p: &PeerId| registry::Instance {
         peer_id: *p,
         addresses: Vec::new(),
         metadata: Metadata::new(),
     };
-    Service {
+    Entry {
         name: "svc".into(),
         version: version.into(),
         metadata: Metadata::new(),
@@ -26,7 +26,7 @@ fn service(version: &str, peers: &[PeerId]) -> Service {
 /// Runs `calls` sequential calls on a virtual clock, each taking the chosen peer's latency.
 fn simulate(
     selector: &Selector,
-    candidates: &[Service],
+    candidates: &[Entry],
     latency: &HashMap<PeerId, Duration>,
     calls: usize,
 ) -> HashMap<PeerId, usize> {
@@ -320,7 +320,7 @@ fn filters_narrow_the_candidates() {
     );
 }
 
-fn selector_pick(candidates: &[Service], options: &SelectOptions) -> Option<PeerId> {
+fn selector_pick(candidates: &[Entry], options: &SelectOptions) -> Option<PeerId> {
     Selector::default()
         .select("svc", candidates, options)
         .ok()

@@ -32,61 +32,55 @@ pub(crate) fn protocol(network: &str) -> StreamProtocol {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
+    pub(crate) max_message: usize,
+    pub(crate) max_calls_per_peer: usize,
+    pub(crate) max_calls: usize,
+    pub(crate) head_timeout: Duration,
+    pub(crate) stream_buffer: usize,
+    pub(crate) idle_timeout: Duration,
+}
+
+impl Config {
     /// The largest message (one request, one response, or one stream message), in bytes after
     /// encoding. Default is 4 MiB.
-    pub max_message: usize,
+    pub fn max_message(mut self, value: usize) -> Self {
+        self.max_message = value;
+        self
+    }
+
     /// The most calls one node serves at once from one peer; more get 429. Default is 256.
-    pub max_calls_per_peer: usize,
+    pub fn max_calls_per_peer(mut self, value: usize) -> Self {
+        self.max_calls_per_peer = value;
+        self
+    }
+
     /// The most calls one node serves at once in total; more get 503. Default is 4,096.
-    pub max_calls: usize,
+    pub fn max_calls(mut self, value: usize) -> Self {
+        self.max_calls = value;
+        self
+    }
+
     /// How long a caller may take to send the head of a call. Default is 10 s.
-    pub head_timeout: Duration,
+    pub fn head_timeout(mut self, value: Duration) -> Self {
+        self.head_timeout = value;
+        self
+    }
+
     /// How many stream messages are buffered per direction before the sender waits. Default
     /// is 32.
-    pub stream_buffer: usize,
+    pub fn stream_buffer(mut self, value: usize) -> Self {
+        self.stream_buffer = value;
+        self
+    }
+
     /// How long the stream of a finished unary call stays open for the next call to the same
     /// peer. A server closes a stream that carried no call for this long; a client closes one
     /// within a quarter of this after. An open stream keeps its connection open, so a
     /// connection that carried calls outlives the node's connection idle timeout by up to
     /// this much. Zero turns reuse off: every call then opens a stream of its own. Default
     /// is 30 s.
-    pub idle_timeout: Duration,
-}
-
-impl Config {
-    /// Sets [`Config::max_message`].
-    pub fn max_message(mut self, bytes: usize) -> Self {
-        self.max_message = bytes;
-        self
-    }
-
-    /// Sets [`Config::max_calls_per_peer`].
-    pub fn max_calls_per_peer(mut self, calls: usize) -> Self {
-        self.max_calls_per_peer = calls;
-        self
-    }
-
-    /// Sets [`Config::max_calls`].
-    pub fn max_calls(mut self, calls: usize) -> Self {
-        self.max_calls = calls;
-        self
-    }
-
-    /// Sets [`Config::head_timeout`].
-    pub fn head_timeout(mut self, timeout: Duration) -> Self {
-        self.head_timeout = timeout;
-        self
-    }
-
-    /// Sets [`Config::idle_timeout`].
-    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
-        self.idle_timeout = timeout;
-        self
-    }
-
-    /// Sets [`Config::stream_buffer`].
-    pub fn stream_buffer(mut self, messages: usize) -> Self {
-        self.stream_buffer = messages;
+    pub fn idle_timeout(mut self, value: Duration) -> Self {
+        self.idle_timeout = value;
         self
     }
 }

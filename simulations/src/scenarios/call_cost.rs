@@ -40,53 +40,28 @@ pub(crate) async fn run(_options: &Options) -> Result<serde_json::Value, String>
         .await
         .map_err(|e| e.to_string())?
         .remove(0);
-    let client = Service::builder("client")
-        .preset(Preset::Local)
-        .network(network)
-        .bootstrap(addr)
-        .register(false)
-        .build()
-        .await
-        .map_err(|e| e.to_string())?;
-    let _: u64 = client
-        .client()
-        .call("echo", "Echo.Echo", &0u64)
-        .await
-        .map_err(|e| e.to_string())?;
+    // Two clients: one whose view stays small (the baseline), one whose view grows. Each size
+    // is measured right after a baseline series, so that the machine's drift cancels out.
+    let client = |name: &'static str| {
+        Service::builder(name)
+            .preset(Preset::Local)
+            .network(network)
+            .bootstrap(addr.clone())
+            .register(false)
+            .build()
+    };
+    let baseline = client("baseline").await.map_err(|e| e.to_string())?;
+    let loaded = client("loaded").await.map_err(|e| e.to_string())?;
+    feed(&baseline, network, SIZES[0])?;
 
     let mut by_view = Vec::new();
     let mut fed = 0;
     for size in SIZES {
-        // Grow the view to `size` synthetic instances of another service.
-        while fed < size {
-            let who = Identity::generate();
-            let message = testing::registry_announcement(&who, who.peer_id(), network, 1, "crowd");
-            if !testing::feed_registry(client.registry(), &message) {
-                return Err("a synthetic announcement was refused".into());
-            }
-            fed += 1;
-        }
-        // Warm up, then measure.
-        for n in 0..200u64 {
-            let _: u64 = client
-                .client()
-                .call("echo", "Echo.Echo", &n)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        let mut latencies = Vec::with_capacity(CALLS);
-        let cpu_before = cpu_time();
-        for n in 0..CALLS as u64 {
-            let started = Instant::now();
-            let _: u64 = client
-                .client()
-                .call("echo", "Echo.Echo", &n)
-                .await
-                .map_err(|e| e.to_string())?;
-            latencies.push(started.elapsed());
-        }
-        let cpu = cpu_time().saturating_sub(cpu_before);
-        by_view.push((size, latencies, cpu));
+        feed(&loaded, network, size - fed)?;
+        fed = size;
+        let (base_latencies, base_cpu) = measure(&baseline).await?;
+        let (latencies, cpu) = measure(&loaded).await?;
+        by_view.push((size, base_latencies, base_cpu, latencies, cpu));
     }
 
     // The selection among N instances of one service.
@@ -104,23 +79,25 @@ pub(crate) async fn run(_options: &Options) -> Result<serde_json::Value, String>
         }
         selection.push((size, started.elapsed() / SELECTIONS as u32));
     }
-    client.stop().await.map_err(|e| e.to_string())?;
-    echo.stop().await.map_err(|e| e.to_string())?;
+    for service in [baseline, loaded, echo] {
+        service.stop().await.map_err(|e| e.to_string())?;
+    }
 
-    let base_p50 = quantile_ms(&by_view[0].1, 0.5);
-    let base_cpu = by_view[0].2.as_secs_f64() / CALLS as f64;
     let base_selection = selection[0].1.as_secs_f64();
+    let per_call = |cpu: &Duration| cpu.as_secs_f64() / CALLS as f64;
     Ok(serde_json::json!({
         "scenario": "call-cost",
-        "calls_per_size": CALLS,
-        "calls_with_a_view_of": by_view.iter().map(|(size, latencies, cpu)| {
-            let cpu_per_call = cpu.as_secs_f64() / CALLS as f64;
+        "calls_per_series": CALLS,
+        "baseline_instances_in_view": SIZES[0],
+        "calls_with_a_view_of": by_view.iter().map(|(size, base, base_cpu, latencies, cpu)| {
             serde_json::json!({
                 "instances_in_view": size,
                 "latency": percentiles(latencies.clone()),
-                "cpu_us_per_call": cpu_per_call * 1e6,
-                "p50_ratio_to_smallest": quantile_ms(latencies, 0.5) / base_p50,
-                "cpu_ratio_to_smallest": cpu_per_call / base_cpu,
+                "baseline_latency": percentiles(base.clone()),
+                "cpu_us_per_call": per_call(cpu) * 1e6,
+                "baseline_cpu_us_per_call": per_call(base_cpu) * 1e6,
+                "p50_ratio_to_baseline": quantile_ms(latencies, 0.5) / quantile_ms(base, 0.5),
+                "cpu_ratio_to_baseline": per_call(cpu) / per_call(base_cpu),
             })
         }).collect::<Vec<_>>(),
         "selection_among_instances_of_one_service": selection.iter().map(|(size, per)| {
@@ -133,9 +110,44 @@ pub(crate) async fn run(_options: &Options) -> Result<serde_json::Value, String>
     }))
 }
 
+/// Puts `n` more synthetic instances of another service in `client`'s view.
+fn feed(client: &Service, network: &str, n: usize) -> Result<(), String> {
+    for _ in 0..n {
+        let who = Identity::generate();
+        let message = testing::registry_announcement(&who, who.peer_id(), network, 1, "crowd");
+        if !testing::feed_registry(client.registry(), &message) {
+            return Err("a synthetic announcement was refused".into());
+        }
+    }
+    Ok(())
+}
+
+/// `CALLS` sequential calls to `echo` after a warm-up: their latencies and the process's CPU.
+async fn measure(client: &Service) -> Result<(Vec<Duration>, Duration), String> {
+    for n in 0..200u64 {
+        let _: u64 = client
+            .client()
+            .call("echo", "Echo.Echo", &n)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let mut latencies = Vec::with_capacity(CALLS);
+    let cpu_before = cpu_time();
+    for n in 0..CALLS as u64 {
+        let started = Instant::now();
+        let _: u64 = client
+            .client()
+            .call("echo", "Echo.Echo", &n)
+            .await
+            .map_err(|e| e.to_string())?;
+        latencies.push(started.elapsed());
+    }
+    Ok((latencies, cpu_time().saturating_sub(cpu_before)))
+}
+
 /// One version of `name` with `n` nodes of made-up peers.
-fn synthetic(name: &str, n: usize) -> registry::Service {
-    let mut service: registry::Service = serde_json::from_value(serde_json::json!({
+fn synthetic(name: &str, n: usize) -> registry::Entry {
+    let mut service: registry::Entry = serde_json::from_value(serde_json::json!({
         "name": name,
         "version": "1.0.0",
         "metadata": {},
@@ -145,7 +157,7 @@ fn synthetic(name: &str, n: usize) -> registry::Service {
     .expect("a valid service");
     service.nodes = (0..n)
         .map(|_| {
-            serde_json::from_value::<registry::Node>(serde_json::json!({
+            serde_json::from_value::<registry::Instance>(serde_json::json!({
                 "peer_id": PeerId::random(),
                 "addresses": [],
                 "metadata": Metadata::new(),

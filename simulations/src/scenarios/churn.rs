@@ -150,11 +150,12 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
     for transport in [Transport::Tcp, Transport::Quic] {
         let outcome = churn(transport, options.nodes).await?;
         let first_ten = &outcome.first_calls[..outcome.first_calls.len().min(10)];
-        let max = outcome
+        let (max_at, max) = outcome
             .first_calls
             .iter()
-            .max()
             .copied()
+            .enumerate()
+            .max_by_key(|(_, d)| *d)
             .unwrap_or_default();
         reports.push(serde_json::json!({
             "transport": transport.name(),
@@ -162,6 +163,7 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
             "first_call": percentiles(outcome.first_calls.clone()),
             "first_ten_p50_ms": quantile_ms(first_ten, 0.5),
             "max_over_first_ten_p50": max.as_secs_f64() * 1e3 / quantile_ms(first_ten, 0.5),
+            "slowest_client": max_at,
             "failed_or_timed_out": outcome.failed.len(),
             "failures": outcome.failed,
             "departed_still_in_routing_table": outcome.lingering.len(),

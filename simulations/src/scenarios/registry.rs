@@ -79,7 +79,7 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
         "rounds": rounds,
         "register_to_visible": percentiles(all_create),
         "kill_to_dropped": percentiles(all_delete),
-        "ttl_seconds": micromesh::registry::Config::default().ttl.as_secs(),
+        "ttl_seconds": micromesh::registry::DEFAULT_TTL.as_secs(),
     }))
 }
 

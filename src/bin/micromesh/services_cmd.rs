@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use clap::Args;
-use micromesh::registry::Service;
+use micromesh::registry::Entry;
 
 use crate::cli::{BoxError, Global, Join, print_table};
 
@@ -63,7 +63,7 @@ pub(crate) async fn describe(global: &Global, args: &DescribeArgs) -> Result<(),
     service.registry().refresh().await?;
     let result = service.registry().get_service(&args.name).await;
     service.stop().await?;
-    let versions: Vec<Service> = result?;
+    let versions: Vec<Entry> = result?;
     if global.json {
         println!("{}", serde_json::to_string_pretty(&versions)?);
         return Ok(());
