@@ -56,6 +56,14 @@
 //! - [`status`]: the [`Status`] that crosses the wire (go-micro's codes, id and detail).
 //! - `testing` (feature `testing`): in-process clusters with fault injection.
 //!
+//! ## Layers
+//!
+//! The node is the bottom layer and names no component: components accept their own stream
+//! protocols ([`node::Node`] hands them their inbound streams), the store's record keeper and
+//! the auth policy are handed to the node, and [`Service`] wires everything together. Every
+//! background task is owned by its node ([`node::Node::task_panics`]). `ARCHITECTURE.md` has
+//! the map; `tests/layers.rs` fails on an import of a module above the importing one.
+//!
 //! ## Networks
 //!
 //! Every node belongs to one named network (default `"main"`). The DHT protocol, the gossip

@@ -461,6 +461,34 @@ pub fn inject_task_panic(node: &Node, message: &'static str) {
     node.spawn_task("testing", async move { panic!("{message}") });
 }
 
+/// Call streams held open by a misbehaving peer, from [`hold_call_streams`]; dropping it
+/// closes them.
+pub struct HeldStreams(#[allow(dead_code)] Vec<libp2p::Stream>);
+
+impl fmt::Debug for HeldStreams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HeldStreams({})", self.0.len())
+    }
+}
+
+/// Fault injection: opens `n` call streams from `node` to `peer` and sends one byte of a call
+/// head on each, then nothing more: a peer that ties up a server's streams. Returns the streams
+/// that opened.
+pub async fn hold_call_streams(node: &Node, peer: crate::PeerId, n: usize) -> HeldStreams {
+    use futures::AsyncWriteExt as _;
+    let protocol = crate::transport::protocol(node.network());
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let Ok(mut stream) = node.open_stream(peer, protocol.clone()).await else {
+            continue;
+        };
+        if stream.write_all(&[0]).await.is_ok() && stream.flush().await.is_ok() {
+            held.push(stream);
+        }
+    }
+    HeldStreams(held)
+}
+
 /// The value of one series in `node`'s metrics, 0 while the node has none (a counter appears
 /// with its first increment). `series` is the name with its labels as the Prometheus text
 /// prints them, such as `micromesh_gossip_rejected_total` or

@@ -216,6 +216,56 @@ async fn a_call_made_right_after_build_reaches_the_service() {
     }
 }
 
+/// A peer that opens hundreds of call streams and sends nothing on them gets only a bounded
+/// number served (counted before they cost a task); the rest are reset at once, and other
+/// callers are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_hoards_call_streams_is_bounded_and_others_are_served() {
+    let mesh = Mesh::new("rpc-hoard").await;
+    let server = mesh
+        .service("greeter")
+        .transport_config(transport::Config::default().max_calls_per_peer(8))
+        .handle("Greeter.Hello", hello)
+        .build()
+        .await
+        .unwrap();
+    let hoarder = mesh.client().await;
+    hoarder
+        .node()
+        .dial(server.node().listen_addrs().await.unwrap().remove(0))
+        .await
+        .unwrap();
+    let held = testing::hold_call_streams(hoarder.node(), server.peer_id(), 200).await;
+    let refused = || testing::metric(server.node(), "micromesh_server_streams_refused_total");
+    wait_until(WAIT, || async { refused() >= 200 - 16 })
+        .await
+        .unwrap_or_else(|_| panic!("refused {} of 200 streams", refused()));
+    assert!(
+        testing::metric(server.node(), "micromesh_server_streams_open") <= 16,
+        "at most twice the call limit stays open"
+    );
+    let client = mesh.client().await;
+    resolvable(&client, "greeter", 1).await;
+    for n in 0..20 {
+        let reply: HelloReply = client
+            .client()
+            .call(
+                "greeter",
+                "Greeter.Hello",
+                &HelloRequest {
+                    name: format!("n{n}"),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(reply.msg, format!("Hello, n{n}! (from greeter)"));
+    }
+    drop(held);
+    for s in [client, hoarder, server, mesh.bootstrap] {
+        s.stop().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_case_yields_its_status_and_the_server_keeps_serving() {
     let mesh = Mesh::new("rpc-errors").await;

@@ -132,6 +132,10 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// The event loop dropped a request without answering it (a bug in micromesh): the
+    /// request failed, the node goes on.
+    #[error("the node dropped the request without answering it")]
+    NoReply,
     /// A gossip message could not be published.
     #[error("cannot publish on {topic:?}: {reason}")]
     Publish {
@@ -401,6 +405,9 @@ pub(crate) enum ProvidersReply {
     Each(mpsc::Sender<Result<PeerId, Error>>),
 }
 
+/// How long a request whose reply was dropped waits to learn whether the node is stopping.
+const REPLY_GRACE: Duration = Duration::from_millis(100);
+
 /// How many providers a streamed lookup queues for a reader that has not taken them yet.
 const PROVIDERS_QUEUE: usize = 64;
 
@@ -639,7 +646,12 @@ impl Node {
         }
         match rx.await {
             Ok(value) => Ok(value),
-            Err(_) => Err(self.stopped_error().await),
+            // The loop dropped the reply: it is stopping (then it says why within moments), or
+            // it lost the request, which must fail now rather than when the node stops.
+            Err(_) => match tokio::time::timeout(REPLY_GRACE, self.stopped()).await {
+                Ok(reason) => Err(Error::Stopped(reason)),
+                Err(_) => Err(Error::NoReply),
+            },
         }
     }
 

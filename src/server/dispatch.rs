@@ -36,6 +36,7 @@ struct Metrics {
     calls: Counter,
     failed: Counter,
     refused: Counter,
+    streams_refused: Counter,
     streams: Counter,
     streams_open: Gauge,
 }
@@ -48,10 +49,35 @@ struct Inner {
     idle: Notify,
     draining: AtomicBool,
     per_peer: Mutex<HashMap<PeerId, usize>>,
+    /// Call streams open per peer, counted before a stream gets a task.
+    streams_per_peer: Mutex<HashMap<PeerId, usize>>,
     metrics: Metrics,
     auth: crate::auth::Auth,
     /// The node, which owns the tasks serving calls.
     node: crate::node::Node,
+}
+
+/// Counts an open call stream of a peer until dropped (its task ended, however it ended).
+struct StreamGuard {
+    inner: Arc<Inner>,
+    peer: PeerId,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.inner.metrics.streams_open.dec();
+        let mut open = self
+            .inner
+            .streams_per_peer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// Counts a call in flight (in total and per peer) until dropped.
@@ -113,6 +139,11 @@ impl Server {
                 metrics.streams.clone(),
             );
             registry.register(
+                "streams_refused",
+                "Call streams refused on arrival: the peer had too many open",
+                metrics.streams_refused.clone(),
+            );
+            registry.register(
                 "streams_open",
                 "Call streams open now, in a call or waiting for the next one",
                 metrics.streams_open.clone(),
@@ -127,6 +158,7 @@ impl Server {
                 idle: Notify::new(),
                 draining: AtomicBool::new(false),
                 per_peer: Mutex::new(HashMap::new()),
+                streams_per_peer: Mutex::new(HashMap::new()),
                 metrics,
                 auth: node.auth().clone(),
                 node: node.clone(),
@@ -147,17 +179,39 @@ impl Server {
         server
     }
 
+    /// Serves a call stream in a task of its own, once it is counted: a peer may keep twice as
+    /// many streams open as it may have calls in flight (the rest wait for their next call);
+    /// beyond, a new stream is reset at once, before it costs a task.
     fn spawn_call(&self, peer: PeerId, stream: libp2p::Stream) {
         let inner = self.inner.clone();
+        let limit = inner.config.max_calls_per_peer.saturating_mul(2).max(1);
+        {
+            let mut open = inner
+                .streams_per_peer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let n = open.entry(peer).or_default();
+            if *n >= limit {
+                drop(open);
+                inner.metrics.streams_refused.inc();
+                tracing::debug!(%peer, "call stream refused: {limit} open from this peer");
+                return;
+            }
+            *n += 1;
+        }
         let span = tracing::debug_span!("calls", %peer);
         inner.metrics.streams.inc();
         inner.metrics.streams_open.inc();
         let node = inner.node.clone();
+        let counted = StreamGuard {
+            inner: inner.clone(),
+            peer,
+        };
         node.spawn_task(
             "server",
             async move {
+                let _counted = counted;
                 serve(&inner, peer, stream).await;
-                inner.metrics.streams_open.dec();
             }
             .instrument(span),
         );
