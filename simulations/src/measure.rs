@@ -58,9 +58,14 @@ pub(crate) fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// CPU time this process has used (user and system), from `/proc/self/stat` (Linux; zero
-/// elsewhere).
+/// CPU time this process has used: the sum over its threads of `/proc/self/task/*/schedstat`
+/// (nanoseconds; Linux), else user and system time from `/proc/self/stat` (10 ms ticks), else
+/// zero. Threads that have ended are not counted: measure across spans in which the runtime's
+/// threads live.
 pub(crate) fn cpu_time() -> Duration {
+    if let Some(ns) = schedstat_ns() {
+        return Duration::from_nanos(ns);
+    }
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return Duration::ZERO;
     };
@@ -76,6 +81,20 @@ pub(crate) fn cpu_time() -> Duration {
         .sum();
     // The kernel's USER_HZ is 100 on every Linux this runs on.
     Duration::from_millis(ticks * 10)
+}
+
+fn schedstat_ns() -> Option<u64> {
+    let mut total = 0u64;
+    for entry in std::fs::read_dir("/proc/self/task").ok()? {
+        let path = entry.ok()?.path().join("schedstat");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        total += text
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(total)
 }
 
 /// The `q` quantile (0 to 1) of `samples`, in milliseconds; NaN when there are none.

@@ -59,8 +59,7 @@ pub(crate) async fn run(_options: &Options) -> Result<serde_json::Value, String>
     for size in SIZES {
         feed(&loaded, network, size - fed)?;
         fed = size;
-        let (base_latencies, base_cpu) = measure(&baseline).await?;
-        let (latencies, cpu) = measure(&loaded).await?;
+        let [(base_latencies, base_cpu), (latencies, cpu)] = measure([&baseline, &loaded]).await?;
         by_view.push((size, base_latencies, base_cpu, latencies, cpu));
     }
 
@@ -122,27 +121,41 @@ fn feed(client: &Service, network: &str, n: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// `CALLS` sequential calls to `echo` after a warm-up: their latencies and the process's CPU.
-async fn measure(client: &Service) -> Result<(Vec<Duration>, Duration), String> {
-    for n in 0..200u64 {
-        let _: u64 = client
-            .client()
-            .call("echo", "Echo.Echo", &n)
-            .await
-            .map_err(|e| e.to_string())?;
+/// `CALLS` sequential calls to `echo` from each client, after a warm-up, in alternating blocks
+/// of `BLOCK` (so that both series see the same states of the machine): each client's
+/// latencies and the process's CPU during its blocks.
+async fn measure(clients: [&Service; 2]) -> Result<[(Vec<Duration>, Duration); 2], String> {
+    const BLOCK: usize = 100;
+    let call = |client: &Service, n: u64| {
+        let client = client.client().clone();
+        async move {
+            client
+                .call::<_, u64>("echo", "Echo.Echo", &n)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    for client in clients {
+        for n in 0..200u64 {
+            call(client, n).await?;
+        }
     }
-    let mut latencies = Vec::with_capacity(CALLS);
-    let cpu_before = cpu_time();
-    for n in 0..CALLS as u64 {
-        let started = Instant::now();
-        let _: u64 = client
-            .client()
-            .call("echo", "Echo.Echo", &n)
-            .await
-            .map_err(|e| e.to_string())?;
-        latencies.push(started.elapsed());
+    let mut out = [
+        (Vec::with_capacity(CALLS), Duration::ZERO),
+        (Vec::with_capacity(CALLS), Duration::ZERO),
+    ];
+    for block in 0..CALLS / BLOCK {
+        for (client, (latencies, cpu)) in clients.iter().zip(out.iter_mut()) {
+            let cpu_before = cpu_time();
+            for n in 0..BLOCK as u64 {
+                let started = Instant::now();
+                call(client, (block * BLOCK) as u64 + n).await?;
+                latencies.push(started.elapsed());
+            }
+            *cpu += cpu_time().saturating_sub(cpu_before);
+        }
     }
-    Ok((latencies, cpu_time().saturating_sub(cpu_before)))
+    Ok(out)
 }
 
 /// One version of `name` with `n` nodes of made-up peers.
