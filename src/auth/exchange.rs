@@ -18,7 +18,7 @@ use futures::{FutureExt as _, future::BoxFuture};
 use super::{Auth, Exchanger, MAX_PRESENTED, MAX_REVOCATIONS, Presentation, Revocation};
 use crate::{
     PeerId,
-    node::{Event, Node},
+    node::{Event, Node, WeakNode},
     transport::frame,
 };
 
@@ -77,12 +77,16 @@ pub(crate) enum Error {
     Read(#[from] frame::ReadError),
     #[error("{0}")]
     Invalid(String),
+    #[error("the node has stopped")]
+    Stopped,
 }
 
 /// The exchange of one node: what the auth policy needs to talk to peers. Cheap to clone.
+///
+/// The node's auth holds it, so it holds the node weakly.
 #[derive(Clone)]
 pub(crate) struct Handle {
-    node: Node,
+    node: WeakNode,
     protocol: StreamProtocol,
 }
 
@@ -117,7 +121,10 @@ impl Exchanger for Handle {
 
 impl Handle {
     fn peers(&self) -> Vec<PeerId> {
-        self.node.connected_peers()
+        self.node
+            .upgrade()
+            .map(|node| node.connected_peers())
+            .unwrap_or_default()
     }
 
     /// Exchanges with `peer`, sending `revocations`; returns what it presented.
@@ -139,7 +146,9 @@ impl Handle {
         peer: PeerId,
         revocations: Vec<Revocation>,
     ) -> Result<(Arc<Presentation>, Hello), Error> {
-        let mut stream = self.node.open_stream(peer, self.protocol.clone()).await?;
+        let node = self.node.upgrade().ok_or(Error::Stopped)?;
+        let mut stream = node.open_stream(peer, self.protocol.clone()).await?;
+        drop(node);
         let hello = hello_of(auth, revocations);
         frame::write(&mut stream, &hello.encode()).await?;
         let reply = frame::read(&mut stream, MAX_HELLO).await?;
@@ -199,8 +208,11 @@ fn hello_of(auth: &Auth, revocations: Vec<Revocation>) -> Hello {
 }
 
 fn spawn_exchange(handle: &Handle, auth: &Auth, peer: PeerId, revocations: Vec<Revocation>) {
+    let Some(node) = handle.node.upgrade() else {
+        return;
+    };
     let (task, auth) = (handle.clone(), auth.clone());
-    handle.node.spawn_task("auth", async move {
+    node.spawn_task("auth", async move {
         let exchange = task.exchange(&auth, peer, revocations);
         match tokio::time::timeout(TIMEOUT, exchange).await {
             Ok(Ok(_)) => {}
@@ -262,17 +274,18 @@ pub(crate) fn start(node: &Node) -> Result<(), crate::node::streams::AlreadyAcce
     // Subscribed before the exchange is attached, so that no connection after it is missed.
     let events = node.events();
     let handle = Handle {
-        node: node.clone(),
+        node: node.downgrade(),
         protocol,
     };
     let auth = node.auth().clone();
     auth.attach(Arc::new(handle.clone()));
-    node.spawn_task("auth", run(handle, auth, inbound, events));
+    node.spawn_task("auth", run(node.clone(), handle, auth, inbound, events));
     Ok(())
 }
 
 /// Serves inbound exchanges and starts one with every peer that connects, while the node runs.
 async fn run(
+    node: Node,
     handle: Handle,
     auth: Auth,
     mut inbound: mpsc::Receiver<(PeerId, libp2p::Stream)>,
@@ -283,7 +296,7 @@ async fn run(
             next = inbound.recv() => {
                 let Some((peer, stream)) = next else { break };
                 let (task, auth) = (handle.clone(), auth.clone());
-                handle.node.spawn_task("auth", async move {
+                node.spawn_task("auth", async move {
                     match tokio::time::timeout(TIMEOUT, serve(&task, &auth, peer, stream)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => tracing::debug!(%peer, "auth exchange failed: {e}"),

@@ -451,7 +451,24 @@ impl fmt::Debug for Node {
     }
 }
 
+/// A handle that does not keep its node alive, for what the node itself holds (a component
+/// attached to it): a strong [`Node`] there would be a cycle, and the node would never be freed.
+#[derive(Clone)]
+pub(crate) struct WeakNode(std::sync::Weak<Inner>);
+
+impl WeakNode {
+    /// The node, unless every strong handle is gone.
+    pub(crate) fn upgrade(&self) -> Option<Node> {
+        self.0.upgrade().map(|inner| Node { inner })
+    }
+}
+
 impl Node {
+    /// A handle that does not keep the node alive.
+    pub(crate) fn downgrade(&self) -> WeakNode {
+        WeakNode(Arc::downgrade(&self.inner))
+    }
+
     /// A builder with the production preset; see [`Builder`].
     pub fn builder() -> Builder {
         Builder::new()
