@@ -504,7 +504,46 @@ struct Inner {
     stopped: Mutex<bool>,
 }
 
+/// The last handle is gone without [`Service::stop`]: the service stops in the background, as
+/// `stop` would but without its hooks and without waiting for calls in flight.
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if *self.stopped.get_mut() {
+            return;
+        }
+        let (node, registry, deadline) = (
+            self.node.clone(),
+            self.registry.clone(),
+            self.shutdown_timeout,
+        );
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                tracing::debug!(service = %self.name, "every handle dropped: stopping");
+                runtime.spawn(async move {
+                    let graceful = async {
+                        if let Err(e) = registry.leave().await {
+                            tracing::debug!("cannot announce the leave: {e}");
+                        }
+                        node.shutdown().await;
+                    };
+                    if tokio::time::timeout(deadline, graceful).await.is_err() {
+                        node.kill();
+                    }
+                });
+            }
+            // Outside a runtime nothing can be said to the peers: the node ends at once.
+            Err(_) => node.kill(),
+        }
+    }
+}
+
 /// A running service. Cheap to clone; every clone is the same service.
+///
+/// Dropping the last clone without [`Service::stop`] stops the service in the background: its
+/// registry entries are withdrawn and the node says goodbye and closes its connections, but no
+/// stop hook runs and calls in flight are cut. Handles taken from it ([`Service::client`],
+/// [`Service::node`], …) fail with a `Stopped` error from then on. Call [`Service::stop`] (or
+/// [`Service::run`]) for a graceful stop.
 #[derive(Clone)]
 pub struct Service {
     inner: Arc<Inner>,
@@ -656,6 +695,15 @@ impl Service {
                 self.inner.node.kill();
                 Err(Error::ShutdownTimeout(deadline))
             }
+        }
+    }
+
+    /// Marks the service as stopped without stopping anything, so that dropping the last handle
+    /// does not stop it either: for [`crate::testing::Process`], whose runtime dies with the
+    /// node in it, where a goodbye would spoil the simulated crash.
+    pub(crate) fn abandon(&self) {
+        if let Ok(mut stopped) = self.inner.stopped.try_lock() {
+            *stopped = true;
         }
     }
 }

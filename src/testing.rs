@@ -448,10 +448,133 @@ fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
     addr
 }
 
-/// Fault injection: ends `service`'s node at once, as a crash would: no leave is announced,
-/// calls in flight break, connections drop.
+/// Fault injection: ends `service`'s node at once, as a crash of its event loop would: no leave
+/// is announced, calls in flight break, connections drop.
+///
+/// The process lives on, so its transports still close their connections: a TCP peer sees the
+/// connection end without a yamux close, a QUIC peer gets a close frame, as when a connection
+/// idles out. To simulate a process that dies (its peers hear nothing more), run the node in a
+/// [`Process`] and [`Process::crash`] it.
 pub fn crash(service: &Service) {
     service.node().kill();
+}
+
+/// A service in a runtime of its own, as if in a process of its own, which can die the way a
+/// killed process does: at once and silently.
+///
+/// [`crash`] ends a node's event loop, but the transports' own tasks go on and close the
+/// connections politely. [`Process::crash`] ends every task of the runtime, the transports'
+/// included, so that nothing more is sent: peers find out through their keep-alives and idle
+/// timeouts, as they would after a `kill -9` or a power cut.
+///
+/// ```
+/// # #[tokio::main(flavor = "multi_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use micromesh::{Service, node::Preset, testing::Process};
+///
+/// let process = Process::start(Service::builder("worker").preset(Preset::Local)).await?;
+/// let peer = process.service().peer_id();
+/// let answer = process.run(|service| async move { service.peer_id() }).await;
+/// assert_eq!(answer, peer);
+/// process.crash();
+/// # Ok(()) }
+/// ```
+///
+/// Dropping a `Process` crashes it.
+pub struct Process {
+    /// `None` only while dropping.
+    runtime: Option<tokio::runtime::Runtime>,
+    service: Service,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.service.abandon();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl fmt::Debug for Process {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Process")
+            .field("peer", &self.service.peer_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Process {
+    /// Builds the service on a runtime of its own (one worker thread).
+    ///
+    /// # Errors
+    ///
+    /// What [`service::Builder::build`] returns, or [`Error::Io`] if the runtime cannot start.
+    pub async fn start(builder: service::Builder) -> Result<Self, Error> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("micromesh-process")
+            .enable_all()
+            .build()
+            .map_err(|source| Error::Io {
+                context: "cannot start a runtime for the process".into(),
+                source,
+            })?;
+        let built = runtime.spawn(builder.build()).await;
+        match built {
+            Ok(Ok(service)) => Ok(Self {
+                runtime: Some(runtime),
+                service,
+            }),
+            Ok(Err(e)) => {
+                runtime.shutdown_background();
+                Err(e)
+            }
+            Err(join) => {
+                runtime.shutdown_background();
+                std::panic::resume_unwind(join.into_panic())
+            }
+        }
+    }
+
+    /// The service. Its handles work from any runtime; what they spawn runs on the caller's.
+    pub fn service(&self) -> &Service {
+        &self.service
+    }
+
+    /// Runs `task` on the process's runtime, so that everything it spawns dies with the
+    /// process, and waits for its result. A panic in `task` resumes on the caller.
+    pub async fn run<F, Fut, T>(&self, task: F) -> T
+    where
+        F: FnOnce(Service) -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let runtime = self
+            .runtime
+            .as_ref()
+            .expect("the runtime lives as long as the process");
+        match runtime.spawn(task(self.service.clone())).await {
+            Ok(value) => value,
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
+    }
+
+    /// Stops the service gracefully (see [`Service::stop`]), then ends the runtime.
+    ///
+    /// # Errors
+    ///
+    /// What [`Service::stop`] returns.
+    pub async fn stop(self) -> Result<(), Error> {
+        let service = self.service.clone();
+        self.run(|_| async move { service.stop().await }).await
+    }
+
+    /// Kills the process: every task of its runtime ends where it stands, the node's event
+    /// loop and the transports' sockets included. No leave, no close frame, no reset: the
+    /// peers hear nothing more.
+    pub fn crash(self) {
+        drop(self);
+    }
 }
 
 /// Fault injection: runs a task on `node` that panics with `message`, as a bug in a component
