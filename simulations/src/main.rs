@@ -5,7 +5,8 @@
 //! ```
 //!
 //! Every scenario runs real micromesh nodes (Noise, yamux, Kademlia, gossipsub) on libp2p's
-//! in-process memory transport and prints one JSON document on stdout.
+//! in-process memory transport and prints one JSON document on stdout. `RUST_LOG` (for example
+//! `RUST_LOG=micromesh=debug`) logs what the nodes do to stderr.
 
 mod measure;
 mod scenarios;
@@ -28,6 +29,16 @@ fn main() -> ExitCode {
         eprint!("{}", usage());
         return ExitCode::FAILURE;
     };
+    if scenario == "--help" || scenario == "-h" {
+        print!("{}", usage());
+        return ExitCode::SUCCESS;
+    }
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let options = match measure::Options::parse(args) {
         Ok(options) => options,
         Err(e) => {

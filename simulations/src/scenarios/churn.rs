@@ -10,7 +10,9 @@
 use std::time::{Duration, Instant};
 
 use micromesh::{
-    Context, Multiaddr, PeerId, Service, Status, client::CallOptions, testing::wait_until,
+    Context, Multiaddr, PeerId, Service, Status,
+    client::CallOptions,
+    testing::{Process, wait_until},
 };
 
 use crate::measure::{Options, percentiles, quantile_ms};
@@ -49,13 +51,17 @@ impl Transport {
 /// What one run saw.
 #[derive(Debug)]
 pub(crate) struct Outcome {
+    /// The first connection of the process over the transport, before the run.
+    pub(crate) warm_up: Duration,
     /// Each fresh node's first call, from `build` to the reply, in order.
     pub(crate) first_calls: Vec<Duration>,
+    /// The part of each first call spent in `build` (joining the mesh), in order.
+    pub(crate) joins: Vec<Duration>,
     /// Calls that failed or took longer than [`CALL_TIMEOUT`], with why.
     pub(crate) failed: Vec<String>,
     /// Departed nodes still in the server's routing table once every liveness check had its
-    /// time.
-    pub(crate) lingering: Vec<PeerId>,
+    /// time, with whether each was killed (rather than stopped).
+    pub(crate) lingering: Vec<(PeerId, bool)>,
 }
 
 fn node(name: &str, network: &str, transport: Transport) -> micromesh::service::Builder {
@@ -65,9 +71,46 @@ fn node(name: &str, network: &str, transport: Transport) -> micromesh::service::
         .configure_node(|n| n.mdns(false).upnp(false).autonat(false).memory_limit(None))
 }
 
+/// Connects two throwaway nodes over `transport` and returns how long it took: the first
+/// TLS (or QUIC) handshake of a process pays for the crypto library's one-time set-up, a cost of
+/// starting a process rather than of joining a mesh with churn, and is kept out of the figures.
+async fn warm_up(transport: Transport) -> Result<Duration, String> {
+    let network = format!("sim-churn-warm-up-{}", transport.name());
+    let started = Instant::now();
+    let first = node("warm-up", &network, transport)
+        .register(false)
+        .build()
+        .await
+        .map_err(|e| format!("warm-up: {e}"))?;
+    let addr = first
+        .node()
+        .listen_addrs()
+        .await
+        .map_err(|e| e.to_string())?
+        .remove(0);
+    let second = node("warm-up", &network, transport)
+        .register(false)
+        .bootstrap(addr)
+        .build()
+        .await
+        .map_err(|e| format!("warm-up: {e}"))?;
+    let peer = first.peer_id();
+    wait_until(Duration::from_secs(10), || async {
+        let peers = second.node().peers().await.unwrap_or_default();
+        peers.iter().any(|p| p.peer_id == peer)
+    })
+    .await
+    .map_err(|e| format!("warm-up: {e}"))?;
+    let took = started.elapsed();
+    second.stop().await.map_err(|e| e.to_string())?;
+    first.stop().await.map_err(|e| e.to_string())?;
+    Ok(took)
+}
+
 /// Runs `clients` short-lived nodes against one server over `transport`.
 pub(crate) async fn churn(transport: Transport, clients: usize) -> Result<Outcome, String> {
     let network = format!("sim-churn-{}", transport.name());
+    let warm_up = warm_up(transport).await?;
     let server = node(SERVICE, &network, transport)
         .handle("Bench.Echo", |_: Context, n: u64| async move {
             Ok::<_, Status>(n)
@@ -82,24 +125,33 @@ pub(crate) async fn churn(transport: Transport, clients: usize) -> Result<Outcom
         .map_err(|e| e.to_string())?
         .remove(0);
     let mut first_calls = Vec::with_capacity(clients);
+    let mut joins = Vec::with_capacity(clients);
     let mut failed = Vec::new();
     let mut departed = Vec::with_capacity(clients);
     for i in 0..clients {
+        // Each short-lived node runs as if in a process of its own, so that a killed one goes
+        // silent the way a killed process does.
         let started = Instant::now();
-        let client = node("client", &network, transport)
-            .register(false)
-            .bootstrap(addr.clone())
-            .build()
-            .await
-            .map_err(|e| format!("client {i}: {e}"))?;
+        let client = Process::start(
+            node("client", &network, transport)
+                .register(false)
+                .bootstrap(addr.clone()),
+        )
+        .await
+        .map_err(|e| format!("client {i}: {e}"))?;
+        joins.push(started.elapsed());
         let reply = client
-            .client()
-            .call_with::<_, u64>(
-                SERVICE,
-                "Bench.Echo",
-                &(i as u64),
-                CallOptions::default().timeout(CALL_TIMEOUT),
-            )
+            .run(move |client| async move {
+                client
+                    .client()
+                    .call_with::<_, u64>(
+                        SERVICE,
+                        "Bench.Echo",
+                        &(i as u64),
+                        CallOptions::default().timeout(CALL_TIMEOUT),
+                    )
+                    .await
+            })
             .await;
         let took = started.elapsed();
         first_calls.push(took);
@@ -108,14 +160,14 @@ pub(crate) async fn churn(transport: Transport, clients: usize) -> Result<Outcom
             Ok(n) => failed.push(format!("client {i}: got {n} back")),
             Err(e) => failed.push(format!("client {i} after {took:?}: {e}")),
         }
-        departed.push(client.peer_id());
+        departed.push(client.service().peer_id());
         if i % 2 == 0 {
             client
                 .stop()
                 .await
                 .map_err(|e| format!("client {i}: {e}"))?;
         } else {
-            micromesh::testing::crash(&client);
+            client.crash();
         }
     }
     // Graceful leavers are gone from the routing table at once; killed ones once the server's
@@ -133,13 +185,17 @@ pub(crate) async fn churn(transport: Transport, clients: usize) -> Result<Outcom
             .await
             .unwrap_or_default()
             .into_iter()
-            .map(|p| p.peer_id)
-            .filter(|p| departed.contains(p))
+            .filter_map(|p| {
+                let at = departed.iter().position(|d| *d == p.peer_id)?;
+                Some((p.peer_id, at % 2 == 1))
+            })
             .collect(),
     };
     server.stop().await.map_err(|e| e.to_string())?;
     Ok(Outcome {
+        warm_up,
         first_calls,
+        joins,
         failed,
         lingering,
     })
@@ -160,13 +216,17 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
         reports.push(serde_json::json!({
             "transport": transport.name(),
             "clients": options.nodes,
+            "process_warm_up_ms": outcome.warm_up.as_secs_f64() * 1e3,
             "first_call": percentiles(outcome.first_calls.clone()),
+            "join": percentiles(outcome.joins.clone()),
+            "first_ten_ms": first_ten.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
             "first_ten_p50_ms": quantile_ms(first_ten, 0.5),
             "max_over_first_ten_p50": max.as_secs_f64() * 1e3 / quantile_ms(first_ten, 0.5),
             "slowest_client": max_at,
             "failed_or_timed_out": outcome.failed.len(),
             "failures": outcome.failed,
             "departed_still_in_routing_table": outcome.lingering.len(),
+            "of_which_killed": outcome.lingering.iter().filter(|(_, killed)| *killed).count(),
         }));
     }
     Ok(serde_json::json!({
