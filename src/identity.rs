@@ -37,7 +37,7 @@ pub const KEY_FILE: &str = "identity.key";
 #[non_exhaustive]
 pub enum Error {
     /// The key file exists but could not be read, or could not be written.
-    #[error("cannot {action} identity key file {path}: {source}")]
+    #[error("cannot {action} identity key file {path}")]
     Io {
         /// What was being done: "read", "create", "write".
         action: &'static str,
@@ -49,18 +49,19 @@ pub enum Error {
     },
     /// The key file exists but does not hold an ed25519 key in libp2p's key encoding.
     #[error(
-        "identity key file {path} is corrupt ({reason}); restore it from a backup, or move it away \
-         to start this node with a new identity (the mesh will see a different peer)"
+        "identity key file {path} is corrupt; restore it from a backup, or move it away to start \
+         this node with a new identity (the mesh will see a different peer)"
     )]
     Corrupt {
         /// The key file.
         path: PathBuf,
         /// Why decoding failed.
-        reason: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// The bytes given are not a valid ed25519 secret key.
-    #[error("invalid ed25519 secret key: {0}")]
-    InvalidKey(String),
+    /// The bytes given are not a valid ed25519 secret key; the source says why.
+    #[error("not an ed25519 secret key in libp2p's key encoding")]
+    InvalidKey(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// An ed25519 key pair whose public half is this node's [`PeerId`].
@@ -156,12 +157,15 @@ impl Identity {
     /// [`Error::InvalidKey`] if the bytes are not an ed25519 key pair.
     pub fn from_protobuf_encoding(bytes: &[u8]) -> Result<Self, Error> {
         let keypair =
-            Keypair::from_protobuf_encoding(bytes).map_err(|e| Error::InvalidKey(e.to_string()))?;
+            Keypair::from_protobuf_encoding(bytes).map_err(|e| Error::InvalidKey(e.into()))?;
         if keypair.clone().try_into_ed25519().is_err() {
-            return Err(Error::InvalidKey(format!(
-                "a {:?} key, but micromesh identities are ed25519",
-                keypair.key_type()
-            )));
+            return Err(Error::InvalidKey(
+                format!(
+                    "a {:?} key, but micromesh identities are ed25519",
+                    keypair.key_type()
+                )
+                .into(),
+            ));
         }
         Ok(Self { keypair })
     }
@@ -209,9 +213,9 @@ impl Identity {
         warn_if_readable_by_others(path);
         Self::from_protobuf_encoding(bytes).map_err(|e| Error::Corrupt {
             path: path.to_owned(),
-            reason: match e {
-                Error::InvalidKey(reason) => reason,
-                other => other.to_string(),
+            source: match e {
+                Error::InvalidKey(source) => source,
+                other => other.into(),
             },
         })
     }

@@ -701,6 +701,7 @@ impl Service {
     /// Marks the service as stopped without stopping anything, so that dropping the last handle
     /// does not stop it either: for [`crate::testing::Process`], whose runtime dies with the
     /// node in it, where a goodbye would spoil the simulated crash.
+    #[cfg(feature = "testing")]
     pub(crate) fn abandon(&self) {
         if let Ok(mut stopped) = self.inner.stopped.try_lock() {
             *stopped = true;

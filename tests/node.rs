@@ -481,6 +481,32 @@ async fn bad_names_and_dials_are_clear_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_is_a_listen_error_whose_source_says_so() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+    let err = Node::builder()
+        .preset(Preset::Local)
+        .listen(addr.clone())
+        .build()
+        .await
+        .unwrap_err();
+    let node::Error::Listen { addr: refused, .. } = &err else {
+        panic!("not a listen error: {err}");
+    };
+    assert_eq!(*refused, addr);
+    // The message names the address; the operating system's reason is its source.
+    assert_eq!(err.to_string(), format!("cannot listen on {addr}"));
+    let mut causes = String::new();
+    let mut source = std::error::Error::source(&err);
+    while let Some(cause) = source {
+        causes.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    assert!(causes.contains("in use"), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_hooks_run_in_order() {
     use std::sync::{Arc, Mutex};
     let log = Arc::new(Mutex::new(Vec::new()));

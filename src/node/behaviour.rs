@@ -195,8 +195,12 @@ impl Behaviour {
         let upnp = Toggle::from(config.upnp.then(upnp::tokio::Behaviour::default));
         let mdns = Toggle::from(if config.mdns {
             Some(
-                mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
-                    .map_err(|e| Error::Transport(format!("cannot start mDNS: {e}")))?,
+                mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id).map_err(|e| {
+                    Error::Transport {
+                        what: "mDNS",
+                        source: super::cause(e),
+                    }
+                })?,
             )
         } else {
             None
@@ -227,8 +231,11 @@ impl Behaviour {
 type BoxedTransport = libp2p::core::transport::Boxed<(libp2p::PeerId, StreamMuxerBox)>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn transport_error(e: impl std::fmt::Display) -> Error {
-    Error::Transport(e.to_string())
+fn transport_error(e: impl Into<BoxError>) -> Error {
+    Error::Transport {
+        what: "the node's transports",
+        source: super::cause(e),
+    }
 }
 
 /// The in-process memory transport, optionally behind the pre-shared key, with Noise and yamux.

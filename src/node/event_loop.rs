@@ -268,7 +268,9 @@ impl EventLoop {
             if config.psk.is_some() && is_quic(addr) {
                 return Err(Error::Listen {
                     addr: addr.clone(),
-                    reason: "QUIC cannot carry a pre-shared key; listen on TCP instead".into(),
+                    source: super::cause(
+                        "QUIC cannot carry a pre-shared key; listen on TCP instead",
+                    ),
                 });
             }
             let id = self
@@ -276,7 +278,7 @@ impl EventLoop {
                 .listen_on(addr.clone())
                 .map_err(|e| Error::Listen {
                     addr: addr.clone(),
-                    reason: error_chain(&e),
+                    source: super::cause(e),
                 })?;
             listeners.insert(id, addr.clone());
             self.listeners.push(id);
@@ -288,7 +290,7 @@ impl EventLoop {
                 event = self.swarm.select_next_some() => event,
                 _ = &mut deadline => {
                     let addr = listeners.into_values().next().expect("not empty");
-                    return Err(Error::Listen { addr, reason: "no address reported in time".into() });
+                    return Err(Error::Listen { addr, source: super::cause("no address reported in time") });
                 }
             };
             match &event {
@@ -303,9 +305,11 @@ impl EventLoop {
                     if let Some(addr) = listeners.remove(listener_id) {
                         return Err(Error::Listen {
                             addr,
-                            reason: match reason {
-                                Err(e) => e.to_string(),
-                                Ok(()) => "the listener closed".into(),
+                            source: match reason {
+                                Err(e) => {
+                                    super::cause(std::io::Error::new(e.kind(), e.to_string()))
+                                }
+                                Ok(()) => super::cause("the listener closed"),
                             },
                         });
                     }
@@ -314,7 +318,10 @@ impl EventLoop {
                     if let Some(addr) = listeners.remove(listener_id) {
                         return Err(Error::Listen {
                             addr,
-                            reason: error.to_string(),
+                            source: super::cause(std::io::Error::new(
+                                error.kind(),
+                                error.to_string(),
+                            )),
                         });
                     }
                 }
@@ -729,9 +736,10 @@ impl EventLoop {
                         self.queries.insert(id, Query::Provide { reply });
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(Error::Dht(format!(
-                            "cannot store provider record: {e}"
-                        ))));
+                        let _ = reply.send(Err(Error::Dht {
+                            operation: "provider announcement",
+                            source: super::cause(e),
+                        }));
                     }
                 }
             }
@@ -1572,12 +1580,18 @@ impl EventLoop {
                 }
                 Err(e) => {
                     if let Some(reply) = reply {
-                        let _ = reply.send(Err(Error::Dht(e.to_string())));
+                        let _ = reply.send(Err(Error::Dht {
+                            operation: "bootstrap",
+                            source: super::cause(e),
+                        }));
                     }
                 }
             },
             (Query::Provide { reply }, kad::QueryResult::StartProviding(result)) => {
-                let _ = reply.send(result.map(drop).map_err(|e| Error::Dht(e.to_string())));
+                let _ = reply.send(result.map(drop).map_err(|e| Error::Dht {
+                    operation: "provider announcement",
+                    source: super::cause(e),
+                }));
             }
             (Query::Providers { mut found, reply }, kad::QueryResult::GetProviders(result)) => {
                 match result {
@@ -1604,7 +1618,10 @@ impl EventLoop {
                     Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => {}
                     Err(e) => {
                         if found.is_empty() {
-                            let error = Error::Dht(e.to_string());
+                            let error = Error::Dht {
+                                operation: "provider lookup",
+                                source: super::cause(e),
+                            };
                             match reply {
                                 ProvidersReply::All(all) => {
                                     let _ = all.send(Err(error));
@@ -1775,23 +1792,6 @@ impl Drop for EventLoop {
             self.swarm.remove_listener(id);
         }
     }
-}
-
-/// An error with its sources, for messages that cross into this crate's errors as text.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let s = e.to_string();
-        if !s.is_empty() && !text.contains(&s) {
-            if !text.is_empty() {
-                text.push_str(": ");
-            }
-            text.push_str(&s);
-        }
-        source = e.source();
-    }
-    text
 }
 
 fn dial_opts(addr: &Multiaddr) -> DialOpts {

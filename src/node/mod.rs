@@ -88,15 +88,22 @@ pub enum Error {
     #[error("invalid auth configuration: {0}")]
     Auth(#[from] crate::auth::Error),
     /// The transports or a protocol could not be set up.
-    #[error("cannot set up the node's transports: {0}")]
-    Transport(String),
-    /// An address could not be listened on.
-    #[error("cannot listen on {addr}: {reason}")]
+    #[error("cannot set up {what}")]
+    Transport {
+        /// What could not be set up: "the TCP transport", "mDNS", ….
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: Cause,
+    },
+    /// An address could not be listened on; the source says why.
+    #[error("cannot listen on {addr}")]
     Listen {
         /// The address.
         addr: Multiaddr,
         /// Why.
-        reason: String,
+        #[source]
+        source: Cause,
     },
     /// A dial failed.
     #[error("cannot connect to {addr}: {reason}")]
@@ -121,9 +128,15 @@ pub enum Error {
     /// A peer could not be found in the DHT.
     #[error("peer {0} was not found in the DHT")]
     PeerNotFound(PeerId),
-    /// A DHT query failed.
-    #[error("DHT query failed: {0}")]
-    Dht(String),
+    /// A DHT operation failed.
+    #[error("the DHT {operation} failed")]
+    Dht {
+        /// The operation: "bootstrap", "provider announcement", "provider lookup".
+        operation: &'static str,
+        /// Why.
+        #[source]
+        source: Cause,
+    },
     /// A topic name is invalid.
     #[error("invalid topic {topic:?}: {reason}")]
     InvalidTopic {
@@ -144,6 +157,34 @@ pub enum Error {
         /// Why.
         reason: PublishError,
     },
+}
+
+/// The cause of an error, from below micromesh (libp2p, the operating system) or a plain
+/// explanation; shared, since every handle waiting on an operation gets the same error.
+///
+/// ```
+/// use micromesh::node;
+///
+/// let error = node::Error::Listen {
+///     addr: "/ip4/127.0.0.1/tcp/4001".parse()?,
+///     source: node::cause(std::io::Error::from(std::io::ErrorKind::AddrInUse)),
+/// };
+/// let in_use = std::error::Error::source(&error)
+///     .and_then(|cause| cause.downcast_ref::<std::io::Error>())
+///     .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse);
+/// assert!(in_use);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
+/// Wraps an error, or explains in words, as a [`Cause`].
+///
+/// ```
+/// let cause = micromesh::node::cause("no address reported in time");
+/// assert_eq!(cause.to_string(), "no address reported in time");
+/// ```
+pub fn cause(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Cause {
+    Arc::from(error.into())
 }
 
 /// Why a gossip publish failed.
