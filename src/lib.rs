@@ -91,6 +91,8 @@ mod test_vectors;
 pub mod testing;
 pub mod transport;
 
+/// Shared, cheaply cloned bytes: a message's body ([`broker::Message`]).
+pub use bytes::Bytes;
 pub use libp2p::{Multiaddr, PeerId};
 
 pub use crate::{

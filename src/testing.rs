@@ -863,7 +863,7 @@ fn raw_envelope(body: &[u8], grants: &[crate::auth::Grant]) -> crate::broker::wi
         time_ms: 0,
         content_type: crate::broker::RAW_CONTENT_TYPE.into(),
         headers: crate::Metadata::new(),
-        body: body.to_vec(),
+        body: bytes::Bytes::copy_from_slice(body),
         grants: grants
             .iter()
             .map(|g| serde_bytes::ByteBuf::from(g.to_bytes().to_vec()))

@@ -515,7 +515,7 @@ async fn an_unauthorised_publish_reaches_no_subscriber() {
                 .subscribe_raw("alerts", Default::default(), move |m: broker::Message| {
                     let log = log.clone();
                     async move {
-                        log.lock().unwrap().push((i, m.body.clone()));
+                        log.lock().unwrap().push((i, m.body.to_vec()));
                         Ok::<_, Status>(())
                     }
                 })

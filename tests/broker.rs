@@ -598,7 +598,7 @@ async fn a_publish_right_after_start_waits_for_the_subscriber() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(message.body, b"first");
+    assert_eq!(message.body, &b"first"[..]);
     assert_eq!(message.publisher, publisher.peer_id());
     assert_eq!(message.headers.get("kind"), Some("greeting"));
     assert_eq!(message.content_type, micromesh::broker::RAW_CONTENT_TYPE);

@@ -485,7 +485,7 @@ pub struct Event<T> {
 }
 
 /// A received message with its body as bytes, as validation hooks and raw subscriptions see it.
-pub type Message = Event<Vec<u8>>;
+pub type Message = Event<bytes::Bytes>;
 
 impl Message {
     /// Decodes the body with the codec of its content type.
@@ -757,7 +757,7 @@ impl Broker {
     ) -> Result<Published, Error> {
         let body = options.content_type.encode(message)?;
         let content_type = options.content_type.content_type();
-        self.publish_encoded(topic, content_type, body, options)
+        self.publish_encoded(topic, content_type, body.into(), options)
             .await
     }
 
@@ -773,7 +773,7 @@ impl Broker {
         body: impl Into<Vec<u8>>,
         options: PublishOptions,
     ) -> Result<Published, Error> {
-        self.publish_encoded(topic, RAW_CONTENT_TYPE, body.into(), options)
+        self.publish_encoded(topic, RAW_CONTENT_TYPE, body.into().into(), options)
             .await
     }
 
@@ -781,7 +781,7 @@ impl Broker {
         &self,
         topic: &str,
         content_type: &str,
-        body: Vec<u8>,
+        body: bytes::Bytes,
         options: PublishOptions,
     ) -> Result<Published, Error> {
         check_topic(topic)?;
@@ -807,8 +807,10 @@ impl Broker {
             body,
             grants: auth.own_encoded(),
         };
-        // Checked with a provisional number: the size cannot grow by more than 8 bytes.
-        let size = envelope.encode().len() + 8;
+        // Checked with a provisional number (the number is taken once every check passed, or a
+        // refused message would leave a gap that subscribers wait on): the size cannot grow by
+        // more than 8 bytes.
+        let size = envelope.encoded_len() + 8;
         let max = inner.config.limit(topic);
         if size > max {
             return Err(Error::TooLarge {
@@ -851,7 +853,6 @@ impl Broker {
             epoch: inner.epoch,
             seq: envelope.seq,
         };
-        let bytes = envelope.encode();
         let wait = options.wait.unwrap_or(inner.config.wait_for_subscribers);
         let deadline = Instant::now() + wait;
 
@@ -866,8 +867,9 @@ impl Broker {
         }
         let local = self.deliver_locally(topic, &envelope);
         // Broadcast first: looking up queue groups may take a trip through the event loop, and
-        // broadcast subscribers should not wait for it.
-        let mut remote = self.gossip(topic, &bytes).await?;
+        // broadcast subscribers should not wait for it. The envelope is encoded once, and the
+        // encoding handed over; a retry, when nobody was there, encodes it again.
+        let mut remote = self.gossip(topic, envelope.encode()).await?;
         let mut groups = self.groups_of(topic, discovered).await?;
         while local == 0 && groups.is_empty() && remote.is_none() && !options.allow_no_subscribers {
             if Instant::now() >= deadline {
@@ -878,7 +880,7 @@ impl Broker {
             }
             let round = inner.discovery.retry(&inner.node, topic);
             let _ = tokio::time::timeout_at(deadline.into(), round).await;
-            remote = self.gossip(topic, &bytes).await?;
+            remote = self.gossip(topic, envelope.encode()).await?;
             groups = self.groups_of(topic, true).await?;
         }
         let mut deliveries = Vec::with_capacity(groups.len());
@@ -911,13 +913,8 @@ impl Broker {
 
     /// Sends on gossipsub; returns how many connected peers subscribe to the topic, or `None`
     /// when none does (nothing was sent).
-    async fn gossip(&self, topic: &str, bytes: &[u8]) -> Result<Option<usize>, Error> {
-        match self
-            .inner
-            .node
-            .publish_unchecked(topic, bytes.to_vec())
-            .await
-        {
+    async fn gossip(&self, topic: &str, bytes: Vec<u8>) -> Result<Option<usize>, Error> {
+        match self.inner.node.publish_unchecked(topic, bytes).await {
             Ok(subscribers) => Ok(Some(subscribers)),
             Err(node::Error::Publish {
                 reason: node::PublishError::NoSubscribers,

@@ -42,8 +42,10 @@ pub(crate) struct Envelope {
     pub(crate) content_type: String,
     #[serde(rename = "h", default, skip_serializing_if = "Metadata::is_empty")]
     pub(crate) headers: Metadata,
-    #[serde(rename = "b", with = "serde_bytes")]
-    pub(crate) body: Vec<u8>,
+    /// Shared, so that every local subscriber, hook and queue group gets the body without a
+    /// copy.
+    #[serde(rename = "b")]
+    pub(crate) body: bytes::Bytes,
     /// The publisher's [grants](crate::auth::Grant), for receivers whose rules ask for roles.
     #[serde(rename = "g", default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) grants: Vec<serde_bytes::ByteBuf>,
@@ -65,6 +67,13 @@ impl Envelope {
         let mut out = Vec::with_capacity(self.body.len() + 64);
         ciborium::into_writer(self, &mut out).expect("writing to a Vec cannot fail");
         out
+    }
+
+    /// The length of [`Envelope::encode`]'s output, without writing (or copying) it.
+    pub(crate) fn encoded_len(&self) -> usize {
+        let mut counter = Counter(0);
+        ciborium::into_writer(self, &mut counter).expect("counting cannot fail");
+        counter.0
     }
 
     /// Decodes and checks untrusted bytes.
@@ -185,6 +194,20 @@ impl Ack {
     }
 }
 
+/// A writer that only counts what it is given.
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn decode_exact<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     let mut reader = bytes;
     let value = ciborium::de::from_reader_with_recursion_limit(&mut reader, 16)
@@ -216,7 +239,7 @@ mod tests {
             time_ms: 1_700_000_000_000,
             content_type: "application/json".into(),
             headers: [("trace", "abc")].into_iter().collect(),
-            body: br#"{"id":1}"#.to_vec(),
+            body: bytes::Bytes::from_static(br#"{"id":1}"#),
             grants: Vec::new(),
         }
     }
@@ -244,6 +267,31 @@ mod tests {
         assert_eq!(Ack::decode(&bytes).unwrap(), ack);
         let bytes = vector("Vector: Ack handled", &Ack::ok().encode());
         assert_eq!(Ack::decode(&bytes).unwrap(), Ack::ok());
+    }
+
+    #[test]
+    fn the_counted_length_is_the_encoded_length() {
+        for len in [0, 23, 24, 255, 256, 65_535, 65_536] {
+            for seq in [0, 23, 24, u64::from(u32::MAX) + 1] {
+                let mut envelope = Envelope {
+                    body: vec![7u8; len].into(),
+                    seq,
+                    ..example()
+                };
+                assert_eq!(
+                    envelope.encoded_len(),
+                    envelope.encode().len(),
+                    "{len} {seq}"
+                );
+                envelope.headers = Metadata::new();
+                envelope.grants = Vec::new();
+                assert_eq!(
+                    envelope.encoded_len(),
+                    envelope.encode().len(),
+                    "{len} {seq}"
+                );
+            }
+        }
     }
 
     #[test]
