@@ -198,7 +198,7 @@ impl Behaviour {
                 mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id).map_err(|e| {
                     Error::Transport {
                         what: "mDNS",
-                        source: super::cause(e),
+                        source: super::Cause::new(e),
                     }
                 })?,
             )
@@ -234,7 +234,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 fn transport_error(e: impl Into<BoxError>) -> Error {
     Error::Transport {
         what: "the node's transports",
-        source: super::cause(e),
+        source: super::Cause::new(e),
     }
 }
 

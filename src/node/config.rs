@@ -579,6 +579,11 @@ impl Builder {
         self.config.data_dir.as_deref()
     }
 
+    /// Whether bootstrap peers were given.
+    pub(crate) fn has_bootstrap(&self) -> bool {
+        !self.config.bootstrap.is_empty()
+    }
+
     /// The network the node will join.
     pub(crate) fn network_name(&self) -> &str {
         &self.config.network

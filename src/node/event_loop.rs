@@ -268,7 +268,7 @@ impl EventLoop {
             if config.psk.is_some() && is_quic(addr) {
                 return Err(Error::Listen {
                     addr: addr.clone(),
-                    source: super::cause(
+                    source: super::Cause::new(
                         "QUIC cannot carry a pre-shared key; listen on TCP instead",
                     ),
                 });
@@ -278,7 +278,7 @@ impl EventLoop {
                 .listen_on(addr.clone())
                 .map_err(|e| Error::Listen {
                     addr: addr.clone(),
-                    source: super::cause(e),
+                    source: super::Cause::new(e),
                 })?;
             listeners.insert(id, addr.clone());
             self.listeners.push(id);
@@ -290,7 +290,7 @@ impl EventLoop {
                 event = self.swarm.select_next_some() => event,
                 _ = &mut deadline => {
                     let addr = listeners.into_values().next().expect("not empty");
-                    return Err(Error::Listen { addr, source: super::cause("no address reported in time") });
+                    return Err(Error::Listen { addr, source: super::Cause::new("no address reported in time") });
                 }
             };
             match &event {
@@ -307,9 +307,9 @@ impl EventLoop {
                             addr,
                             source: match reason {
                                 Err(e) => {
-                                    super::cause(std::io::Error::new(e.kind(), e.to_string()))
+                                    super::Cause::new(std::io::Error::new(e.kind(), e.to_string()))
                                 }
-                                Ok(()) => super::cause("the listener closed"),
+                                Ok(()) => super::Cause::new("the listener closed"),
                             },
                         });
                     }
@@ -318,7 +318,7 @@ impl EventLoop {
                     if let Some(addr) = listeners.remove(listener_id) {
                         return Err(Error::Listen {
                             addr,
-                            source: super::cause(std::io::Error::new(
+                            source: super::Cause::new(std::io::Error::new(
                                 error.kind(),
                                 error.to_string(),
                             )),
@@ -738,7 +738,7 @@ impl EventLoop {
                     Err(e) => {
                         let _ = reply.send(Err(Error::Dht {
                             operation: "provider announcement",
-                            source: super::cause(e),
+                            source: super::Cause::new(e),
                         }));
                     }
                 }
@@ -1582,7 +1582,7 @@ impl EventLoop {
                     if let Some(reply) = reply {
                         let _ = reply.send(Err(Error::Dht {
                             operation: "bootstrap",
-                            source: super::cause(e),
+                            source: super::Cause::new(e),
                         }));
                     }
                 }
@@ -1590,7 +1590,7 @@ impl EventLoop {
             (Query::Provide { reply }, kad::QueryResult::StartProviding(result)) => {
                 let _ = reply.send(result.map(drop).map_err(|e| Error::Dht {
                     operation: "provider announcement",
-                    source: super::cause(e),
+                    source: super::Cause::new(e),
                 }));
             }
             (Query::Providers { mut found, reply }, kad::QueryResult::GetProviders(result)) => {
@@ -1620,7 +1620,7 @@ impl EventLoop {
                         if found.is_empty() {
                             let error = Error::Dht {
                                 operation: "provider lookup",
-                                source: super::cause(e),
+                                source: super::Cause::new(e),
                             };
                             match reply {
                                 ProvidersReply::All(all) => {

@@ -160,14 +160,16 @@ pub enum Error {
 }
 
 /// The cause of an error, from below micromesh (libp2p, the operating system) or a plain
-/// explanation; shared, since every handle waiting on an operation gets the same error.
+/// explanation: the [`source`](std::error::Error::source) of the node's errors that have one.
+/// Shared, since every handle waiting on an operation gets the same error; it dereferences to
+/// the error itself, which is what `source()` returns, so it can be downcast.
 ///
 /// ```
 /// use micromesh::node;
 ///
 /// let error = node::Error::Listen {
 ///     addr: "/ip4/127.0.0.1/tcp/4001".parse()?,
-///     source: node::cause(std::io::Error::from(std::io::ErrorKind::AddrInUse)),
+///     source: node::Cause::new(std::io::Error::from(std::io::ErrorKind::AddrInUse)),
 /// };
 /// let in_use = std::error::Error::source(&error)
 ///     .and_then(|cause| cause.downcast_ref::<std::io::Error>())
@@ -175,16 +177,39 @@ pub enum Error {
 /// assert!(in_use);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+#[derive(Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
 
-/// Wraps an error, or explains in words, as a [`Cause`].
-///
-/// ```
-/// let cause = micromesh::node::cause("no address reported in time");
-/// assert_eq!(cause.to_string(), "no address reported in time");
-/// ```
-pub fn cause(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Cause {
-    Arc::from(error.into())
+impl Cause {
+    /// Wraps an error, or explains in words.
+    ///
+    /// ```
+    /// let cause = micromesh::node::Cause::new("no address reported in time");
+    /// assert_eq!(cause.to_string(), "no address reported in time");
+    /// ```
+    pub fn new(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self(Arc::from(error.into()))
+    }
+}
+
+impl std::ops::Deref for Cause {
+    type Target = dyn std::error::Error + Send + Sync + 'static;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl fmt::Debug for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&*self.0, f)
+    }
 }
 
 /// Why a gossip publish failed.
@@ -749,6 +774,16 @@ impl Node {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .contains(peer)
+    }
+
+    /// How many peers the node has an open connection to, without a round trip to the event
+    /// loop.
+    pub fn connected_count(&self) -> usize {
+        self.inner
+            .connected
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Opens a stream of one of micromesh's protocols on the best connection to `peer` (direct
