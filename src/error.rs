@@ -10,6 +10,9 @@ pub enum Error {
     /// From the node (transports, connections, DHT, gossip).
     #[error(transparent)]
     Node(#[from] crate::node::Error),
+    /// The debug HTTP endpoint could not start.
+    #[error(transparent)]
+    Debug(#[from] crate::debug::Error),
     /// From the registry.
     #[error(transparent)]
     Registry(#[from] crate::registry::Error),

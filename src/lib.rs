@@ -75,6 +75,7 @@ pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod codec;
+pub mod debug;
 pub mod error;
 pub mod identity;
 pub mod metadata;

@@ -73,6 +73,7 @@ pub struct Builder {
     hooks: Hooks,
     shutdown_timeout: Duration,
     register: bool,
+    metrics: Option<std::net::SocketAddr>,
     endpoints: Vec<registry::Endpoint>,
     registry: registry::Config,
     selector: selector::Config,
@@ -104,6 +105,7 @@ impl Builder {
             hooks: Hooks::default(),
             shutdown_timeout: Duration::from_secs(10),
             register: true,
+            metrics: None,
             endpoints: Vec::new(),
             registry: registry::Config::default(),
             selector: selector::Config::default(),
@@ -328,6 +330,28 @@ impl Builder {
         self
     }
 
+    /// Serves the node's metrics (Prometheus/OpenMetrics text at `/metrics`) and health
+    /// (`/health/live`, `/health/ready`) over HTTP on `addr`; port 0 picks a free port, which
+    /// [`Service::metrics_addr`] tells. Off by default. See [`crate::debug`].
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use micromesh::{Service, node::Preset};
+    ///
+    /// let service = Service::builder("greeter")
+    ///     .preset(Preset::Local)
+    ///     .metrics("127.0.0.1:0".parse()?)
+    ///     .build()
+    ///     .await?;
+    /// assert!(service.metrics_addr().is_some());
+    /// # service.stop().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn metrics(mut self, addr: std::net::SocketAddr) -> Self {
+        self.metrics = Some(addr);
+        self
+    }
+
     /// How long [`Service::stop`] may take before the node is stopped hard. Default is 10 s.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
@@ -386,6 +410,7 @@ impl Builder {
         // The components that plug into the node are made first: the auth policy (shared by
         // every component) and the store's record keeper, which Kademlia runs with.
         let identity = self.node.resolve_identity()?;
+        let has_bootstrap = self.node.has_bootstrap();
         let network = self.node.network_name().to_owned();
         let auth = crate::auth::Auth::new(
             identity.peer_id(),
@@ -446,15 +471,26 @@ impl Builder {
                 }
                 registry.register(registration).await?;
             }
-            Ok::<_, Error>((registry, selector, server, client, broker, store))
+            let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let http = match self.metrics {
+                Some(addr) => {
+                    let ready = readiness(node.clone(), has_bootstrap, stopping.clone());
+                    Some(crate::debug::HttpEndpoint::serve_with(addr, node.clone(), ready).await?)
+                }
+                None => None,
+            };
+            Ok::<_, Error>((
+                registry, selector, server, client, broker, store, http, stopping,
+            ))
         };
-        let (registry, selector, server, client, broker, store) = match started.await {
-            Ok(parts) => parts,
-            Err(e) => {
-                node.shutdown().await;
-                return Err(e);
-            }
-        };
+        let (registry, selector, server, client, broker, store, http, stopping) =
+            match started.await {
+                Ok(parts) => parts,
+                Err(e) => {
+                    node.shutdown().await;
+                    return Err(e);
+                }
+            };
         let service = Service {
             inner: Arc::new(Inner {
                 name: self.name,
@@ -470,6 +506,8 @@ impl Builder {
                 hooks: self.hooks,
                 shutdown_timeout: self.shutdown_timeout,
                 stopped: Mutex::new(false),
+                http,
+                stopping,
             }),
         };
         if let Err(e) = run_hooks("after_start", &service.inner.hooks.after_start).await {
@@ -478,6 +516,24 @@ impl Builder {
         }
         Ok(service)
     }
+}
+
+/// What `/health/ready` answers: ready once started (the service is announced by then), unless
+/// it is stopping, or was given bootstrap peers and is connected to none.
+fn readiness(
+    node: Node,
+    has_bootstrap: bool,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+) -> crate::debug::http::Readiness {
+    Arc::new(move || {
+        if stopping.load(std::sync::atomic::Ordering::Acquire) {
+            return Err("the service is stopping".into());
+        }
+        if has_bootstrap && node.connected_count() == 0 {
+            return Err("connected to no peer of the mesh".into());
+        }
+        Ok(())
+    })
 }
 
 fn boxed_hook<F, Fut>(hook: F) -> Hook
@@ -502,6 +558,10 @@ struct Inner {
     hooks: Hooks,
     shutdown_timeout: Duration,
     stopped: Mutex<bool>,
+    /// The metrics and health listener, if asked for.
+    http: Option<crate::debug::HttpEndpoint>,
+    /// Set when the service begins to stop: no longer ready.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The last handle is gone without [`Service::stop`]: the service stops in the background, as
@@ -578,6 +638,14 @@ impl Service {
     /// The service's metadata.
     pub fn metadata(&self) -> &Metadata {
         &self.inner.metadata
+    }
+
+    /// Where the metrics and health are served over HTTP, if [`Builder::metrics`] asked for it.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner
+            .http
+            .as_ref()
+            .map(crate::debug::HttpEndpoint::local_addr)
     }
 
     /// The node this service runs on.
@@ -666,6 +734,9 @@ impl Service {
             return Ok(());
         }
         *stopped = true;
+        self.inner
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Release);
         let deadline = self.inner.shutdown_timeout;
         let graceful = async {
             let before = run_hooks("before_stop", &self.inner.hooks.before_stop).await;

@@ -51,11 +51,12 @@ impl NodeProcess {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 let value: serde_json::Value =
                     serde_json::from_str(&line).expect("one JSON value per line");
-                assert_eq!(value["event"], "listening", "{line}");
-                if tx
-                    .send(value["address"].as_str().unwrap().to_owned())
-                    .is_err()
-                {
+                let printed = match value["event"].as_str() {
+                    Some("listening") => value["address"].as_str(),
+                    Some("metrics") => value["url"].as_str(),
+                    _ => panic!("unexpected output: {line}"),
+                };
+                if tx.send(printed.unwrap().to_owned()).is_err() {
                     break;
                 }
             }
@@ -63,7 +64,7 @@ impl NodeProcess {
         Self { child, addrs }
     }
 
-    /// The next listen address printed that contains `needle`.
+    /// The next listen address (or metrics URL) printed that contains `needle`.
     fn addr(&self, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -598,6 +599,89 @@ fn sigterm_stops_a_node_gracefully() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "a graceful stop exits 0, got {status}");
+}
+
+/// A GET on a fresh connection: the status code and the body.
+fn http_get(url: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let mut tcp = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn a_node_serves_metrics_and_health_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start_with(
+        dir.path(),
+        &["/ip4/127.0.0.1/tcp/0"],
+        None,
+        &["--metrics", "127.0.0.1:0"],
+    );
+    let url = node.addr("http://");
+    assert!(url.ends_with("/metrics"), "{url}");
+    let (status, metrics) = http_get(&url);
+    assert_eq!(status, 200);
+    assert!(metrics.contains("libp2p_swarm_"), "{metrics}");
+    assert!(metrics.contains("micromesh_"), "{metrics}");
+    assert!(metrics.trim_end().ends_with("# EOF"));
+    let health = url.replace("/metrics", "/health/ready");
+    assert_eq!(http_get(&health), (200, "ready\n".to_owned()));
+}
+
+#[test]
+fn logs_can_be_json_lines_without_colours() {
+    let out = Command::new(BIN)
+        .args([
+            "peers",
+            "--bootstrap",
+            "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWGuTne2qDC9AZU36RkYekhCuVRXdVhVyJsNDyf9BWVdSk",
+        ])
+        .args([
+            "--network",
+            "clitest",
+            "--log-format",
+            "json",
+            "--log",
+            "debug",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains('\x1b'), "colour codes in logs: {stderr}");
+    let logs: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(!logs.is_empty(), "no JSON log lines in: {stderr}");
+    assert!(
+        logs.iter()
+            .all(|l| l["level"].is_string() && l["fields"].is_object()),
+        "{stderr}"
+    );
+    // The error itself is still a sentence for the person at the terminal.
+    assert!(stderr.lines().any(|l| l.starts_with("error: ")), "{stderr}");
 }
 
 /// Runs the binary to completion with `args`, on the test network (given in the environment,

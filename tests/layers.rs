@@ -18,7 +18,7 @@ const LAYERS: &[&[&str]] = &[
     // The node: the swarm, its event loop and handle; components plug into it.
     &["node"],
     // Components that speak their own protocols over the node.
-    &["registry", "store", "broker", "auth::exchange"],
+    &["registry", "store", "broker", "auth::exchange", "debug"],
     &["selector"],
     &["client"],
     &["server"],

@@ -92,12 +92,33 @@ impl Client {
         }
         let started = Instant::now();
         let deadline = options.deadline_from(started);
+        let counted = self.inner.calls.start(service, endpoint);
+        let outcome = self
+            .call_with_retries(service, endpoint, &body, options, started, deadline)
+            .await;
+        counted.finish(match &outcome {
+            Ok(_) => crate::status::Code::Ok.as_u16(),
+            Err(e) => e.status().code().as_u16(),
+        });
+        outcome
+    }
+
+    /// The attempts of a unary call: the first, and retries while the options allow them.
+    async fn call_with_retries(
+        &self,
+        service: &str,
+        endpoint: &str,
+        body: &[u8],
+        options: &CallOptions,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, Error> {
         let mut tried = Vec::new();
         let mut attempt = 0;
         loop {
             let outcome = tokio::time::timeout_at(
                 deadline.into(),
-                self.attempt(service, endpoint, &body, options, &mut tried, deadline),
+                self.attempt(service, endpoint, body, options, &mut tried, deadline),
             )
             .await
             .unwrap_or_else(|_| {

@@ -314,6 +314,8 @@ pub(crate) struct Inner {
     pub(crate) selector: Selector,
     pub(crate) config: transport::Config,
     pub(crate) pool: Arc<pool::Pool>,
+    /// Latency and calls in flight by service, endpoint and status (`rpc_client_*`).
+    pub(crate) calls: transport::metrics::CallMetrics,
 }
 
 /// Calls services of the mesh. Cheap to clone. From `service.client()`.
@@ -337,8 +339,17 @@ impl Client {
         selector: Selector,
         config: transport::Config,
     ) -> Self {
+        let calls = {
+            let registry = node.metrics_registry();
+            let mut registry = registry.lock().unwrap_or_else(|e| e.into_inner());
+            transport::metrics::CallMetrics::register(
+                &mut registry,
+                transport::metrics::Side::Client,
+            )
+        };
         Self {
             inner: Arc::new(Inner {
+                calls,
                 pool: pool::Pool::new(config.idle_timeout, &node),
                 node,
                 registry,

@@ -24,6 +24,7 @@ use crate::{
     transport::{
         self,
         frame::{self, ReadError},
+        metrics::{CALLER_GONE, CallMetrics, OTHER_METHOD, Side},
         wire::{DataFrame, Frame, Head, Trailer},
     },
 };
@@ -52,6 +53,8 @@ struct Inner {
     /// Call streams open per peer, counted before a stream gets a task.
     streams_per_peer: Mutex<HashMap<PeerId, usize>>,
     metrics: Metrics,
+    /// Latency and calls in flight by endpoint and status (`rpc_server_*`).
+    calls: CallMetrics,
     auth: crate::auth::Auth,
     /// The node, which owns the tasks serving calls.
     node: crate::node::Node,
@@ -149,8 +152,14 @@ impl Server {
                 metrics.streams_open.clone(),
             );
         });
+        let calls = {
+            let registry = node.metrics_registry();
+            let mut registry = registry.lock().unwrap_or_else(|e| e.into_inner());
+            CallMetrics::register(&mut registry, Side::Server)
+        };
         let server = Self {
             inner: Arc::new(Inner {
+                calls,
                 name,
                 router,
                 config,
@@ -313,9 +322,15 @@ async fn serve(inner: &Arc<Inner>, peer: PeerId, mut stream: libp2p::Stream) {
         inner.metrics.calls.inc();
         let (guard, refusal) = admit(inner, peer);
         let call = tracing::debug_span!("call", endpoint = %head.endpoint);
-        let reusable = serve_call(inner, peer, &mut stream, head, refusal)
+        let method = match inner.router.endpoints.contains_key(&head.endpoint) {
+            true => head.endpoint.as_str(),
+            false => OTHER_METHOD,
+        };
+        let counted = inner.calls.start(&inner.name, method);
+        let (reusable, code) = serve_call(inner, peer, &mut stream, head, refusal)
             .instrument(call)
             .await;
+        counted.finish(code);
         drop(guard);
         if !reusable {
             return;
@@ -372,15 +387,16 @@ async fn read_head(inner: &Inner, stream: &mut libp2p::Stream, wait: Wait) -> Re
     }
 }
 
-/// Serves one call whose head was read. Returns whether the stream may carry another call:
-/// only after a unary call that succeeded; after anything else it has been closed.
+/// Serves one call whose head was read. Returns whether the stream may carry another call
+/// (only after a unary call that succeeded; after anything else it has been closed), and the
+/// call's status code.
 async fn serve_call(
     inner: &Arc<Inner>,
     peer: PeerId,
     stream: &mut libp2p::Stream,
     head: Head,
     refusal: Option<Status>,
-) -> bool {
+) -> (bool, u16) {
     let received = Instant::now();
     let checked = match refusal {
         Some(status) => Err(status),
@@ -391,7 +407,7 @@ async fn serve_call(
         Err(status) => {
             inner.metrics.refused.inc();
             write_trailer(stream, &status, SERVER_ID).await;
-            return false;
+            return (false, status.code().as_u16());
         }
     };
     // Auth: the caller's verified peer id and grants against this node's rules, before the
@@ -405,8 +421,9 @@ async fn serve_call(
         Err(denied) => {
             inner.metrics.refused.inc();
             tracing::debug!(%peer, endpoint = %head.endpoint, "call refused: {denied}");
-            write_trailer(stream, &denied.status(), SERVER_ID).await;
-            return false;
+            let status = denied.status();
+            write_trailer(stream, &status, SERVER_ID).await;
+            return (false, status.code().as_u16());
         }
     };
     let codec = ContentType::from_mime(&head.content_type).expect("checked by prepare");
@@ -425,22 +442,22 @@ async fn serve_call(
     let status = match endpoint {
         Endpoint::Unary { service, .. } => {
             match serve_unary(inner, stream, service, context, codec, deadline).await {
-                Answer::Sent => return true,
-                Answer::Gone => return false,
+                Answer::Sent => return (true, crate::status::Code::Ok.as_u16()),
+                Answer::Gone => return (false, CALLER_GONE),
                 Answer::Status(status) => status,
             }
         }
         Endpoint::Stream { handler, .. } => {
             let (reader, writer) = futures::AsyncReadExt::split(stream);
-            serve_stream(inner, reader, writer, handler, context, codec, deadline).await;
-            return false;
+            let code = serve_stream(inner, reader, writer, handler, context, codec, deadline).await;
+            return (false, code);
         }
     };
     if !status.is_ok() {
         inner.metrics.failed.inc();
     }
     write_trailer(stream, &status, &inner.name).await;
-    false
+    (false, status.code().as_u16())
 }
 
 /// Checks a head against the router: the endpoint, its shape, the codec.
@@ -598,7 +615,8 @@ async fn serve_stream<R, W>(
     context: Context,
     codec: ContentType,
     deadline: Option<Instant>,
-) where
+) -> u16
+where
     R: futures::AsyncRead + Unpin,
     W: futures::AsyncWrite + Unpin,
 {
@@ -683,4 +701,5 @@ async fn serve_stream<R, W>(
         inner.metrics.failed.inc();
     }
     write_trailer(&mut writer, &status, &inner.name).await;
+    status.code().as_u16()
 }

@@ -16,6 +16,7 @@
 //! clear status before its body is read, and the connection keeps serving other calls.
 
 pub(crate) mod frame;
+pub(crate) mod metrics;
 pub(crate) mod wire;
 
 use std::time::Duration;

@@ -33,6 +33,25 @@ pub(crate) struct Global {
     /// Log filter, as in RUST_LOG (e.g. `info`, `micromesh=debug`). Logs go to stderr.
     #[arg(long, global = true, env = "MICROMESH_LOG", value_name = "FILTER")]
     pub(crate) log: Option<String>,
+    /// How log lines are written: `text` (colours only on a terminal) or `json` (one object
+    /// per line, for log collectors).
+    #[arg(
+        long,
+        global = true,
+        env = "MICROMESH_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub(crate) log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The mesh a command joins and who it is there: the options of `node` and of every command
@@ -339,11 +358,13 @@ pub(crate) fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal as _;
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.global.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 /// An error and its sources, joined by ": ".

@@ -56,6 +56,10 @@ pub(crate) struct NodeArgs {
     /// The most bytes of store records this node keeps for the mesh, e.g. `512MiB`, `2GiB`.
     #[arg(long, env = "MICROMESH_STORE_CAPACITY", default_value = "256MiB", value_parser = parse_size)]
     store_capacity: u64,
+    /// Serve metrics (`/metrics`, for Prometheus) and health (`/health/live`, `/health/ready`)
+    /// over HTTP on this address, e.g. `127.0.0.1:9464`.
+    #[arg(long, env = "MICROMESH_METRICS", value_name = "HOST:PORT")]
+    metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
     mesh: Mesh,
 }
@@ -135,7 +139,20 @@ pub(crate) async fn run(global: &Global, args: &NodeArgs) -> Result<(), BoxError
             .relay_server(relay)
     });
     builder = builder.store_config(micromesh::store::Config::default().capacity(capacity));
+    if let Some(addr) = args.metrics {
+        builder = builder.metrics(addr);
+    }
     let service = builder.build().await?;
+    if let Some(addr) = service.metrics_addr() {
+        if global.json {
+            println!(
+                "{}",
+                serde_json::json!({ "event": "metrics", "url": format!("http://{addr}/metrics") })
+            );
+        } else {
+            println!("metrics on http://{addr}/metrics");
+        }
+    }
     let node = service.node().clone();
     // Subscribe before reading the current addresses, so none is missed in between.
     let mut events = node.events();

@@ -1,0 +1,64 @@
+//! Debug: what an operator asks of a running node, over HTTP.
+//!
+//! A service built with [`Builder::metrics`](crate::service::Builder::metrics) (or
+//! `micromesh node --metrics ADDR`) serves, on that address:
+//!
+//! - `GET /metrics`: every metric of the node in the OpenMetrics text format, for Prometheus
+//!   to scrape: libp2p's own (`libp2p_*`: connections, dials, Kademlia, identify, ping, relay,
+//!   DCUtR, gossipsub), micromesh's (`micromesh_*`: server, broker, store, registry, auth), and
+//!   the golden metrics of calls after OpenTelemetry's RPC conventions
+//!   (`rpc_server_call_duration_seconds`, `rpc_client_call_duration_seconds`, calls in flight:
+//!   see below).
+//! - `GET /health/live`: 200 while the node runs, 503 once it stopped.
+//! - `GET /health/ready`: 200 once the service is started, its services are announced and,
+//!   if it was given bootstrap peers, it is connected to the mesh; 503 with the reason
+//!   otherwise (and from the moment it begins to stop).
+//!
+//! # Call metrics
+//!
+//! `rpc_server_call_duration_seconds` (a histogram by `rpc_service`, `rpc_method` and
+//! `rpc_response_status_code`) counts and times every call the service served; its `_count`
+//! gives request and error rates, its buckets the latency quantiles:
+//!
+//! ```text
+//! sum by (rpc_method) (rate(rpc_server_call_duration_seconds_count[1m]))
+//! histogram_quantile(0.99, sum by (le) (rate(rpc_server_call_duration_seconds_bucket[1m])))
+//! ```
+//!
+//! `rpc_client_call_duration_seconds` does the same for unary calls the service made (retries
+//! included in one call), and `rpc_server_calls_in_flight` / `rpc_client_calls_in_flight`
+//! count calls under way. A server labels calls to endpoints it does not serve `_OTHER`.
+//!
+//! ```
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use micromesh::{Service, node::Preset};
+//!
+//! let service = Service::builder("greeter")
+//!     .preset(Preset::Local)
+//!     .metrics("127.0.0.1:0".parse()?)
+//!     .build()
+//!     .await?;
+//! let addr = service.metrics_addr().expect("asked for");
+//! println!("scrape http://{addr}/metrics");
+//! service.stop().await?;
+//! # Ok(()) }
+//! ```
+
+pub(crate) mod http;
+
+pub use http::HttpEndpoint;
+
+/// Errors of the debug endpoints.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The HTTP listener could not be opened.
+    #[error("cannot serve metrics on {addr}")]
+    Bind {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,177 @@
+//! The golden metrics of calls, on the serving and the calling side, named after OpenTelemetry's
+//! RPC semantic conventions as Prometheus exposes them:
+//!
+//! - `rpc_server_call_duration_seconds` and `rpc_client_call_duration_seconds`: histograms of
+//!   call latency, by `rpc_system` (`micromesh`), `rpc_service`, `rpc_method` and
+//!   `rpc_response_status_code` (200 for success, the status code otherwise). Their `_count`
+//!   series count calls, so request and error rates come from them.
+//! - `rpc_server_calls_in_flight` and `rpc_client_calls_in_flight`: calls under way, by
+//!   service and method.
+//!
+//! A server labels calls to endpoints it does not serve with the method `_OTHER`, so a caller
+//! cannot make the number of series grow.
+
+use std::time::Instant;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+
+/// The method label of calls to endpoints a server does not serve.
+pub(crate) const OTHER_METHOD: &str = "_OTHER";
+
+/// The status code counted for a call whose caller went away before its answer (as nginx's
+/// 499): it has no status of its own.
+pub(crate) const CALLER_GONE: u16 = 499;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    rpc_system: &'static str,
+    rpc_service: String,
+    rpc_method: String,
+    rpc_response_status_code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    rpc_system: &'static str,
+    rpc_service: String,
+    rpc_method: String,
+}
+
+/// Which side of a call the metrics describe.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Side {
+    Server,
+    Client,
+}
+
+/// Call latency and calls in flight of one side of one node.
+#[derive(Clone)]
+pub(crate) struct CallMetrics {
+    duration: Family<CallLabels, Histogram>,
+    in_flight: Family<MethodLabels, Gauge>,
+}
+
+impl CallMetrics {
+    /// Registers the metrics of `side` in `registry` (the node's, at its root: the names are
+    /// OpenTelemetry's, not micromesh's).
+    pub(crate) fn register(registry: &mut Registry, side: Side) -> Self {
+        let metrics = Self {
+            // 10 µs to about 10 s, doubling.
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_01, 2.0, 21))
+            }),
+            in_flight: Family::default(),
+        };
+        let (prefix, whose) = match side {
+            Side::Server => ("rpc_server", "served"),
+            Side::Client => ("rpc_client", "made"),
+        };
+        let registry = registry.sub_registry_with_prefix(prefix);
+        registry.register_with_unit(
+            "call_duration",
+            format!("Duration of calls {whose} by this node, by service, method and status code"),
+            Unit::Seconds,
+            metrics.duration.clone(),
+        );
+        registry.register(
+            "calls_in_flight",
+            format!("Calls {whose} by this node that are under way"),
+            metrics.in_flight.clone(),
+        );
+        metrics
+    }
+
+    /// Counts a call as under way until [`Call::finish`] (or until dropped, as a call whose
+    /// caller went away).
+    pub(crate) fn start(&self, service: &str, method: &str) -> Call {
+        let labels = MethodLabels {
+            rpc_system: "micromesh",
+            rpc_service: service.to_owned(),
+            rpc_method: method.to_owned(),
+        };
+        self.in_flight.get_or_create(&labels).inc();
+        Call {
+            metrics: self.clone(),
+            labels: Some(labels),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// A call under way; see [`CallMetrics::start`].
+pub(crate) struct Call {
+    metrics: CallMetrics,
+    labels: Option<MethodLabels>,
+    started: Instant,
+}
+
+impl Call {
+    /// Ends the call with its status code.
+    pub(crate) fn finish(mut self, code: u16) {
+        self.record(code);
+    }
+
+    fn record(&mut self, code: u16) {
+        let Some(labels) = self.labels.take() else {
+            return;
+        };
+        self.metrics.in_flight.get_or_create(&labels).dec();
+        let elapsed = self.started.elapsed().as_secs_f64();
+        self.metrics
+            .duration
+            .get_or_create(&CallLabels {
+                rpc_system: labels.rpc_system,
+                rpc_service: labels.rpc_service,
+                rpc_method: labels.rpc_method,
+                rpc_response_status_code: code,
+            })
+            .observe(elapsed);
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.record(CALLER_GONE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_counted_by_method_and_code_and_leave_the_in_flight_gauge() {
+        let mut registry = Registry::default();
+        let metrics = CallMetrics::register(&mut registry, Side::Server);
+        let ok = metrics.start("greeter", "Greeter.Hello");
+        let dropped = metrics.start("greeter", "Greeter.Hello");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(r#"rpc_server_calls_in_flight{rpc_system="micromesh",rpc_service="greeter",rpc_method="Greeter.Hello"} 2"#),
+            "{text}"
+        );
+        ok.finish(200);
+        drop(dropped);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(r#"rpc_server_calls_in_flight{rpc_system="micromesh",rpc_service="greeter",rpc_method="Greeter.Hello"} 0"#),
+            "{text}"
+        );
+        for code in [200, CALLER_GONE] {
+            let series = format!(
+                r#"rpc_server_call_duration_seconds_count{{rpc_system="micromesh",rpc_service="greeter",rpc_method="Greeter.Hello",rpc_response_status_code="{code}"}} 1"#
+            );
+            assert!(text.contains(&series), "{series} in {text}");
+        }
+    }
+}
