@@ -44,7 +44,8 @@
 //!   least outstanding; failures push a node back and eject it for a while.
 //! - [`server`]: handlers as plain async functions over serde types, unary and streaming,
 //!   with tower middleware; [`Context`] carries the verified caller, metadata, deadline and
-//!   trace ids.
+//!   the W3C trace context ([`trace`]).
+//! - [`debug`]: metrics (libp2p's, micromesh's, calls') and health over HTTP.
 //! - [`broker`]: typed publish/subscribe on gossipsub, in publish order per publisher, with
 //!   validation hooks feeding peer scoring, and queue groups with acknowledgements and
 //!   redelivery.
@@ -90,6 +91,7 @@ pub mod store;
 mod test_vectors;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod trace;
 pub mod transport;
 
 /// Shared, cheaply cloned bytes: a message's body ([`broker::Message`]).

@@ -10,7 +10,7 @@ use std::{collections::BTreeSet, fs, path::Path};
 /// The modules, bottom first. The rank is the index of the row.
 const LAYERS: &[&[&str]] = &[
     // Foundations: values and encodings that know nothing of the network.
-    &["identity", "metadata", "status", "codec"],
+    &["identity", "metadata", "status", "codec", "trace"],
     // How calls are framed on a stream.
     &["transport"],
     // Policy: rules, grants, certificates, decisions. Pure: no network.

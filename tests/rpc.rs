@@ -472,7 +472,11 @@ async fn deadlines_and_trace_ids_cascade_across_two_hops() {
     resolvable(&client, "middle", 1).await;
     resolvable(&middle, "last", 1).await;
 
-    let options = CallOptions::default().timeout(Duration::from_secs(3));
+    // The caller starts a W3C trace; the chain continues it.
+    let root = micromesh::trace::TraceParent::new_root();
+    let options = CallOptions::default()
+        .timeout(Duration::from_secs(3))
+        .metadata(micromesh::trace::TRACEPARENT, root.to_string());
     let (seen, middle_trace): (Seen, String) = client
         .client()
         .call_with("middle", "Middle.Relay", &"Last.Inspect", options.clone())
@@ -484,6 +488,11 @@ async fn deadlines_and_trace_ids_cascade_across_two_hops() {
     );
     assert!(seen.remaining_ms > 1_000, "{seen:?}");
     assert_eq!(seen.trace_id, middle_trace, "one trace id across the chain");
+    assert_eq!(
+        seen.trace_id,
+        root.trace_id(),
+        "the caller's trace, continued"
+    );
     assert_eq!(
         seen.caller,
         middle.peer_id().to_string(),
@@ -971,4 +980,77 @@ async fn calls_move_from_a_relayed_connection_to_a_direct_one() {
     for s in [client, server, relay] {
         s.stop().await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_published_inside_a_handler_carries_the_calls_trace() {
+    #[derive(Debug, Serialize, Deserialize)]
+    struct Placed {
+        id: u64,
+    }
+    let mesh = Mesh::new("rpc-trace-publish").await;
+    let subscriber = mesh.client().await;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let _subscription = subscriber
+        .broker()
+        .subscribe("placed", move |event: micromesh::broker::Event<Placed>| {
+            let tx = tx.clone();
+            async move {
+                let traceparent = event
+                    .headers
+                    .get(micromesh::trace::TRACEPARENT)
+                    .map(str::to_owned);
+                tx.send((event.body.id, traceparent)).await.ok();
+                Ok::<_, Status>(())
+            }
+        })
+        .await
+        .unwrap();
+    let broker_slot: Arc<std::sync::OnceLock<micromesh::broker::Broker>> = Arc::default();
+    let broker = broker_slot.clone();
+    let orders = mesh
+        .service("orders")
+        .handle("Orders.Place", move |ctx: Context, id: u64| {
+            let broker = broker.get().cloned().expect("set after build");
+            async move {
+                broker
+                    .publish_with("placed", &Placed { id }, ctx.publish_options())
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                Ok::<_, Status>(ctx.trace_id().to_owned())
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    broker_slot.set(orders.broker().clone()).unwrap();
+    let client = mesh.client().await;
+    resolvable(&client, "orders", 1).await;
+
+    let root = micromesh::trace::TraceParent::new_root();
+    let options = CallOptions::default().metadata(micromesh::trace::TRACEPARENT, root.to_string());
+    let handler_trace: String = client
+        .client()
+        .call_with("orders", "Orders.Place", &7u64, options)
+        .await
+        .unwrap();
+    assert_eq!(handler_trace, root.trace_id());
+    let (id, traceparent) = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("the message arrives")
+        .unwrap();
+    assert_eq!(id, 7);
+    let traceparent =
+        micromesh::trace::TraceParent::parse(&traceparent.expect("a traceparent header"))
+            .expect("a valid traceparent");
+    assert_eq!(
+        traceparent.trace_id(),
+        root.trace_id(),
+        "the message is in the call's trace"
+    );
+    assert_ne!(
+        traceparent.span_id(),
+        root.span_id(),
+        "its parent is the handler's span"
+    );
 }

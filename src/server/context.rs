@@ -6,12 +6,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Metadata, PeerId, client::CallOptions};
-
-/// Metadata key carrying the trace id of a call chain.
-pub const TRACE_ID: &str = "micromesh-trace-id";
-/// Metadata key carrying the span id of the caller.
-pub const PARENT_SPAN: &str = "micromesh-parent-span";
+use crate::{
+    Metadata, PeerId,
+    broker::PublishOptions,
+    client::CallOptions,
+    trace::{TRACEPARENT, TRACESTATE, TraceParent},
+};
 
 struct Inner {
     service: String,
@@ -19,23 +19,24 @@ struct Inner {
     peer: PeerId,
     metadata: Metadata,
     deadline: Option<Instant>,
+    /// This call's span: a child of the caller's, or the root of a new trace.
+    trace: TraceParent,
     trace_id: String,
     span_id: String,
+    parent_span_id: Option<String>,
     roles: Vec<String>,
 }
 
 /// The call a handler serves: who called, with what metadata, until when. Cheap to clone.
 ///
 /// The caller's [`PeerId`] is the one its connection was authenticated with: it cannot be
-/// forged. [`Context::call_options`] carries the deadline and trace ids into the calls a
-/// handler makes in turn, so deadlines cascade across hops.
+/// forged. [`Context::call_options`] carries the deadline and the W3C trace context
+/// (`traceparent`, `tracestate`; see [`crate::trace`]) into the calls a handler makes in turn,
+/// so deadlines cascade across hops and a chain of calls is one trace;
+/// [`Context::publish_options`] carries the trace into messages.
 #[derive(Clone)]
 pub struct Context {
     inner: Arc<Inner>,
-}
-
-fn random_id() -> String {
-    format!("{:016x}", rand::random::<u64>())
 }
 
 impl Context {
@@ -47,7 +48,8 @@ impl Context {
         deadline: Option<Instant>,
         roles: Vec<String>,
     ) -> Self {
-        let trace_id = metadata.get(TRACE_ID).map_or_else(random_id, str::to_owned);
+        let caller = metadata.get(TRACEPARENT).and_then(TraceParent::parse);
+        let trace = caller.map_or_else(TraceParent::new_root, |parent| parent.child());
         Self {
             inner: Arc::new(Inner {
                 service,
@@ -55,8 +57,10 @@ impl Context {
                 peer,
                 metadata,
                 deadline,
-                trace_id,
-                span_id: random_id(),
+                trace_id: trace.trace_id(),
+                span_id: trace.span_id(),
+                parent_span_id: caller.map(|parent| parent.span_id()),
+                trace,
                 roles,
             }),
         }
@@ -105,24 +109,48 @@ impl Context {
             .map(|d| d.saturating_duration_since(Instant::now()))
     }
 
-    /// The trace id shared by every call in this chain.
+    /// The W3C trace id (32 hex digits) shared by every call in this chain: the caller's, from
+    /// its `traceparent`, or a new one when it sent none (or an invalid one).
     pub fn trace_id(&self) -> &str {
         &self.inner.trace_id
     }
 
-    /// The id of this call's span; calls made with [`Context::call_options`] name it as their
-    /// parent.
+    /// The id of this call's span (16 hex digits); calls made with [`Context::call_options`]
+    /// name it as their parent.
     pub fn span_id(&self) -> &str {
         &self.inner.span_id
     }
 
-    /// Options for a call made while serving this one: the same deadline and trace id.
+    /// The caller's span id, if it sent a valid `traceparent`.
+    pub fn parent_span_id(&self) -> Option<&str> {
+        self.inner.parent_span_id.as_deref()
+    }
+
+    /// This call's span as a `traceparent`, for calls and messages made while serving it.
+    pub fn traceparent(&self) -> TraceParent {
+        self.inner.trace
+    }
+
+    /// Options for a call made while serving this one: the same deadline and trace (this call's
+    /// span as the `traceparent`, the caller's `tracestate` as it came).
     pub fn call_options(&self) -> CallOptions {
-        let mut options = CallOptions::default()
-            .metadata(TRACE_ID, self.trace_id())
-            .metadata(PARENT_SPAN, self.span_id());
+        let mut options =
+            CallOptions::default().metadata(TRACEPARENT, self.inner.trace.to_string());
+        if let Some(state) = self.inner.metadata.get(TRACESTATE) {
+            options = options.metadata(TRACESTATE, state);
+        }
         if let Some(deadline) = self.inner.deadline {
             options = options.deadline(deadline);
+        }
+        options
+    }
+
+    /// Options for a message published while serving this call: its headers carry the trace
+    /// (`traceparent`, `tracestate`), so subscribers see the same trace id.
+    pub fn publish_options(&self) -> PublishOptions {
+        let mut options = PublishOptions::new().header(TRACEPARENT, self.inner.trace.to_string());
+        if let Some(state) = self.inner.metadata.get(TRACESTATE) {
+            options = options.header(TRACESTATE, state);
         }
         options
     }

@@ -321,15 +321,26 @@ async fn serve(inner: &Arc<Inner>, peer: PeerId, mut stream: libp2p::Stream) {
         };
         inner.metrics.calls.inc();
         let (guard, refusal) = admit(inner, peer);
-        let call = tracing::debug_span!("call", endpoint = %head.endpoint);
+        // OpenTelemetry's RPC attributes, and the W3C ids of this call's span.
+        let call = tracing::debug_span!(
+            "call",
+            rpc.system = "micromesh",
+            rpc.service = %inner.name,
+            rpc.method = %head.endpoint,
+            rpc.response.status_code = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            peer = %peer,
+        );
         let method = match inner.router.endpoints.contains_key(&head.endpoint) {
             true => head.endpoint.as_str(),
             false => OTHER_METHOD,
         };
         let counted = inner.calls.start(&inner.name, method);
         let (reusable, code) = serve_call(inner, peer, &mut stream, head, refusal)
-            .instrument(call)
+            .instrument(call.clone())
             .await;
+        call.record("rpc.response.status_code", code);
         counted.finish(code);
         drop(guard);
         if !reusable {
@@ -438,6 +449,9 @@ async fn serve_call(
         deadline,
         roles,
     );
+    let span = tracing::Span::current();
+    span.record("trace_id", context.trace_id());
+    span.record("span_id", context.span_id());
     tracing::trace!(endpoint = %head.endpoint, "call");
     let status = match endpoint {
         Endpoint::Unary { service, .. } => {

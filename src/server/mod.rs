@@ -46,7 +46,7 @@ mod handler;
 use std::{collections::HashMap, sync::Arc};
 
 pub use self::{
-    context::{Context, PARENT_SPAN, TRACE_ID},
+    context::Context,
     handler::{Handler, Request, Response, Streaming},
 };
 pub(crate) use self::{
