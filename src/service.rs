@@ -449,6 +449,18 @@ impl Builder {
         for name in &router.order {
             endpoints.push(router.endpoints[name].describe(name));
         }
+        // The debug endpoints are served but not announced: every service has them.
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let debug = Arc::new(DebugState {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            started: std::time::SystemTime::now(),
+            started_at: std::time::Instant::now(),
+            node: node.clone(),
+            stopping: stopping.clone(),
+            server: std::sync::OnceLock::new(),
+        });
+        add_debug_endpoints(&mut router, &debug, self.transport.stream_buffer);
         let transport = self.transport;
         let name = self.name.clone();
         let started = async {
@@ -459,6 +471,7 @@ impl Builder {
             let selector = Selector::new(self.selector);
             selector.follow(&node);
             let server = server::Server::start(&node, name, Arc::new(router), transport.clone());
+            let _ = debug.server.set(server.clone());
             let client = Client::new(node.clone(), registry.clone(), selector.clone(), transport);
             let broker = Broker::start(node.clone(), self.broker)?;
             let store = Store::with_keeper(node.clone(), Some(keeper), self.store)?;
@@ -471,7 +484,6 @@ impl Builder {
                 }
                 registry.register(registration).await?;
             }
-            let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let http = match self.metrics {
                 Some(addr) => {
                     let ready = readiness(node.clone(), has_bootstrap, stopping.clone());
@@ -515,6 +527,119 @@ impl Builder {
             return Err(e);
         }
         Ok(service)
+    }
+}
+
+/// What the debug endpoints of a service read.
+struct DebugState {
+    name: String,
+    version: String,
+    started: std::time::SystemTime,
+    started_at: std::time::Instant,
+    node: Node,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once the server runs.
+    server: std::sync::OnceLock<server::Server>,
+}
+
+impl DebugState {
+    fn health(&self) -> crate::debug::Health {
+        let stopping = self.stopping.load(std::sync::atomic::Ordering::Acquire);
+        crate::debug::Health {
+            status: if stopping { "stopping" } else { "serving" }.into(),
+            service: self.name.clone(),
+            version: self.version.clone(),
+        }
+    }
+
+    fn stats(&self) -> crate::debug::Stats {
+        let (memory_bytes, threads) = crate::debug::process();
+        let (requests, errors, in_flight) =
+            self.server.get().map_or((0, 0, 0), server::Server::counts);
+        crate::debug::Stats {
+            service: self.name.clone(),
+            version: self.version.clone(),
+            peer_id: self.node.peer_id().to_string(),
+            started_unix_ms: self
+                .started
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            uptime_secs: self.started_at.elapsed().as_secs(),
+            memory_bytes,
+            threads,
+            requests,
+            errors,
+            in_flight,
+            connections: self.node.connected_count() as u64,
+        }
+    }
+}
+
+/// Adds `Debug.Health`, `Debug.Stats` and `Debug.Log` to `router`, unless the service serves
+/// endpoints of those names itself.
+fn add_debug_endpoints(router: &mut Router, debug: &Arc<DebugState>, buffer: usize) {
+    use crate::debug::{HEALTH, LOG, LogRecord, LogRequest, STATS};
+
+    if !router.endpoints.contains_key(HEALTH) {
+        let debug = debug.clone();
+        let health = move |_: Context, _: ()| {
+            let health = debug.health();
+            async move { Ok::<_, Status>(health) }
+        };
+        router.insert(HEALTH.into(), server::handler_unary(health));
+    }
+    if !router.endpoints.contains_key(STATS) {
+        let debug = debug.clone();
+        let stats = move |_: Context, _: ()| {
+            let stats = debug.stats();
+            async move { Ok::<_, Status>(stats) }
+        };
+        router.insert(STATS.into(), server::handler_unary(stats));
+    }
+    if !router.endpoints.contains_key(LOG) {
+        let log = |_: Context, request: LogRequest| async move {
+            let Some(ring) = crate::debug::logs::ring() else {
+                return Err(Status::new(
+                    crate::status::Code::Other(501),
+                    "this process does not keep its logs: add micromesh::debug::log_layer() \
+                     to its tracing subscriber",
+                ));
+            };
+            let level = match request.level.as_deref() {
+                None => tracing::Level::INFO,
+                Some(name) => crate::debug::parse_level(name).ok_or_else(|| {
+                    Status::bad_request(format!(
+                        "unknown log level {name:?}; use error, warn, info, debug or trace"
+                    ))
+                })?,
+            };
+            let limit = request
+                .limit
+                .map_or(100, |n| n as usize)
+                .min(crate::debug::LOG_CAPACITY);
+            let (recent, follow) = ring.recent(level, limit);
+            let recent = futures::stream::iter(recent.into_iter().map(Ok::<LogRecord, Status>));
+            let follow = request.follow.then(|| {
+                futures::stream::unfold(follow, move |mut follow| async move {
+                    loop {
+                        match follow.recv().await {
+                            Ok(record) if crate::debug::logs::severe_enough(&record, level) => {
+                                return Some((Ok(record), follow));
+                            }
+                            Ok(_) => {}
+                            // A slow reader misses records, and is told how many.
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                                return Some((Ok(LogRecord::missed(missed)), follow));
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                        }
+                    }
+                })
+            });
+            use futures::StreamExt as _;
+            Ok(recent.chain(futures::stream::iter(follow).flatten()))
+        };
+        router.insert(LOG.into(), server::handler_server_stream(buffer, log));
     }
 }
 

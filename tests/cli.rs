@@ -1188,3 +1188,59 @@ fn identities_certificates_grants_and_revocations_from_the_command_line() {
         "the node, not the plain one: {revoked}"
     );
 }
+
+#[test]
+fn health_stats_and_logs_of_a_running_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), &["/ip4/127.0.0.1/tcp/0"], None);
+    let addr = node.addr("/tcp/");
+    let id = NodeProcess::peer_id(&addr).to_owned();
+
+    let health = run(&["health", "micromesh-node", "--bootstrap", &addr]);
+    let text = String::from_utf8_lossy(&health.stdout);
+    assert!(health.status.success(), "{health:?}");
+    assert!(text.contains(&id) && text.contains("serving"), "{text}");
+
+    let stats = run_json(&["stats", "micromesh-node", "--bootstrap", &addr]);
+    let stats = &stats.as_array().unwrap()[0];
+    assert_eq!(stats["peer_id"], id.as_str());
+    assert_eq!(stats["version"], env!("CARGO_PKG_VERSION"));
+    assert!(stats["requests"].as_u64().unwrap() >= 1, "{stats}");
+    let table = run(&["stats", "micromesh-node", "--bootstrap", &addr]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("UPTIME"));
+
+    // The node logs "service started" at info when it starts.
+    let logs = run(&[
+        "logs",
+        "micromesh-node",
+        "--bootstrap",
+        &addr,
+        "-n",
+        "50",
+        "--json",
+    ]);
+    assert!(logs.status.success(), "{logs:?}");
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&logs.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        records.iter().any(|r| r["message"] == "service started"),
+        "{records:?}"
+    );
+    let bad = run(&[
+        "logs",
+        "micromesh-node",
+        "--bootstrap",
+        &addr,
+        "--level",
+        "loud",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown log level"));
+
+    // A service nobody runs: a clear error, exit 1.
+    let missing = run(&["health", "nobody", "--bootstrap", &addr, "--timeout", "2s"]);
+    assert!(!missing.status.success());
+    assert!(!String::from_utf8_lossy(&missing.stderr).is_empty());
+}

@@ -14,6 +14,23 @@
 //!   if it was given bootstrap peers, it is connected to the mesh; 503 with the reason
 //!   otherwise (and from the moment it begins to stop).
 //!
+//! # Debug endpoints
+//!
+//! Every service also serves go-micro's debug endpoints, over the mesh like any other (and
+//! under the same auth rules: resource `endpoint:<service>/Debug.Health` and so on; the
+//! default policy lets any authenticated peer call them, a rule such as
+//! `deny endpoint:*/Debug.* any 0` closes them):
+//!
+//! - [`HEALTH`] (`Debug.Health`): a [`Health`];
+//! - [`STATS`] (`Debug.Stats`): [`Stats`]: uptime, memory, threads, calls, errors,
+//!   connections;
+//! - [`LOG`] (`Debug.Log`): the process's recent log records and, with `follow`, new ones as
+//!   they come, when the program added [`log_layer`] to its tracing subscriber (the CLI's
+//!   `micromesh node` does); 501 otherwise.
+//!
+//! `micromesh health NAME`, `micromesh stats NAME` and `micromesh logs NAME` call them. A
+//! service's own endpoints of the same names take precedence.
+//!
 //! # Call metrics
 //!
 //! `rpc_server_call_duration_seconds` (a histogram by `rpc_service`, `rpc_method` and
@@ -45,8 +62,21 @@
 //! ```
 
 pub(crate) mod http;
+pub(crate) mod logs;
+mod stats;
 
 pub use http::HttpEndpoint;
+pub use logs::{CAPACITY as LOG_CAPACITY, LogLayer, LogRecord, LogRequest, log_layer, parse_level};
+pub(crate) use stats::process;
+pub use stats::{Health, Stats};
+
+/// The endpoint every service serves with its [`Health`].
+pub const HEALTH: &str = "Debug.Health";
+/// The endpoint every service serves with its [`Stats`].
+pub const STATS: &str = "Debug.Stats";
+/// The server-streaming endpoint every service serves with the process's recent
+/// [`LogRecord`]s (asked with a [`LogRequest`]), when its subscriber has a [`log_layer`].
+pub const LOG: &str = "Debug.Log";
 
 /// Errors of the debug endpoints.
 #[derive(Debug, thiserror::Error)]

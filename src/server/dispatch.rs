@@ -226,6 +226,16 @@ impl Server {
         );
     }
 
+    /// Calls received, calls that failed or were refused, and calls under way.
+    pub(crate) fn counts(&self) -> (u64, u64, u64) {
+        let metrics = &self.inner.metrics;
+        (
+            metrics.calls.get(),
+            metrics.failed.get() + metrics.refused.get(),
+            self.inner.in_flight.load(Ordering::Acquire) as u64,
+        )
+    }
+
     /// Refuses new calls (with 503, so callers retry elsewhere) and waits until the calls in
     /// flight have finished, or `timeout` has passed. Returns whether every call finished.
     pub(crate) async fn drain(&self, timeout: Duration) -> bool {
@@ -645,10 +655,11 @@ where
                 Ok(decoded) => match decoded {
                     Ok(Frame::Data(data)) => {
                         if in_tx.send(data).await.is_err() {
-                            return Ok(());
+                            // The handler reads no more; the caller may still be sending.
+                            return Ok(None);
                         }
                     }
-                    Ok(Frame::End) => return Ok(()),
+                    Ok(Frame::End) => return Ok(Some(reader)),
                     Ok(_) => {
                         return Err(Status::bad_request("unexpected frame in a request stream"));
                     }
@@ -699,16 +710,31 @@ where
         // The handler may finish before the caller ends its side: then the call is over. A
         // broken request stream ends the call at once (the handler is dropped).
         tokio::select! {
-            result = &mut respond => result,
+            result = &mut respond => Some(result),
             read = &mut read => match read {
-                Ok(()) => respond.await,
-                Err(status) => Err(status),
+                // The caller sends nothing after its end frame: whatever a read returns now
+                // (the stream's end, a reset) means it went away, and the handler is dropped
+                // instead of running until its next response finds nobody (a follower of
+                // logs might wait for hours).
+                Ok(Some(mut reader)) => {
+                    let mut probe = [0u8; 1];
+                    tokio::select! {
+                        result = &mut respond => Some(result),
+                        _ = reader.read(&mut probe) => None,
+                    }
+                }
+                Ok(None) => Some(respond.await),
+                Err(status) => Some(Err(status)),
             },
         }
     };
     let status = match tokio::time::timeout(time_left(deadline), all).await {
-        Ok(Ok(())) => Status::new(crate::status::Code::Ok, ""),
-        Ok(Err(status)) => status,
+        Ok(Some(Ok(()))) => Status::new(crate::status::Code::Ok, ""),
+        Ok(Some(Err(status))) => status,
+        Ok(None) => {
+            tracing::debug!("the caller abandoned the stream");
+            return CALLER_GONE;
+        }
         Err(_) => Status::timeout("the deadline passed during the stream"),
     };
     if !status.is_ok() {

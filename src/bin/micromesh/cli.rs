@@ -139,6 +139,12 @@ pub(crate) enum Command {
     /// Sign, inspect and revoke grants of roles.
     #[command(subcommand)]
     Grant(crate::grant_cmd::GrantCommand),
+    /// Ask every instance of a service whether it is serving (exit 1 if one is not).
+    Health(crate::debug_cmd::HealthArgs),
+    /// Show a service's instances: uptime, memory, threads, calls, errors, connections.
+    Stats(crate::debug_cmd::StatsArgs),
+    /// Show a service's recent log records; `--follow` goes on as they are logged.
+    Logs(crate::debug_cmd::LogsArgs),
 }
 
 /// How a short-lived client joins the mesh.
@@ -358,12 +364,22 @@ pub(crate) fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal as _;
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::{fmt, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+    // The node's recent records are kept for `Debug.Log` (`micromesh logs`).
+    let logs = tracing_subscriber::registry()
+        .with(filter)
+        .with(micromesh::debug::log_layer());
     match cli.global.log_format {
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs
+            .with(
+                fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal()),
+            )
+            .init(),
+        LogFormat::Json => logs
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .init(),
     }
 }
 

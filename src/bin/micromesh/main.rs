@@ -6,6 +6,7 @@
 
 mod call_cmd;
 mod cli;
+mod debug_cmd;
 mod grant_cmd;
 mod identity_cmd;
 mod node_cmd;
@@ -44,6 +45,9 @@ fn main() -> ExitCode {
             cli::Command::Store(cmd) => store_cmd::run(&args.global, cmd).await,
             cli::Command::Identity(cmd) => identity_cmd::run(&args.global, cmd),
             cli::Command::Grant(cmd) => grant_cmd::run(&args.global, cmd).await,
+            cli::Command::Health(cmd) => debug_cmd::health(&args.global, cmd).await,
+            cli::Command::Stats(cmd) => debug_cmd::stats(&args.global, cmd).await,
+            cli::Command::Logs(cmd) => debug_cmd::logs(&args.global, cmd).await,
         }
     });
     match result {
