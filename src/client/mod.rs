@@ -345,6 +345,7 @@ impl Client {
             transport::metrics::CallMetrics::register(
                 &mut registry,
                 transport::metrics::Side::Client,
+                config.call_metrics,
             )
         };
         Self {

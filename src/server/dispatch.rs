@@ -155,7 +155,7 @@ impl Server {
         let calls = {
             let registry = node.metrics_registry();
             let mut registry = registry.lock().unwrap_or_else(|e| e.into_inner());
-            CallMetrics::register(&mut registry, Side::Server)
+            CallMetrics::register(&mut registry, Side::Server, config.call_metrics)
         };
         let server = Self {
             inner: Arc::new(Inner {

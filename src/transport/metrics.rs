@@ -11,7 +11,11 @@
 //! A server labels calls to endpoints it does not serve with the method `_OTHER`, so a caller
 //! cannot make the number of series grow.
 
-use std::time::Instant;
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::Instant,
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -57,18 +61,35 @@ pub(crate) enum Side {
 pub(crate) struct CallMetrics {
     duration: Family<CallLabels, Histogram>,
     in_flight: Family<MethodLabels, Gauge>,
+    /// The series of each service and method met so far, so that a call finds them without
+    /// building labels: service, then method.
+    methods: Arc<RwLock<HashMap<String, HashMap<String, Arc<Method>>>>>,
+    /// Off: calls are not counted (the series are registered, and stay empty).
+    enabled: bool,
+}
+
+/// The series of one service and method.
+struct Method {
+    labels: MethodLabels,
+    in_flight: Gauge,
+    /// Its latency with status 200, the common case.
+    ok: Histogram,
+    /// Every latency series, for the other status codes.
+    duration: Family<CallLabels, Histogram>,
 }
 
 impl CallMetrics {
     /// Registers the metrics of `side` in `registry` (the node's, at its root: the names are
     /// OpenTelemetry's, not micromesh's).
-    pub(crate) fn register(registry: &mut Registry, side: Side) -> Self {
+    pub(crate) fn register(registry: &mut Registry, side: Side, enabled: bool) -> Self {
         let metrics = Self {
+            enabled,
             // 10 µs to about 10 s, doubling.
             duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_01, 2.0, 21))
             }),
             in_flight: Family::default(),
+            methods: Arc::default(),
         };
         let (prefix, whose) = match side {
             Side::Server => ("rpc_server", "served"),
@@ -92,24 +113,67 @@ impl CallMetrics {
     /// Counts a call as under way until [`Call::finish`] (or until dropped, as a call whose
     /// caller went away).
     pub(crate) fn start(&self, service: &str, method: &str) -> Call {
+        let method = self.enabled.then(|| self.method(service, method));
+        if let Some(method) = &method {
+            method.in_flight.inc();
+        }
+        Call {
+            method,
+            started: Instant::now(),
+        }
+    }
+
+    fn method(&self, service: &str, method: &str) -> Arc<Method> {
+        let known = self
+            .methods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(service)
+            .and_then(|methods| methods.get(method))
+            .cloned();
+        if let Some(known) = known {
+            return known;
+        }
         let labels = MethodLabels {
             rpc_system: "micromesh",
             rpc_service: service.to_owned(),
             rpc_method: method.to_owned(),
         };
-        self.in_flight.get_or_create(&labels).inc();
-        Call {
-            metrics: self.clone(),
-            labels: Some(labels),
-            started: Instant::now(),
-        }
+        let fresh = Method {
+            in_flight: self.in_flight.get_or_create(&labels).clone(),
+            ok: self
+                .duration
+                .get_or_create(&call_labels(&labels, OK))
+                .clone(),
+            duration: self.duration.clone(),
+            labels,
+        };
+        self.methods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(service.to_owned())
+            .or_default()
+            .entry(method.to_owned())
+            .or_insert_with(|| Arc::new(fresh))
+            .clone()
+    }
+}
+
+const OK: u16 = 200;
+
+fn call_labels(labels: &MethodLabels, code: u16) -> CallLabels {
+    CallLabels {
+        rpc_system: labels.rpc_system,
+        rpc_service: labels.rpc_service.clone(),
+        rpc_method: labels.rpc_method.clone(),
+        rpc_response_status_code: code,
     }
 }
 
 /// A call under way; see [`CallMetrics::start`].
 pub(crate) struct Call {
-    metrics: CallMetrics,
-    labels: Option<MethodLabels>,
+    /// `None` when call metrics are off, and once recorded.
+    method: Option<Arc<Method>>,
     started: Instant,
 }
 
@@ -120,20 +184,18 @@ impl Call {
     }
 
     fn record(&mut self, code: u16) {
-        let Some(labels) = self.labels.take() else {
+        let Some(method) = self.method.take() else {
             return;
         };
-        self.metrics.in_flight.get_or_create(&labels).dec();
+        method.in_flight.dec();
         let elapsed = self.started.elapsed().as_secs_f64();
-        self.metrics
-            .duration
-            .get_or_create(&CallLabels {
-                rpc_system: labels.rpc_system,
-                rpc_service: labels.rpc_service,
-                rpc_method: labels.rpc_method,
-                rpc_response_status_code: code,
-            })
-            .observe(elapsed);
+        match code {
+            OK => method.ok.observe(elapsed),
+            code => method
+                .duration
+                .get_or_create(&call_labels(&method.labels, code))
+                .observe(elapsed),
+        }
     }
 }
 
@@ -150,7 +212,7 @@ mod tests {
     #[test]
     fn calls_are_counted_by_method_and_code_and_leave_the_in_flight_gauge() {
         let mut registry = Registry::default();
-        let metrics = CallMetrics::register(&mut registry, Side::Server);
+        let metrics = CallMetrics::register(&mut registry, Side::Server, true);
         let ok = metrics.start("greeter", "Greeter.Hello");
         let dropped = metrics.start("greeter", "Greeter.Hello");
         let mut text = String::new();
@@ -173,5 +235,20 @@ mod tests {
             );
             assert!(text.contains(&series), "{series} in {text}");
         }
+    }
+
+    #[test]
+    fn calls_are_not_counted_when_off() {
+        let mut registry = Registry::default();
+        let metrics = CallMetrics::register(&mut registry, Side::Client, false);
+        metrics.start("greeter", "Greeter.Hello").finish(200);
+        drop(metrics.start("greeter", "Greeter.Hello"));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(!text.contains("Greeter.Hello"), "{text}");
+        assert!(
+            !text.contains("rpc_client_call_duration_seconds_count"),
+            "{text}"
+        );
     }
 }

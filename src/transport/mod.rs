@@ -39,6 +39,7 @@ pub struct Config {
     pub(crate) head_timeout: Duration,
     pub(crate) stream_buffer: usize,
     pub(crate) idle_timeout: Duration,
+    pub(crate) call_metrics: bool,
 }
 
 impl Config {
@@ -84,6 +85,13 @@ impl Config {
         self.idle_timeout = value;
         self
     }
+
+    /// Whether calls are counted and timed in the `rpc_server_*` and `rpc_client_*` metrics
+    /// (see [`crate::debug`]). Default is on; off saves a few label lookups per call.
+    pub fn call_metrics(mut self, on: bool) -> Self {
+        self.call_metrics = on;
+        self
+    }
 }
 
 impl Default for Config {
@@ -95,6 +103,7 @@ impl Default for Config {
             head_timeout: Duration::from_secs(10),
             stream_buffer: 32,
             idle_timeout: Duration::from_secs(30),
+            call_metrics: true,
         }
     }
 }

@@ -4,6 +4,7 @@ mod auth_bench;
 mod call_cost;
 mod churn;
 mod idle;
+mod metrics_overhead;
 mod pubsub_bench;
 mod registry;
 mod rpc_bench;
@@ -47,6 +48,10 @@ pub(crate) const LIST: &[(&str, &str)] = &[
         "call latency and CPU with 10, 1,000 and 10,000 instances in the view; selection among N",
     ),
     (
+        "metrics-overhead",
+        "calls/s, latency and CPU per call with call metrics on against off",
+    ),
+    (
         "registry",
         "register on one node: time until every node sees it; kill it: time until every node drops it",
     ),
@@ -58,6 +63,7 @@ pub(crate) async fn run(name: &str, options: &Options) -> Result<serde_json::Val
         "registry" => registry::run(options).await,
         "churn" => churn::run(options).await,
         "call-cost" => call_cost::run(options).await,
+        "metrics-overhead" => metrics_overhead::run(options).await,
         "slow-hook" => slow_hook::run(options).await,
         "rpc-bench" => rpc_bench::run(options).await,
         "pubsub-bench" => pubsub_bench::run(options).await,
