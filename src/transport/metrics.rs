@@ -63,10 +63,13 @@ pub(crate) struct CallMetrics {
     in_flight: Family<MethodLabels, Gauge>,
     /// The series of each service and method met so far, so that a call finds them without
     /// building labels: service, then method.
-    methods: Arc<RwLock<HashMap<String, HashMap<String, Arc<Method>>>>>,
+    methods: Arc<RwLock<Methods>>,
     /// Off: calls are not counted (the series are registered, and stay empty).
     enabled: bool,
 }
+
+/// Service name, then method name.
+type Methods = HashMap<String, HashMap<String, Arc<Method>>>;
 
 /// The series of one service and method.
 struct Method {
