@@ -471,7 +471,7 @@ impl Builder {
             let selector = Selector::new(self.selector);
             selector.follow(&node);
             let server = server::Server::start(&node, name, Arc::new(router), transport.clone());
-            let _ = debug.server.set(server.clone());
+            let _ = debug.server.set(server.downgrade());
             let client = Client::new(node.clone(), registry.clone(), selector.clone(), transport);
             let broker = Broker::start(node.clone(), self.broker)?;
             let store = Store::with_keeper(node.clone(), Some(keeper), self.store)?;
@@ -538,8 +538,8 @@ struct DebugState {
     started_at: std::time::Instant,
     node: Node,
     stopping: Arc<std::sync::atomic::AtomicBool>,
-    /// Set once the server runs.
-    server: std::sync::OnceLock<server::Server>,
+    /// Set once the server runs; weak, since the server's router holds this state.
+    server: std::sync::OnceLock<server::WeakServer>,
 }
 
 impl DebugState {
@@ -554,8 +554,9 @@ impl DebugState {
 
     fn stats(&self) -> crate::debug::Stats {
         let (memory_bytes, threads) = crate::debug::process();
+        let server = self.server.get().and_then(server::WeakServer::upgrade);
         let (requests, errors, in_flight) =
-            self.server.get().map_or((0, 0, 0), server::Server::counts);
+            server.as_ref().map_or((0, 0, 0), server::Server::counts);
         crate::debug::Stats {
             service: self.name.clone(),
             version: self.version.clone(),
@@ -571,6 +572,18 @@ impl DebugState {
             errors,
             in_flight,
             connections: self.node.connected_count() as u64,
+            endpoints: server
+                .as_ref()
+                .map(server::Server::totals)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|totals| crate::debug::EndpointStats {
+                    method: totals.method,
+                    calls: totals.calls,
+                    errors: totals.errors,
+                    latency_buckets: totals.buckets,
+                })
+                .collect(),
         }
     }
 }

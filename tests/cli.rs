@@ -1244,3 +1244,33 @@ fn health_stats_and_logs_of_a_running_node() {
     assert!(!missing.status.success());
     assert!(!String::from_utf8_lossy(&missing.stderr).is_empty());
 }
+
+#[test]
+fn top_once_shows_the_endpoints_of_a_running_mesh() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), &["/ip4/127.0.0.1/tcp/0"], None);
+    let addr = node.addr("/tcp/");
+    // Its first reading's `Debug.Stats` call is traffic the second reading sees.
+    let view = run_json(&["top", "--once", "--interval", "500ms", "--bootstrap", &addr]);
+    assert_eq!(view["services"], 1, "{view}");
+    assert_eq!(view["instances"], 1, "{view}");
+    let stats = view["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["service"] == "micromesh-node" && l["endpoint"] == "Debug.Stats")
+        .unwrap_or_else(|| panic!("no Debug.Stats line in {view}"))
+        .clone();
+    assert!(stats["calls_per_second"].as_f64().unwrap() > 0.0, "{stats}");
+    assert!(stats["p50_ms"].as_f64().is_some(), "{stats}");
+    assert_eq!(stats["error_ratio"], 0.0, "{stats}");
+
+    // Without a terminal, `top` prints one view as a table.
+    let table = run(&["top", "--interval", "200ms", "--bootstrap", &addr]);
+    assert!(table.status.success(), "{table:?}");
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("CALLS/S") && text.contains("micromesh-node"),
+        "{text}"
+    );
+}

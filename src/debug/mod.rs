@@ -68,7 +68,7 @@ mod stats;
 pub use http::HttpEndpoint;
 pub use logs::{CAPACITY as LOG_CAPACITY, LogLayer, LogRecord, LogRequest, log_layer, parse_level};
 pub(crate) use stats::process;
-pub use stats::{Health, Stats};
+pub use stats::{EndpointStats, Health, Stats, latency_bounds};
 
 /// The endpoint every service serves with its [`Health`].
 pub const HEALTH: &str = "Debug.Health";

@@ -115,6 +115,17 @@ pub(crate) struct Server {
     inner: Arc<Inner>,
 }
 
+/// See [`Server::downgrade`].
+#[derive(Clone)]
+pub(crate) struct WeakServer(std::sync::Weak<Inner>);
+
+impl WeakServer {
+    /// The server, unless it is gone.
+    pub(crate) fn upgrade(&self) -> Option<Server> {
+        self.0.upgrade().map(|inner| Server { inner })
+    }
+}
+
 impl Server {
     /// Starts accepting calls on the node's RPC protocol.
     pub(crate) fn start(
@@ -224,6 +235,18 @@ impl Server {
             }
             .instrument(span),
         );
+    }
+
+    /// A handle that does not keep the server alive, for what the server's own router holds
+    /// (the debug endpoints): a strong one there would be a cycle, and the server and its node
+    /// would never be freed.
+    pub(crate) fn downgrade(&self) -> WeakServer {
+        WeakServer(Arc::downgrade(&self.inner))
+    }
+
+    /// The calls served so far, by endpoint.
+    pub(crate) fn totals(&self) -> Vec<crate::transport::metrics::MethodTotals> {
+        self.inner.calls.totals()
     }
 
     /// Calls received, calls that failed or were refused, and calls under way.

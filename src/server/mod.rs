@@ -50,7 +50,7 @@ pub use self::{
     handler::{Handler, Request, Response, Streaming},
 };
 pub(crate) use self::{
-    dispatch::Server,
+    dispatch::{Server, WeakServer},
     handler::{
         BoxedUnary, Endpoint, StreamHandler, bidi as handler_bidi,
         client_stream as handler_client_stream, server_stream as handler_server_stream,

@@ -71,8 +71,34 @@ pub(crate) struct CallMetrics {
 /// Service name, then method name.
 type Methods = HashMap<String, HashMap<String, Arc<Method>>>;
 
+/// The upper bounds of the latency buckets: 10 µs, doubling, 21 of them (about 10 s), then
+/// everything above. The Prometheus histograms use the same bounds.
+pub(crate) fn bucket_bounds() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.000_01, 2.0, BUCKETS as u16)
+}
+
+/// Finite buckets; counts have one more, for what lies above.
+pub(crate) const BUCKETS: usize = 21;
+
+/// What one method's calls came to, since the node started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MethodTotals {
+    pub(crate) service: String,
+    pub(crate) method: String,
+    pub(crate) calls: u64,
+    /// Calls that ended with a status of 400 or more.
+    pub(crate) errors: u64,
+    /// Calls by latency bucket (see [`bucket_bounds`]), not cumulative; one more than the
+    /// bounds.
+    pub(crate) buckets: Vec<u64>,
+}
+
 /// The series of one service and method.
 struct Method {
+    /// Counts kept beside the Prometheus series, which cannot be read back.
+    calls: std::sync::atomic::AtomicU64,
+    errors: std::sync::atomic::AtomicU64,
+    buckets: [std::sync::atomic::AtomicU64; BUCKETS + 1],
     labels: MethodLabels,
     in_flight: Gauge,
     /// Its latency with status 200, the common case.
@@ -88,9 +114,7 @@ impl CallMetrics {
         let metrics = Self {
             enabled,
             // 10 µs to about 10 s, doubling.
-            duration: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.000_01, 2.0, 21))
-            }),
+            duration: Family::new_with_constructor(|| Histogram::new(bucket_bounds())),
             in_flight: Family::default(),
             methods: Arc::default(),
         };
@@ -143,6 +167,9 @@ impl CallMetrics {
             rpc_method: method.to_owned(),
         };
         let fresh = Method {
+            calls: Default::default(),
+            errors: Default::default(),
+            buckets: Default::default(),
             in_flight: self.in_flight.get_or_create(&labels).clone(),
             ok: self
                 .duration
@@ -159,6 +186,25 @@ impl CallMetrics {
             .entry(method.to_owned())
             .or_insert_with(|| Arc::new(fresh))
             .clone()
+    }
+
+    /// Every method's totals so far.
+    pub(crate) fn totals(&self) -> Vec<MethodTotals> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let methods = self.methods.read().unwrap_or_else(|e| e.into_inner());
+        let mut totals: Vec<MethodTotals> = methods
+            .values()
+            .flat_map(HashMap::values)
+            .map(|method| MethodTotals {
+                service: method.labels.rpc_service.clone(),
+                method: method.labels.rpc_method.clone(),
+                calls: method.calls.load(Relaxed),
+                errors: method.errors.load(Relaxed),
+                buckets: method.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+            })
+            .collect();
+        totals.sort_by(|a, b| (&a.service, &a.method).cmp(&(&b.service, &b.method)));
+        totals
     }
 }
 
@@ -192,6 +238,17 @@ impl Call {
         };
         method.in_flight.dec();
         let elapsed = self.started.elapsed().as_secs_f64();
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            method.calls.fetch_add(1, Relaxed);
+            if code >= 400 {
+                method.errors.fetch_add(1, Relaxed);
+            }
+            let bucket = bucket_bounds()
+                .position(|bound| elapsed <= bound)
+                .unwrap_or(BUCKETS);
+            method.buckets[bucket].fetch_add(1, Relaxed);
+        }
         match code {
             OK => method.ok.observe(elapsed),
             code => method

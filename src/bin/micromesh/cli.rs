@@ -145,6 +145,8 @@ pub(crate) enum Command {
     Stats(crate::debug_cmd::StatsArgs),
     /// Show a service's recent log records; `--follow` goes on as they are logged.
     Logs(crate::debug_cmd::LogsArgs),
+    /// A live view of every service's endpoints: calls/s, errors, p50, p99 (q quits).
+    Top(crate::top_cmd::TopArgs),
 }
 
 /// How a short-lived client joins the mesh.

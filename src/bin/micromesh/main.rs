@@ -14,6 +14,7 @@ mod peers_cmd;
 mod pubsub_cmd;
 mod services_cmd;
 mod store_cmd;
+mod top_cmd;
 
 use std::process::ExitCode;
 
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
             cli::Command::Health(cmd) => debug_cmd::health(&args.global, cmd).await,
             cli::Command::Stats(cmd) => debug_cmd::stats(&args.global, cmd).await,
             cli::Command::Logs(cmd) => debug_cmd::logs(&args.global, cmd).await,
+            cli::Command::Top(cmd) => top_cmd::run(&args.global, cmd).await,
         }
     });
     match result {
