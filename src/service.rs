@@ -588,10 +588,37 @@ impl DebugState {
     }
 }
 
-/// Adds `Debug.Health`, `Debug.Stats` and `Debug.Log` to `router`, unless the service serves
-/// endpoints of those names itself.
+/// Adds `Debug.Health`, `Debug.Stats`, `Debug.Log` and `Debug.Trace` to `router`, unless the
+/// service serves endpoints of those names itself.
 fn add_debug_endpoints(router: &mut Router, debug: &Arc<DebugState>, buffer: usize) {
-    use crate::debug::{HEALTH, LOG, LogRecord, LogRequest, STATS};
+    use crate::debug::{
+        HEALTH, LOG, LogRecord, LogRequest, STATS, SpanRecord, TRACE, TraceRequest,
+    };
+
+    if !router.endpoints.contains_key(TRACE) {
+        let trace = |_: Context, request: TraceRequest| async move {
+            let Some(ring) = crate::debug::spans::ring() else {
+                return Err(Status::new(
+                    crate::status::Code::Other(501),
+                    "this process does not keep its spans: add micromesh::debug::trace_layer() \
+                     to its tracing subscriber",
+                ));
+            };
+            if let Some(id) = &request.trace_id
+                && !crate::trace::is_trace_id(id)
+            {
+                return Err(Status::bad_request(format!(
+                    "{id:?} is not a trace id: 32 lower-case hex digits, not all zero"
+                )));
+            }
+            let limit = request
+                .limit
+                .map_or(100, |n| n as usize)
+                .min(crate::debug::SPAN_CAPACITY);
+            Ok::<Vec<SpanRecord>, Status>(ring.recent(request.trace_id.as_deref(), limit))
+        };
+        router.insert(TRACE.into(), server::handler_unary(trace));
+    }
 
     if !router.endpoints.contains_key(HEALTH) {
         let debug = debug.clone();

@@ -53,6 +53,14 @@ impl TraceParent {
         }
     }
 
+    /// The span a call or message continues from a `traceparent` header: a child of the one
+    /// it names, or a new root when there is none or it is not valid; and the parent, if any.
+    pub(crate) fn continuing(header: Option<&str>) -> (Self, Option<Self>) {
+        let parent = header.and_then(Self::parse);
+        let own = parent.as_ref().map_or_else(Self::new_root, Self::child);
+        (own, parent)
+    }
+
     /// Parses a `traceparent` header of version `00`: `None` for anything else (wrong length,
     /// upper-case or non-hex digits, an all-zero id, version `ff`), as the W3C spec asks
     /// receivers to do. Later versions are read by their first four fields.
@@ -98,13 +106,14 @@ impl TraceParent {
 /// The header form: `00-<trace id>-<span id>-<flags>`.
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{}-{}-{:02x}",
-            to_hex(&self.trace_id),
-            to_hex(&self.span_id),
-            self.flags
-        )
+        let mut text = [0u8; 55];
+        text[..3].copy_from_slice(b"00-");
+        data_encoding::HEXLOWER.encode_mut(&self.trace_id, &mut text[3..35]);
+        text[35] = b'-';
+        data_encoding::HEXLOWER.encode_mut(&self.span_id, &mut text[36..52]);
+        text[52] = b'-';
+        data_encoding::HEXLOWER.encode_mut(&[self.flags], &mut text[53..]);
+        f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -112,6 +121,11 @@ impl fmt::Debug for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "TraceParent({self})")
     }
+}
+
+/// Whether `text` is a trace id: 32 lower-case hex digits, not all zero.
+pub fn is_trace_id(text: &str) -> bool {
+    hex::<16>(text).is_some_and(|id| id != [0; 16])
 }
 
 fn nonzero<const N: usize>(mut bytes: [u8; N]) -> [u8; N] {
@@ -139,7 +153,7 @@ fn hex<const N: usize>(text: &str) -> Option<[u8; N]> {
 }
 
 fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    data_encoding::HEXLOWER.encode(bytes)
 }
 
 #[cfg(test)]
@@ -167,6 +181,9 @@ mod tests {
         ] {
             assert!(TraceParent::parse(bad).is_none(), "{bad:?}");
         }
+        assert!(is_trace_id("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert!(!is_trace_id("00000000000000000000000000000000"));
+        assert!(!is_trace_id("4BF92F3577B34DA6A3CE929D0E0E4736"));
         // A later version may append fields; its first four are read.
         let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-whatever";
         assert_eq!(

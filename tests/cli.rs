@@ -1274,3 +1274,74 @@ fn top_once_shows_the_endpoints_of_a_running_mesh() {
         "{text}"
     );
 }
+
+#[test]
+fn trace_shows_the_spans_of_a_call_to_a_running_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), &["/ip4/127.0.0.1/tcp/0"], None);
+    let addr = node.addr("/tcp/");
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("traceparent=00-{trace_id}-00f067aa0ba902b7-01");
+    let call = run(&[
+        "call",
+        "micromesh-node",
+        "Debug.Health",
+        "null",
+        "--metadata",
+        &traceparent,
+        "--bootstrap",
+        &addr,
+    ]);
+    assert!(call.status.success(), "{call:?}");
+
+    // The node's server span of that call, in the caller's trace; the caller's own client
+    // span (its parent) was in the CLI's process.
+    let spans = run_json(&[
+        "trace",
+        "micromesh-node",
+        "--trace-id",
+        trace_id,
+        "--bootstrap",
+        &addr,
+    ]);
+    let spans = spans.as_array().unwrap();
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    let span = &spans[0];
+    assert_eq!(span["trace_id"], trace_id);
+    assert_eq!(span["kind"], "server");
+    assert_eq!(span["attributes"]["rpc.method"], "Debug.Health");
+    assert_eq!(span["attributes"]["rpc.response.status_code"], "200");
+    let parent = span["parent_span_id"].as_str().unwrap();
+    assert_eq!(parent.len(), 16);
+    assert_ne!(
+        parent, "00f067aa0ba902b7",
+        "the CLI's client span sits between"
+    );
+
+    let tree = run(&[
+        "trace",
+        "micromesh-node",
+        "--trace-id",
+        trace_id,
+        "--bootstrap",
+        &addr,
+    ]);
+    assert!(tree.status.success(), "{tree:?}");
+    let text = String::from_utf8_lossy(&tree.stdout);
+    assert!(text.starts_with(&format!("trace {trace_id}")), "{text}");
+    assert!(
+        text.contains("server micromesh-node/Debug.Health  200"),
+        "{text}"
+    );
+
+    let bad = run(&[
+        "trace",
+        "micromesh-node",
+        "--trace-id",
+        "nope",
+        "--bootstrap",
+        &addr,
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a trace id"));
+}

@@ -15,6 +15,7 @@ use crate::{
     registry,
     selector::{Outcome, Selected},
     status::Code,
+    trace::{TRACEPARENT, TraceParent},
     transport::{
         self,
         frame::{self, ReadError},
@@ -93,23 +94,38 @@ impl Client {
         let started = Instant::now();
         let deadline = options.deadline_from(started);
         let counted = self.inner.calls.start(service, endpoint);
+        // The span times the call and names the peer; it is not entered (entering at every
+        // poll would cost more than the rest of it).
+        let (trace, span) = client_span(service, endpoint, options);
         let outcome = self
-            .call_with_retries(service, endpoint, &body, options, started, deadline)
+            .call_with_retries(
+                service,
+                endpoint,
+                &body,
+                options,
+                (&trace, &span),
+                started,
+                deadline,
+            )
             .await;
-        counted.finish(match &outcome {
+        let code = match &outcome {
             Ok(_) => crate::status::Code::Ok.as_u16(),
             Err(e) => e.status().code().as_u16(),
-        });
+        };
+        span.record("rpc.response.status_code", code);
+        counted.finish(code);
         outcome
     }
 
     /// The attempts of a unary call: the first, and retries while the options allow them.
+    #[allow(clippy::too_many_arguments)]
     async fn call_with_retries(
         &self,
         service: &str,
         endpoint: &str,
         body: &[u8],
         options: &CallOptions,
+        trace: (&TraceParent, &tracing::Span),
         started: Instant,
         deadline: Instant,
     ) -> Result<Vec<u8>, Error> {
@@ -118,7 +134,9 @@ impl Client {
         loop {
             let outcome = tokio::time::timeout_at(
                 deadline.into(),
-                self.attempt(service, endpoint, body, options, &mut tried, deadline),
+                self.attempt(
+                    service, endpoint, body, options, trace, &mut tried, deadline,
+                ),
             )
             .await
             .unwrap_or_else(|_| {
@@ -142,21 +160,26 @@ impl Client {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         service: &str,
         endpoint: &str,
         body: &[u8],
         options: &CallOptions,
+        (trace, span): (&TraceParent, &tracing::Span),
         tried: &mut Vec<PeerId>,
         deadline: Instant,
     ) -> Result<Vec<u8>, Error> {
         let selected = self.pick(service, options, tried).await?;
         let peer = selected.peer_id();
         tried.push(peer);
+        if !span.is_disabled() {
+            span.record("peer", tracing::field::display(peer));
+        }
         let started = Instant::now();
         let result = async {
-            let head = head(service, endpoint, CallKind::Unary, options, deadline);
+            let head = head(service, endpoint, CallKind::Unary, options, trace, deadline);
             let mut request = Vec::with_capacity(body.len() + 256);
             head.put(&mut request)
                 .and_then(|()| transport::wire::put_data(&mut request, body))
@@ -337,19 +360,55 @@ fn pinned(service: &str, peer: PeerId) -> registry::Entry {
     }
 }
 
+/// The client span of a call to `endpoint` of `service`, with OpenTelemetry's RPC attributes,
+/// and its W3C ids: a child of the `traceparent` in the options' metadata (the caller's own
+/// span, from [`crate::Context::call_options`]), or a new trace. The call sends it as its
+/// `traceparent`, so the server's span is its child.
+pub(crate) fn client_span(
+    service: &str,
+    endpoint: &str,
+    options: &CallOptions,
+) -> (TraceParent, tracing::Span) {
+    let (trace, parent) = TraceParent::continuing(options.metadata.get(TRACEPARENT));
+    let span = tracing::debug_span!(
+        "call",
+        otel.kind = "client",
+        rpc.system = "micromesh",
+        rpc.service = %service,
+        rpc.method = %endpoint,
+        rpc.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        parent_span_id = tracing::field::Empty,
+        peer = tracing::field::Empty,
+    );
+    // The ids are written out only for a span some layer keeps.
+    if !span.is_disabled() {
+        span.record("trace_id", trace.trace_id());
+        span.record("span_id", trace.span_id());
+        if let Some(parent) = parent {
+            span.record("parent_span_id", parent.span_id());
+        }
+    }
+    (trace, span)
+}
+
 pub(crate) fn head(
     service: &str,
     endpoint: &str,
     kind: CallKind,
     options: &CallOptions,
+    trace: &TraceParent,
     deadline: Instant,
 ) -> Frame {
     let left = deadline.saturating_duration_since(Instant::now());
+    let mut metadata = options.metadata.clone();
+    metadata.insert(TRACEPARENT, trace.to_string());
     Frame::Head(Head {
         service: service.to_owned(),
         endpoint: endpoint.to_owned(),
         content_type: options.content_type.content_type().to_owned(),
-        metadata: options.metadata.clone(),
+        metadata,
         timeout_ms: Some(left.as_millis().min(u128::from(u64::MAX)) as u64),
         kind,
     })

@@ -7,7 +7,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use super::{
     CallOptions, Client, Error,
-    call::{head, outcome_of, receive, send_all},
+    call::{client_span, head, outcome_of, receive, send_all},
 };
 use crate::{
     PeerId,
@@ -36,6 +36,8 @@ pub struct CallStream<Req, Resp> {
     done: bool,
     selected: Option<Selected>,
     started: Instant,
+    /// The call's client span: it ends when the stream is dropped.
+    span: tracing::Span,
     _types: PhantomData<fn(Req) -> Resp>,
 }
 
@@ -146,6 +148,13 @@ impl<Req: Serialize, Resp: DeserializeOwned> CallStream<Req, Resp> {
             Err(e) => Err(e),
         };
         self.done = true;
+        self.span.record(
+            "rpc.response.status_code",
+            match &result {
+                Ok(()) => crate::status::Code::Ok.as_u16(),
+                Err(e) => e.status().code().as_u16(),
+            },
+        );
         let _ = self.writer.close().await;
         if let Some(selected) = self.selected.take() {
             selected.finish(outcome_of(&result, self.started));
@@ -191,6 +200,7 @@ impl Client {
     ) -> Result<CallStream<Req, Resp>, Error> {
         let started = Instant::now();
         let deadline = options.deadline_from(started);
+        let (trace, span) = client_span(service, endpoint, &options);
         let mut tried = Vec::new();
         let mut attempt = 0;
         // Only opening is retried: once messages flow, a stream is not safe to replay.
@@ -221,8 +231,9 @@ impl Client {
             }
         };
         let peer = selected.peer_id();
+        span.record("peer", tracing::field::display(peer));
         let (reader, mut writer) = stream.split();
-        let mut frames = vec![head(service, endpoint, kind, &options, deadline)];
+        let mut frames = vec![head(service, endpoint, kind, &options, &trace, deadline)];
         if let Some(body) = first {
             frames.push(Frame::Data(body));
             frames.push(Frame::End);
@@ -240,6 +251,7 @@ impl Client {
             done: false,
             selected: Some(selected),
             started,
+            span,
             _types: PhantomData,
         })
     }

@@ -27,8 +27,14 @@
 //! - [`LOG`] (`Debug.Log`): the process's recent log records and, with `follow`, new ones as
 //!   they come, when the program added [`log_layer`] to its tracing subscriber (the CLI's
 //!   `micromesh node` does); 501 otherwise.
+//! - [`TRACE`] (`Debug.Trace`): the process's recent call spans ([`SpanRecord`]: W3C trace
+//!   and span ids, parent, kind, timing, OpenTelemetry's RPC attributes), of one trace or of
+//!   all, when the program added [`trace_layer`] to its subscriber (the CLI's `micromesh node`
+//!   does); 501 otherwise. Every call has a client span (on the caller) and a server span (on
+//!   the callee), the server's a child of the client's.
 //!
-//! `micromesh health NAME`, `micromesh stats NAME` and `micromesh logs NAME` call them. A
+//! `micromesh health NAME`, `micromesh stats NAME`, `micromesh logs NAME` and
+//! `micromesh trace NAME` call them. A
 //! service's own endpoints of the same names take precedence.
 //!
 //! # Call metrics
@@ -63,10 +69,12 @@
 
 pub(crate) mod http;
 pub(crate) mod logs;
+pub(crate) mod spans;
 mod stats;
 
 pub use http::HttpEndpoint;
 pub use logs::{CAPACITY as LOG_CAPACITY, LogLayer, LogRecord, LogRequest, log_layer, parse_level};
+pub use spans::{CAPACITY as SPAN_CAPACITY, SpanRecord, TraceRequest, trace_layer};
 pub(crate) use stats::process;
 pub use stats::{EndpointStats, Health, Stats, latency_bounds};
 
@@ -77,6 +85,9 @@ pub const STATS: &str = "Debug.Stats";
 /// The server-streaming endpoint every service serves with the process's recent
 /// [`LogRecord`]s (asked with a [`LogRequest`]), when its subscriber has a [`log_layer`].
 pub const LOG: &str = "Debug.Log";
+/// The endpoint every service serves with the process's recent call [`SpanRecord`]s (asked
+/// with a [`TraceRequest`]), when its subscriber has a [`trace_layer`].
+pub const TRACE: &str = "Debug.Trace";
 
 /// Errors of the debug endpoints.
 #[derive(Debug, thiserror::Error)]

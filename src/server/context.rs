@@ -48,8 +48,7 @@ impl Context {
         deadline: Option<Instant>,
         roles: Vec<String>,
     ) -> Self {
-        let caller = metadata.get(TRACEPARENT).and_then(TraceParent::parse);
-        let trace = caller.map_or_else(TraceParent::new_root, |parent| parent.child());
+        let (trace, caller) = TraceParent::continuing(metadata.get(TRACEPARENT));
         Self {
             inner: Arc::new(Inner {
                 service,

@@ -334,6 +334,9 @@ fn admit(inner: &Arc<Inner>, peer: PeerId) -> (CallGuard, Option<Status>) {
 /// one before it succeeded.
 async fn serve(inner: &Arc<Inner>, peer: PeerId, mut stream: libp2p::Stream) {
     let mut wait = Wait::Head;
+    // The caller's id as text, for the call spans: written out once per stream, and only if
+    // a span is kept.
+    let mut peer_text: Option<String> = None;
     loop {
         let head = match read_head(inner, &mut stream, wait).await {
             Ok(head) => head,
@@ -357,14 +360,22 @@ async fn serve(inner: &Arc<Inner>, peer: PeerId, mut stream: libp2p::Stream) {
         // OpenTelemetry's RPC attributes, and the W3C ids of this call's span.
         let call = tracing::debug_span!(
             "call",
+            otel.kind = "server",
             rpc.system = "micromesh",
             rpc.service = %inner.name,
             rpc.method = %head.endpoint,
             rpc.response.status_code = tracing::field::Empty,
             trace_id = tracing::field::Empty,
             span_id = tracing::field::Empty,
-            peer = %peer,
+            parent_span_id = tracing::field::Empty,
+            peer = tracing::field::Empty,
         );
+        if !call.is_disabled() {
+            call.record(
+                "peer",
+                peer_text.get_or_insert_with(|| peer.to_string()).as_str(),
+            );
+        }
         let method = match inner.router.endpoints.contains_key(&head.endpoint) {
             true => head.endpoint.as_str(),
             false => OTHER_METHOD,
@@ -485,6 +496,9 @@ async fn serve_call(
     let span = tracing::Span::current();
     span.record("trace_id", context.trace_id());
     span.record("span_id", context.span_id());
+    if let Some(parent) = context.parent_span_id() {
+        span.record("parent_span_id", parent);
+    }
     tracing::trace!(endpoint = %head.endpoint, "call");
     let status = match endpoint {
         Endpoint::Unary { service, .. } => {

@@ -1,15 +1,25 @@
-//! `metrics-overhead`: what the call metrics cost.
+//! `metrics-overhead`: what the call metrics and call tracing cost.
 //!
 //! Two pairs of services on the memory transport, each a server and a client: one with call
 //! metrics on (the default: `rpc_server_*` and `rpc_client_*` on both sides), one with them off
-//! (`transport::Config::call_metrics(false)`). No tracing subscriber is installed, as in a
-//! program that logs at `info` (the call spans are at `debug`). Measured in alternation, so
-//! that the machine's drift falls on both: calls/s with 64 in flight (rounds of 2 s), latency at
-//! concurrency 1, and CPU per call.
+//! (`transport::Config::call_metrics(false)`). The process's subscriber holds
+//! [`micromesh::debug::trace_layer`] behind a switch: with it on, every call's client and server
+//! spans are made and kept for `Debug.Trace` (as in `micromesh node`); with it off, the call
+//! spans are disabled, as in a program that logs at `info` without the layer. Three modes,
+//! measured in alternation so that the machine's drift falls on all: both off, metrics only,
+//! metrics and tracing. Calls/s with 64 in flight (rounds of 2 s), latency at concurrency 1, and
+//! CPU per call.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use micromesh::{Context, Service, Status, node::Preset, transport};
+use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
 
 use crate::measure::{
     Call, Options, calls_per_second, cpu_time, paired_latencies, percentiles, quantile_ms,
@@ -18,6 +28,17 @@ use crate::measure::{
 const LATENCY_CALLS: usize = 3_000;
 const ROUND: Duration = Duration::from_secs(2);
 
+/// Whether the span layer keeps call spans now.
+static TRACING: AtomicBool = AtomicBool::new(false);
+
+/// Switches the span layer on or off. Its filter's answer is cached per call site, so every
+/// call site is asked again: off, the call spans are disabled where they are made, as in a
+/// process without the layer.
+fn set_tracing(on: bool) {
+    if TRACING.swap(on, Ordering::Relaxed) != on {
+        tracing::callsite::rebuild_interest_cache();
+    }
+}
 async fn pair(network: &str, metrics: bool) -> Result<(Service, Service), String> {
     let config = transport::Config::default().call_metrics(metrics);
     let server = Service::builder("echo")
@@ -61,7 +82,49 @@ fn caller(client: &Service) -> Call {
     })
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Off,
+    Metrics,
+    MetricsAndTracing,
+}
+
+const MODES: [Mode; 3] = [Mode::Off, Mode::Metrics, Mode::MetricsAndTracing];
+
+/// The latency of calls one at a time, `BLOCK` with tracing on (`traced`) and `BLOCK` of
+/// `off`, in alternating blocks: switching the layer rebuilds every call site's interest, which
+/// is kept out of the timings.
+async fn block_latencies(traced: &Call, off: &Call, n: usize) -> (Vec<Duration>, Vec<Duration>) {
+    const BLOCK: usize = 100;
+    let (mut on_samples, mut off_samples) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    while on_samples.len() < n {
+        for tracing_on in [true, false] {
+            set_tracing(tracing_on);
+            let (call, samples) = match tracing_on {
+                true => (traced, &mut on_samples),
+                false => (off, &mut off_samples),
+            };
+            for _ in 0..BLOCK {
+                let started = std::time::Instant::now();
+                call().await;
+                samples.push(started.elapsed());
+            }
+        }
+    }
+    (on_samples, off_samples)
+}
+
 pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> {
+    tracing_subscriber::registry()
+        .with(micromesh::debug::trace_layer())
+        // The switch, as a global filter in front of the layer's own: off, every call site is
+        // disabled; on, the layer's filter decides alone, as in a process that has it.
+        .with(
+            tracing_subscriber::filter::filter_fn(|_| TRACING.load(Ordering::Relaxed))
+                .with_max_level_hint(tracing_subscriber::filter::LevelFilter::DEBUG),
+        )
+        .try_init()
+        .map_err(|_| "metrics-overhead installs its own subscriber: run it without RUST_LOG")?;
     let (on_server, on_client) = pair("sim-metrics-on", true).await?;
     let (off_server, off_client) = pair("sim-metrics-off", false).await?;
     let (on, off) = (caller(&on_client), caller(&off_client));
@@ -72,34 +135,28 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
     }
 
     let rounds = options.rounds.max(2);
-    let (mut on_tput, mut off_tput) = (Vec::new(), Vec::new());
-    let (mut on_cpu, mut off_cpu) = (Duration::ZERO, Duration::ZERO);
-    let (mut on_calls, mut off_calls) = (0.0, 0.0);
+    let mut tput = [Vec::new(), Vec::new(), Vec::new()];
+    let mut cpu = [Duration::ZERO; 3];
+    let mut calls = [0.0f64; 3];
     for round in 0..rounds {
-        // Alternating which goes first.
-        let order = if round % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        for metrics in order {
+        // Rotating which goes first.
+        for k in 0..MODES.len() {
+            let i = (round + k) % MODES.len();
+            let mode = MODES[i];
+            set_tracing(mode == Mode::MetricsAndTracing);
             let before = cpu_time();
-            let rate = calls_per_second(if metrics { &on } else { &off }, 64, ROUND).await;
-            let cpu = cpu_time().saturating_sub(before);
-            if metrics {
-                on_tput.push(rate);
-                on_cpu += cpu;
-                on_calls += rate * ROUND.as_secs_f64();
-            } else {
-                off_tput.push(rate);
-                off_cpu += cpu;
-                off_calls += rate * ROUND.as_secs_f64();
-            }
+            let rate =
+                calls_per_second(if mode == Mode::Off { &off } else { &on }, 64, ROUND).await;
+            cpu[i] += cpu_time().saturating_sub(before);
+            tput[i].push(rate);
+            calls[i] += rate * ROUND.as_secs_f64();
         }
     }
-    let (on_latency, off_latency) = paired_latencies(&on, &off, LATENCY_CALLS).await;
+    set_tracing(false);
+    let (traced_latency, off_latency) = block_latencies(&on, &off, LATENCY_CALLS).await;
+    let (metrics_latency, off_latency_2) = paired_latencies(&on, &off, LATENCY_CALLS).await;
 
-    // The metrics were really kept on one side and not on the other.
+    // The metrics were really kept on one side and not on the other, and spans were kept.
     let counted = |service: &Service| {
         service
             .node()
@@ -110,34 +167,57 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
     if !counted(&on_server) || counted(&off_server) {
         return Err("call metrics were not on and off as configured".into());
     }
+    let spans = on_client
+        .client()
+        .call::<_, Vec<micromesh::debug::SpanRecord>>(
+            "echo",
+            micromesh::debug::TRACE,
+            &micromesh::debug::TraceRequest::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    if !spans
+        .iter()
+        .any(|s| s.attribute("rpc.method") == Some("Echo.Echo"))
+    {
+        return Err(format!("no call span was kept with tracing on: {spans:?}"));
+    }
     for service in [on_client, on_server, off_client, off_server] {
         service.stop().await.map_err(|e| e.to_string())?;
     }
-    let median = |mut v: Vec<f64>| {
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (on_rate, off_rate) = (median(on_tput.clone()), median(off_tput.clone()));
-    let cpu_per_call = |cpu: Duration, calls: f64| cpu.as_secs_f64() * 1e6 / calls.max(1.0);
+    let rate = |i: usize| median(&tput[i]);
+    let per_call = |i: usize| cpu[i].as_secs_f64() * 1e6 / calls[i].max(1.0);
     Ok(serde_json::json!({
         "scenario": "metrics-overhead",
         "rounds": rounds,
         "calls_per_second_64_in_flight": {
-            "metrics_on": on_tput,
-            "metrics_off": off_tput,
-            "median_on": on_rate,
-            "median_off": off_rate,
-            "off_over_on": off_rate / on_rate,
+            "off": tput[0],
+            "metrics": tput[1],
+            "metrics_and_tracing": tput[2],
+            "median_off": rate(0),
+            "median_metrics": rate(1),
+            "median_metrics_and_tracing": rate(2),
+            "off_over_metrics": rate(0) / rate(1),
+            "off_over_metrics_and_tracing": rate(0) / rate(2),
         },
         "cpu_us_per_call": {
-            "metrics_on": cpu_per_call(on_cpu, on_calls),
-            "metrics_off": cpu_per_call(off_cpu, off_calls),
-            "on_over_off": cpu_per_call(on_cpu, on_calls) / cpu_per_call(off_cpu, off_calls),
+            "off": per_call(0),
+            "metrics": per_call(1),
+            "metrics_and_tracing": per_call(2),
+            "metrics_over_off": per_call(1) / per_call(0),
+            "metrics_and_tracing_over_off": per_call(2) / per_call(0),
         },
         "latency_concurrency_1": {
-            "metrics_on": percentiles(on_latency.clone()),
-            "metrics_off": percentiles(off_latency.clone()),
-            "p50_on_over_off": quantile_ms(&on_latency, 0.5) / quantile_ms(&off_latency, 0.5),
+            "off": percentiles(off_latency.clone()),
+            "metrics": percentiles(metrics_latency.clone()),
+            "metrics_and_tracing": percentiles(traced_latency.clone()),
+            "p50_metrics_over_off": quantile_ms(&metrics_latency, 0.5) / quantile_ms(&off_latency_2, 0.5),
+            "p50_metrics_and_tracing_over_off": quantile_ms(&traced_latency, 0.5) / quantile_ms(&off_latency, 0.5),
         },
     }))
 }

@@ -145,6 +145,8 @@ pub(crate) enum Command {
     Stats(crate::debug_cmd::StatsArgs),
     /// Show a service's recent log records; `--follow` goes on as they are logged.
     Logs(crate::debug_cmd::LogsArgs),
+    /// Show a service's recent call spans, as a tree per trace.
+    Trace(crate::debug_cmd::TraceArgs),
     /// A live view of every service's endpoints: calls/s, errors, p50, p99 (q quits).
     Top(crate::top_cmd::TopArgs),
 }
@@ -366,21 +368,31 @@ pub(crate) fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal as _;
+    use tracing_subscriber::Layer as _;
     use tracing_subscriber::{fmt, layer::SubscriberExt as _, util::SubscriberInitExt as _};
-    // The node's recent records are kept for `Debug.Log` (`micromesh logs`).
-    let logs = tracing_subscriber::registry()
-        .with(filter)
-        .with(micromesh::debug::log_layer());
+    let kept_filter = tracing_subscriber::EnvFilter::new(filter.to_string());
+    // The node's recent records are kept for `Debug.Log` (`micromesh logs`), its call spans for
+    // `Debug.Trace` (`micromesh trace`). Filters are per layer: the span layer sees calls
+    // whatever the log level.
+    let kept = tracing_subscriber::registry()
+        .with(micromesh::debug::log_layer().with_filter(kept_filter))
+        .with(micromesh::debug::trace_layer());
     match cli.global.log_format {
-        LogFormat::Text => logs
+        LogFormat::Text => kept
             .with(
                 fmt::layer()
                     .with_writer(std::io::stderr)
-                    .with_ansi(std::io::stderr().is_terminal()),
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_filter(filter),
             )
             .init(),
-        LogFormat::Json => logs
-            .with(fmt::layer().json().with_writer(std::io::stderr))
+        LogFormat::Json => kept
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
             .init(),
     }
 }

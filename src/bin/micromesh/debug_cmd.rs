@@ -1,12 +1,17 @@
-//! `micromesh health`, `micromesh stats` and `micromesh logs`: a service's debug endpoints.
+//! `micromesh health`, `micromesh stats`, `micromesh logs` and `micromesh trace`: a service's
+//! debug endpoints.
 
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt::Write as _,
+    time::{Duration, Instant, UNIX_EPOCH},
+};
 
 use clap::Args;
 use micromesh::{
     PeerId, Service,
     client::CallOptions,
-    debug::{self, Health, LogRecord, LogRequest, Stats},
+    debug::{self, Health, LogRecord, LogRequest, SpanRecord, Stats, TraceRequest},
 };
 
 use crate::cli::{BoxError, Global, Join, date_time, print_table};
@@ -49,6 +54,23 @@ pub(crate) struct LogsArgs {
     /// Go on showing records as they are logged, until interrupted.
     #[arg(long, short = 'f')]
     follow: bool,
+    #[command(flatten)]
+    join: Join,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct TraceArgs {
+    /// The service name.
+    name: String,
+    /// Ask only this instance.
+    #[arg(long, value_name = "PEER_ID")]
+    peer: Option<PeerId>,
+    /// Only the spans of this trace (32 hex digits, as in a `traceparent`).
+    #[arg(long = "trace-id", value_name = "ID")]
+    trace_id: Option<String>,
+    /// How many recent spans to ask each instance for.
+    #[arg(long, short = 'n', default_value_t = 100)]
+    limit: u32,
     #[command(flatten)]
     join: Join,
 }
@@ -293,4 +315,198 @@ fn print_record(json: bool, record: &LogRecord) -> Result<(), BoxError> {
     }
     println!("{line}");
     Ok(())
+}
+
+pub(crate) async fn trace(global: &Global, args: &TraceArgs) -> Result<(), BoxError> {
+    if let Some(id) = &args.trace_id
+        && !micromesh::trace::is_trace_id(id)
+    {
+        return Err(format!("{id:?} is not a trace id: 32 lower-case hex digits").into());
+    }
+    let service = args.join.connect().await?;
+    let result = async {
+        let peers = instances(&service, &args.name, args.peer).await?;
+        let request = TraceRequest::new(args.trace_id.as_deref(), Some(args.limit));
+        let mut spans = Vec::new();
+        for peer in peers {
+            let answer = service
+                .client()
+                .call_with::<_, Vec<SpanRecord>>(
+                    &args.name,
+                    debug::TRACE,
+                    &request,
+                    options(&args.join, peer),
+                )
+                .await
+                .map_err(|e| format!("{peer}: {e}"))?;
+            spans.extend(answer);
+        }
+        Ok::<_, BoxError>(spans)
+    }
+    .await;
+    service.stop().await?;
+    let mut spans = result?;
+    // Services of one process share its spans: each once.
+    let mut seen = HashSet::new();
+    spans.retain(|s| seen.insert((s.trace_id.clone(), s.span_id.clone())));
+    spans.sort_by_key(|s| s.start_unix_us);
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(&spans)?);
+        return Ok(());
+    }
+    if spans.is_empty() {
+        println!("no spans recorded");
+        return Ok(());
+    }
+    print!("{}", render_traces(&spans));
+    Ok(())
+}
+
+/// Spans grouped by trace, oldest trace first, each as a tree of calls:
+///
+/// ```text
+/// trace 4bf92f3577b34da6a3ce929d0e0e4736  2026-12-05 21:40:01 UTC  2 spans  2.31 ms
+///   client greeter/Greeter.Hello  200  2.31 ms  peer 12D3KooW…
+///     server greeter/Greeter.Hello  200  1.20 ms  peer 12D3KooW…
+/// ```
+pub(crate) fn render_traces(spans: &[SpanRecord]) -> String {
+    let mut traces: BTreeMap<&str, Vec<&SpanRecord>> = BTreeMap::new();
+    for span in spans {
+        traces.entry(&span.trace_id).or_default().push(span);
+    }
+    let mut traces: Vec<(&str, Vec<&SpanRecord>)> = traces.into_iter().collect();
+    traces.sort_by_key(|(_, spans)| spans.iter().map(|s| s.start_unix_us).min());
+    let mut out = String::new();
+    for (trace_id, mut spans) in traces {
+        spans.sort_by_key(|s| s.start_unix_us);
+        let start = spans[0].start_unix_us;
+        let end = spans
+            .iter()
+            .map(|s| s.start_unix_us + s.duration_us)
+            .max()
+            .unwrap_or(start);
+        let _ = writeln!(
+            out,
+            "trace {trace_id}  {}  {} span{}  {}",
+            date_time(UNIX_EPOCH + Duration::from_micros(start)),
+            spans.len(),
+            if spans.len() == 1 { "" } else { "s" },
+            millis(end - start),
+        );
+        let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+        // Spans whose parent is not here (the trace's root, or a caller outside this
+        // process) start a tree.
+        let roots = spans
+            .iter()
+            .filter(|s| s.parent_span_id.as_deref().is_none_or(|p| !ids.contains(p)));
+        for root in roots {
+            render_span(&mut out, root, &spans, 1);
+        }
+    }
+    out
+}
+
+fn render_span(out: &mut String, span: &SpanRecord, all: &[&SpanRecord], depth: usize) {
+    let attribute = |name| span.attribute(name).unwrap_or("?");
+    let what = match span.name.as_str() {
+        "call" => format!(
+            "{}/{}  {}",
+            attribute("rpc.service"),
+            attribute("rpc.method"),
+            attribute("rpc.response.status_code"),
+        ),
+        name => name.to_owned(),
+    };
+    let mut line = format!(
+        "{:indent$}{} {what}  {}",
+        "",
+        span.kind,
+        millis(span.duration_us),
+        indent = depth * 2,
+    );
+    if let Some(peer) = span.attribute("peer") {
+        let _ = write!(line, "  peer {peer}");
+    }
+    let _ = writeln!(out, "{line}");
+    // Depth is bounded: spans come from peers, and a cycle of parents must not recurse forever.
+    if depth >= 32 {
+        return;
+    }
+    for child in all
+        .iter()
+        .filter(|s| s.parent_span_id.as_deref() == Some(span.span_id.as_str()))
+    {
+        render_span(out, child, all, depth + 1);
+    }
+}
+
+fn millis(us: u64) -> String {
+    format!("{:.2} ms", us as f64 / 1e3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(id: &str, parent: Option<&str>, kind: &str, start: u64, took: u64) -> SpanRecord {
+        serde_json::from_value(serde_json::json!({
+            "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+            "span_id": id,
+            "parent_span_id": parent,
+            "name": "call",
+            "kind": kind,
+            "start_unix_us": start,
+            "duration_us": took,
+            "attributes": {
+                "rpc.service": "greeter",
+                "rpc.method": "Greeter.Hello",
+                "rpc.response.status_code": "200",
+                "peer": "12D3KooWpeer",
+            },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_trace_renders_as_a_tree_of_calls() {
+        let spans = [
+            span("00000000000000a1", None, "client", 1_000, 2_310),
+            span(
+                "00000000000000a2",
+                Some("00000000000000a1"),
+                "server",
+                1_500,
+                1_200,
+            ),
+            span(
+                "00000000000000a3",
+                Some("00000000000000a2"),
+                "client",
+                1_600,
+                500,
+            ),
+        ];
+        let text = render_traces(&spans);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].starts_with("trace 4bf92f3577b34da6a3ce929d0e0e4736  1970-01-01"));
+        assert!(lines[0].ends_with("3 spans  2.31 ms"), "{text}");
+        assert_eq!(
+            lines[1],
+            "  client greeter/Greeter.Hello  200  2.31 ms  peer 12D3KooWpeer"
+        );
+        assert!(lines[2].starts_with("    server greeter/Greeter.Hello  200  1.20 ms"));
+        assert!(lines[3].starts_with("      client "));
+    }
+
+    #[test]
+    fn a_cycle_of_parents_does_not_recurse_forever() {
+        let spans = [
+            span("00000000000000a1", Some("00000000000000a2"), "client", 1, 1),
+            span("00000000000000a2", Some("00000000000000a1"), "server", 2, 1),
+            span("00000000000000a3", None, "client", 3, 1),
+        ];
+        // Neither of the two in a cycle is a root; the one root renders.
+        assert_eq!(render_traces(&spans).lines().count(), 2);
+    }
 }

@@ -49,6 +49,7 @@ fn main() -> ExitCode {
             cli::Command::Health(cmd) => debug_cmd::health(&args.global, cmd).await,
             cli::Command::Stats(cmd) => debug_cmd::stats(&args.global, cmd).await,
             cli::Command::Logs(cmd) => debug_cmd::logs(&args.global, cmd).await,
+            cli::Command::Trace(cmd) => debug_cmd::trace(&args.global, cmd).await,
             cli::Command::Top(cmd) => top_cmd::run(&args.global, cmd).await,
         }
     });

@@ -1,0 +1,356 @@
+//! The process's recent call spans, for `Debug.Trace`: a [`tracing_subscriber::Layer`] that
+//! keeps every finished span carrying W3C ids (the client and server spans of calls) in a
+//! bounded ring.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    fmt::Write as _,
+    sync::{Mutex, OnceLock},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+use tracing::{Subscriber, field::Field, span};
+use tracing_subscriber::{
+    Layer,
+    filter::{LevelFilter, filter_fn},
+    layer::Context,
+    registry::LookupSpan,
+};
+
+/// Spans kept.
+pub const CAPACITY: usize = 1024;
+/// The longest attribute value kept, in bytes; longer ones are cut.
+const MAX_TEXT: usize = 512;
+/// The most attributes kept per span.
+const MAX_ATTRIBUTES: usize = 32;
+
+/// The field that marks a span as one `Debug.Trace` keeps: its W3C trace id.
+const TRACE_ID: &str = "trace_id";
+
+/// One finished span.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SpanRecord {
+    /// The W3C trace id: 32 hex digits.
+    pub trace_id: String,
+    /// This span's id: 16 hex digits.
+    pub span_id: String,
+    /// The id of the span it is a child of, if it has a parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_span_id: Option<String>,
+    /// The span's name (`call` for calls).
+    pub name: String,
+    /// `client` or `server` for calls (OpenTelemetry's span kind), else `internal`.
+    pub kind: String,
+    /// When it started, in microseconds since the Unix epoch.
+    pub start_unix_us: u64,
+    /// How long it lasted, in microseconds.
+    pub duration_us: u64,
+    /// Its other fields, as text: for calls OpenTelemetry's RPC attributes (`rpc.service`,
+    /// `rpc.method`, `rpc.response.status_code`, …) and the peer.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl SpanRecord {
+    /// The attribute `name`, if the span has it.
+    pub fn attribute(&self, name: &str) -> Option<&str> {
+        self.attributes.get(name).map(String::as_str)
+    }
+}
+
+/// What `Debug.Trace` is asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct TraceRequest {
+    /// Only the spans of this trace (32 hex digits).
+    #[serde(default)]
+    pub trace_id: Option<String>,
+    /// How many recent spans to send (at most [`CAPACITY`]); default 100.
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+impl TraceRequest {
+    /// The most recent `limit` spans, of one trace or of all.
+    pub fn new(trace_id: Option<&str>, limit: Option<u32>) -> Self {
+        Self {
+            trace_id: trace_id.map(str::to_owned),
+            limit,
+        }
+    }
+}
+
+/// A finished span as the ring keeps it: field names are the call sites' own, and the
+/// [`SpanRecord`] is made only when asked for.
+struct Kept {
+    trace_id: String,
+    span_id: String,
+    parent_span_id: Option<String>,
+    name: &'static str,
+    kind: Option<String>,
+    start_unix_us: u64,
+    duration_us: u64,
+    attributes: Vec<(&'static str, String)>,
+}
+
+impl Kept {
+    fn to_record(&self) -> SpanRecord {
+        SpanRecord {
+            trace_id: self.trace_id.clone(),
+            span_id: self.span_id.clone(),
+            parent_span_id: self.parent_span_id.clone(),
+            name: self.name.to_owned(),
+            kind: self.kind.clone().unwrap_or_else(|| "internal".to_owned()),
+            start_unix_us: self.start_unix_us,
+            duration_us: self.duration_us,
+            attributes: self
+                .attributes
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), value.clone()))
+                .collect(),
+        }
+    }
+}
+
+pub(crate) struct Ring {
+    spans: Mutex<VecDeque<Kept>>,
+}
+
+static RING: OnceLock<Ring> = OnceLock::new();
+
+/// The ring, if a span layer was made in this process.
+pub(crate) fn ring() -> Option<&'static Ring> {
+    RING.get()
+}
+
+impl Ring {
+    fn push(&self, span: Kept) {
+        let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+        if spans.len() == CAPACITY {
+            spans.pop_front();
+        }
+        spans.push_back(span);
+    }
+
+    /// The last `limit` spans (of `trace_id` only, if given), in the order they ended.
+    pub(crate) fn recent(&self, trace_id: Option<&str>, limit: usize) -> Vec<SpanRecord> {
+        let spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+        let mut recent: Vec<SpanRecord> = spans
+            .iter()
+            .rev()
+            .filter(|s| trace_id.is_none_or(|id| s.trace_id == id))
+            .take(limit)
+            .map(Kept::to_record)
+            .collect();
+        recent.reverse();
+        recent
+    }
+}
+
+/// The layer that keeps the process's recent call spans for `Debug.Trace`
+/// (`micromesh trace NAME`). Without it in the process's subscriber, `Debug.Trace` answers 501.
+///
+/// It keeps every span that has a `trace_id` field once that span closes: micromesh's client
+/// and server spans of calls (debug level, target `micromesh`), and a program's own spans that
+/// record W3C ids the same way. It filters for itself, so it sees those spans whatever level
+/// the program logs at, as long as the program's filter is a per-layer one
+/// ([`Layer::with_filter`]) rather than a global one, which would hide them from every layer.
+///
+/// ```
+/// use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt as _,
+///     util::SubscriberInitExt as _};
+///
+/// tracing_subscriber::registry()
+///     .with(tracing_subscriber::fmt::layer().with_filter(EnvFilter::new("info")))
+///     .with(micromesh::debug::trace_layer())
+///     .init();
+/// ```
+pub fn trace_layer<S>() -> impl Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    RING.get_or_init(|| Ring {
+        spans: Mutex::new(VecDeque::with_capacity(CAPACITY)),
+    });
+    SpanLayer.with_filter(
+        filter_fn(|metadata| metadata.is_span() && metadata.fields().field(TRACE_ID).is_some())
+            .with_max_level_hint(LevelFilter::DEBUG),
+    )
+}
+
+struct SpanLayer;
+
+/// What is known of a span while it is open.
+struct Open {
+    started: Instant,
+    start_unix_us: u64,
+    fields: Fields,
+}
+
+impl<S> Layer<S> for SpanLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut open = Open {
+            started: Instant::now(),
+            start_unix_us: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64),
+            fields: Fields::default(),
+        };
+        attrs.record(&mut open.fields);
+        span.extensions_mut().insert(open);
+    }
+
+    fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        if let Some(open) = span.extensions_mut().get_mut::<Open>() {
+            values.record(&mut open.fields);
+        }
+    }
+
+    fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else { return };
+        let Some(open) = span.extensions_mut().remove::<Open>() else {
+            return;
+        };
+        let Some(ring) = RING.get() else { return };
+        let Fields {
+            trace_id,
+            span_id,
+            parent_span_id,
+            kind,
+            attributes,
+        } = open.fields;
+        // A span whose ids were never recorded (its subscriber disabled them, or it ended
+        // before they were known) is not part of any trace.
+        let (Some(trace_id), Some(span_id)) = (trace_id, span_id) else {
+            return;
+        };
+        ring.push(Kept {
+            trace_id,
+            span_id,
+            parent_span_id,
+            name: span.name(),
+            kind,
+            start_unix_us: open.start_unix_us,
+            duration_us: open.started.elapsed().as_micros() as u64,
+            attributes,
+        });
+    }
+}
+
+#[derive(Default)]
+struct Fields {
+    trace_id: Option<String>,
+    span_id: Option<String>,
+    parent_span_id: Option<String>,
+    kind: Option<String>,
+    attributes: Vec<(&'static str, String)>,
+}
+
+impl Fields {
+    fn keep(&mut self, field: &Field, mut text: String) {
+        if text.len() > MAX_TEXT {
+            let mut cut = MAX_TEXT;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push('…');
+        }
+        match field.name() {
+            TRACE_ID => self.trace_id = Some(text),
+            "span_id" => self.span_id = Some(text),
+            "parent_span_id" => self.parent_span_id = Some(text),
+            "otel.kind" => self.kind = Some(text),
+            name => {
+                let full = self.attributes.len() >= MAX_ATTRIBUTES;
+                match self.attributes.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, value)) => *value = text,
+                    None if !full => self.attributes.push((name, text)),
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+impl tracing::field::Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.keep(field, value.to_owned());
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.keep(field, value.to_string());
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.keep(field, value.to_string());
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let mut text = String::new();
+        let _ = write!(text, "{value:?}");
+        self.keep(field, text);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    #[test]
+    fn spans_with_ids_are_kept_bounded_and_found_by_trace() {
+        let subscriber = tracing_subscriber::registry().with(trace_layer());
+        tracing::subscriber::with_default(subscriber, || {
+            let ring = ring().unwrap();
+            let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+            {
+                let outer = tracing::debug_span!(
+                    "call",
+                    otel.kind = "client",
+                    rpc.method = "Greeter.Hello",
+                    rpc.response.status_code = tracing::field::Empty,
+                    trace_id = trace,
+                    span_id = "00f067aa0ba902b7",
+                    long = %"x".repeat(10_000),
+                );
+                let _entered = outer.enter();
+                // No ids: not part of a trace, not kept.
+                let _plain = tracing::info_span!("work", trace_id = tracing::field::Empty);
+                outer.record("rpc.response.status_code", 200u64);
+            }
+            let spans = ring.recent(Some(trace), 10);
+            assert_eq!(spans.len(), 1, "{spans:?}");
+            let span = &spans[0];
+            assert_eq!(span.kind, "client");
+            assert_eq!(span.name, "call");
+            assert_eq!(span.attribute("rpc.method"), Some("Greeter.Hello"));
+            assert_eq!(span.attribute("rpc.response.status_code"), Some("200"));
+            assert_eq!(span.parent_span_id, None);
+            assert!(span.attributes["long"].len() <= MAX_TEXT + '…'.len_utf8());
+            assert!(
+                ring.recent(Some("0af7651916cd43dd8448eb211c80319c"), 10)
+                    .is_empty()
+            );
+
+            for i in 0..CAPACITY + 10 {
+                let _span = tracing::debug_span!(
+                    "flood",
+                    trace_id = "0af7651916cd43dd8448eb211c80319c",
+                    span_id = i
+                );
+            }
+            let all = ring.recent(None, usize::MAX);
+            assert_eq!(all.len(), CAPACITY);
+            assert_eq!(all.last().unwrap().span_id, (CAPACITY + 9).to_string());
+            assert_eq!(ring.recent(None, 3).len(), 3);
+        });
+    }
+}
