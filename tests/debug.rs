@@ -31,6 +31,18 @@ async fn echo(_: Context, n: u64) -> Result<u64, Status> {
     Ok(n)
 }
 
+/// A service that serves nothing and calls through `addr`.
+async fn caller(network: &str, addr: micromesh::Multiaddr) -> Service {
+    Service::builder("caller")
+        .preset(Preset::Local)
+        .network(network)
+        .bootstrap(addr)
+        .register(false)
+        .build()
+        .await
+        .unwrap()
+}
+
 async fn pair(network: &str, policy: auth::Config) -> (Service, Service) {
     let server = Service::builder("echo")
         .preset(Preset::Local)
@@ -42,14 +54,7 @@ async fn pair(network: &str, policy: auth::Config) -> (Service, Service) {
         .await
         .unwrap();
     let addr = server.node().listen_addrs().await.unwrap().remove(0);
-    let caller = Service::builder("caller")
-        .preset(Preset::Local)
-        .network(network)
-        .bootstrap(addr)
-        .register(false)
-        .build()
-        .await
-        .unwrap();
+    let caller = caller(network, addr).await;
     let client = caller.client().clone();
     wait_until(WAIT, || async {
         client
@@ -254,14 +259,7 @@ async fn a_call_chain_is_one_trace_of_client_and_server_spans() {
     let addr = back.node().listen_addrs().await.unwrap().remove(0);
     let middle = hop(network, "middle", Some("back"), Some(addr.clone())).await;
     let front = hop(network, "front", Some("middle"), Some(addr.clone())).await;
-    let caller = Service::builder("caller")
-        .preset(Preset::Local)
-        .network(network)
-        .bootstrap(addr)
-        .register(false)
-        .build()
-        .await
-        .unwrap();
+    let caller = caller(network, addr).await;
     let client = caller.client().clone();
     wait_until(WAIT, || async {
         client

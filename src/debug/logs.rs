@@ -181,6 +181,18 @@ impl<S: Subscriber> Layer<S> for LogLayer {
     }
 }
 
+/// Cuts `text` to at most `max` bytes (at a character boundary) and marks the cut with `…`.
+pub(crate) fn shorten(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+}
+
 #[derive(Default)]
 struct Visitor {
     message: String,
@@ -201,14 +213,7 @@ impl tracing::field::Visit for Visitor {
 
 impl Visitor {
     fn keep(&mut self, field: &Field, mut text: String) {
-        if text.len() > MAX_TEXT {
-            let mut cut = MAX_TEXT;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            text.truncate(cut);
-            text.push('…');
-        }
+        shorten(&mut text, MAX_TEXT);
         if field.name() == "message" {
             self.message = text;
         } else if self.fields.len() < MAX_FIELDS {

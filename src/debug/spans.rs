@@ -255,14 +255,7 @@ struct Fields {
 
 impl Fields {
     fn keep(&mut self, field: &Field, mut text: String) {
-        if text.len() > MAX_TEXT {
-            let mut cut = MAX_TEXT;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            text.truncate(cut);
-            text.push('…');
-        }
+        super::logs::shorten(&mut text, MAX_TEXT);
         match field.name() {
             TRACE_ID => self.trace_id = Some(text),
             "span_id" => self.span_id = Some(text),
