@@ -118,10 +118,16 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
     tracing_subscriber::registry()
         .with(micromesh::debug::trace_layer())
         // The switch, as a global filter in front of the layer's own: off, every call site is
-        // disabled; on, the layer's filter decides alone, as in a process that has it.
+        // disabled; on, the call spans alone are enabled, as in a process that has the layer.
+        // (A switch that enabled everything would turn every other call site's interest from
+        // "never" into "sometimes", and put a filter check on every log line of the stack.)
         .with(
-            tracing_subscriber::filter::filter_fn(|_| TRACING.load(Ordering::Relaxed))
-                .with_max_level_hint(tracing_subscriber::filter::LevelFilter::DEBUG),
+            tracing_subscriber::filter::filter_fn(|metadata| {
+                TRACING.load(Ordering::Relaxed)
+                    && metadata.is_span()
+                    && metadata.fields().field("trace_id").is_some()
+            })
+            .with_max_level_hint(tracing_subscriber::filter::LevelFilter::DEBUG),
         )
         .try_init()
         .map_err(|_| "metrics-overhead installs its own subscriber: run it without RUST_LOG")?;
