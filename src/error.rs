@@ -34,6 +34,9 @@ pub enum Error {
     /// An auth configuration that cannot be used (a grant for another peer, too many grants).
     #[error(transparent)]
     Auth(#[from] crate::auth::Error),
+    /// The configuration cannot be read, or does not fit the service's options.
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
     /// The record store in the data directory could not be opened.
     #[error(transparent)]
     RecordStore(#[from] crate::store::OpenError),

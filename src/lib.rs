@@ -45,6 +45,8 @@
 //! - [`server`]: handlers as plain async functions over serde types, unary and streaming,
 //!   with tower middleware; [`Context`] carries the verified caller, metadata, deadline and
 //!   the W3C trace context ([`trace`]).
+//! - [`config`]: layered configuration (defaults, TOML/YAML/JSON files, environment,
+//!   overrides, and values set for the whole mesh by authorised peers), typed and watched.
 //! - [`debug`]: metrics (libp2p's, micromesh's, calls') and health over HTTP.
 //! - [`broker`]: typed publish/subscribe on gossipsub, in publish order per publisher, with
 //!   validation hooks feeding peer scoring, and queue groups with acknowledgements and
@@ -76,6 +78,7 @@ pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod codec;
+pub mod config;
 pub mod debug;
 pub mod error;
 pub mod identity;

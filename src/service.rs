@@ -82,6 +82,7 @@ pub struct Builder {
     transport: transport::Config,
     router: Router,
     layers: Vec<LayerFn>,
+    config: Option<crate::config::Config>,
 }
 
 impl fmt::Debug for Builder {
@@ -114,6 +115,7 @@ impl Builder {
             transport: transport::Config::default(),
             router: Router::default(),
             layers: Vec::new(),
+            config: None,
         }
     }
 
@@ -274,6 +276,31 @@ impl Builder {
         self
     }
 
+    /// Reads the service's options from `config` ([`Settings`](crate::config::Settings):
+    /// network, data directory, listen and bootstrap addresses, connection limits, timeouts,
+    /// auth policy) when the service starts, over what the builder was given; follows its
+    /// `auth` section while the service runs (a rule changed in a file or in the mesh applies
+    /// to the next request); and makes it the service's [`Service::config`], whose mesh layer
+    /// the service carries.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use micromesh::{Service, config::Config, node::Preset};
+    /// let config = Config::builder()
+    ///     .set("network", "docs")?
+    ///     .set("auth.rules", ["deny service:admin any"])?
+    ///     .build()?;
+    /// let service = Service::builder("app").preset(Preset::Local).config(config).build().await?;
+    /// assert_eq!(service.node().network(), "docs");
+    /// assert_eq!(service.auth().rules().len(), 1);
+    /// service.stop().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn config(mut self, config: crate::config::Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
     /// Applies a node preset ([`Preset::Local`] for tests). Default is
     /// [`Preset::Production`].
     pub fn preset(mut self, preset: Preset) -> Self {
@@ -407,6 +434,17 @@ impl Builder {
     /// configuration, unreadable identity, address in use).
     pub async fn build(mut self) -> Result<Service, Error> {
         run_hooks("before_start", &self.hooks.before_start).await?;
+        // The builder's auth policy, before the configuration's: the base its `auth` section
+        // adds to whenever it changes.
+        let base_auth = self.node.auth_config().clone();
+        let config = match self.config.take() {
+            Some(config) => {
+                let settings = crate::config::Settings::from_config(&config)?;
+                self.node = settings.apply(self.node);
+                config
+            }
+            None => crate::config::Config::default(),
+        };
         // The components that plug into the node are made first: the auth policy (shared by
         // every component) and the store's record keeper, which Kademlia runs with.
         let identity = self.node.resolve_identity()?;
@@ -417,6 +455,7 @@ impl Builder {
             network.clone(),
             self.node.auth_config().clone(),
         )?;
+        let data_dir = self.node.data_dir_path().map(std::path::Path::to_path_buf);
         let keeper = store::Keeper::open(
             identity.peer_id(),
             network,
@@ -475,6 +514,15 @@ impl Builder {
             let client = Client::new(node.clone(), registry.clone(), selector.clone(), transport);
             let broker = Broker::start(node.clone(), self.broker)?;
             let store = Store::with_keeper(node.clone(), Some(keeper), self.store)?;
+            let config_table =
+                store.table(crate::config::MESH_DATABASE, crate::config::MESH_TABLE)?;
+            config
+                .attach(&node, config_table, data_dir.as_deref())
+                .await?;
+            node.spawn_task(
+                "config",
+                crate::config::follow_auth(&config, node.auth().clone(), base_auth),
+            );
             if self.register {
                 let mut registration = Registration::new(self.name.clone())
                     .version(self.version.clone())
@@ -520,6 +568,7 @@ impl Builder {
                 stopped: Mutex::new(false),
                 http,
                 stopping,
+                config,
             }),
         };
         if let Err(e) = run_hooks("after_start", &service.inner.hooks.after_start).await {
@@ -727,6 +776,7 @@ struct Inner {
     http: Option<crate::debug::HttpEndpoint>,
     /// Set when the service begins to stop: no longer ready.
     stopping: Arc<std::sync::atomic::AtomicBool>,
+    config: crate::config::Config,
 }
 
 /// The last handle is gone without [`Service::stop`]: the service stops in the background, as
@@ -842,6 +892,13 @@ impl Service {
     /// ([`Store::table`] for others).
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// The configuration ([`crate::config`]): the one given to
+    /// [`Builder::config`], or one with the mesh layer only. This service's node carries its
+    /// mesh layer.
+    pub fn config(&self) -> &crate::config::Config {
+        &self.inner.config
     }
 
     /// Auth: this node's rules, grants and revocations ([`crate::auth`]).

@@ -1345,3 +1345,243 @@ fn trace_shows_the_spans_of_a_call_to_a_running_node() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a trace id"));
 }
+
+/// A `micromesh config watch` process printing JSON lines, and the lines as they come.
+fn start_config_watch(addr: &str, path: &str, count: u64) -> (Child, mpsc::Receiver<String>) {
+    let mut watch = Command::new(BIN)
+        .args(["--json", "config", "watch", path, "--network", "clitest"])
+        .args(["--count", &count.to_string(), "--bootstrap", addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start micromesh config watch");
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, lines) = mpsc::sync_channel(16);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (watch, lines)
+}
+
+fn next_line(lines: &mpsc::Receiver<String>) -> serde_json::Value {
+    let line = lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("config watch prints a line");
+    serde_json::from_str(&line).expect("one JSON value per line")
+}
+
+#[test]
+fn config_set_get_unset_and_watch_across_node_processes() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let first = NodeProcess::start(dirs[0].path(), &["/ip4/127.0.0.1/tcp/0"], None);
+    let addr = first.addr("/tcp/");
+    let second = NodeProcess::start(dirs[1].path(), &["/ip4/127.0.0.1/tcp/0"], Some(&addr));
+    let second_addr = second.addr("/tcp/");
+    let ok = |out: &Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    let (watch, lines) = start_config_watch(&second_addr, "shop.greeting", 2);
+    // First the value now: nothing yet.
+    assert_eq!(
+        next_line(&lines),
+        serde_json::json!({ "path": "shop.greeting", "value": null })
+    );
+    let said = ok(&run(&[
+        "config",
+        "set",
+        "shop.greeting",
+        "hello mesh",
+        "--bootstrap",
+        &addr,
+    ]));
+    assert!(said.starts_with("set shop.greeting (version "), "{said}");
+    assert_eq!(
+        next_line(&lines),
+        serde_json::json!({ "path": "shop.greeting", "value": "hello mesh" })
+    );
+    // Read through the other node; JSON values keep their type.
+    assert_eq!(
+        ok(&run(&[
+            "config",
+            "get",
+            "shop.greeting",
+            "--bootstrap",
+            &second_addr
+        ])),
+        "hello mesh\n"
+    );
+    ok(&run(&[
+        "config",
+        "set",
+        "shop.limits",
+        r#"{"rate": 5}"#,
+        "--bootstrap",
+        &addr,
+    ]));
+    let got = run_json(&["config", "get", "shop", "--bootstrap", &second_addr]);
+    assert_eq!(got["value"]["limits"]["rate"], 5);
+    assert_eq!(got["value"]["greeting"], "hello mesh");
+
+    ok(&run(&[
+        "config",
+        "unset",
+        "shop.greeting",
+        "--bootstrap",
+        &addr,
+    ]));
+    assert_eq!(
+        next_line(&lines),
+        serde_json::json!({ "path": "shop.greeting", "value": null })
+    );
+    assert!(watch.wait_with_output().unwrap().status.success());
+    let missing = run(&["config", "get", "shop.greeting", "--bootstrap", &addr]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("shop.greeting is not set"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+
+    // Refused by the rules: 403, and nothing written.
+    let refused = run(&[
+        "config",
+        "set",
+        "shop.greeting",
+        "sneaky",
+        "--rule",
+        "deny config:shop.* any 10",
+        "--bootstrap",
+        &addr,
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("forbidden (403)"), "{stderr}");
+    assert!(
+        !run(&["config", "get", "shop.greeting", "--bootstrap", &addr])
+            .status
+            .success()
+    );
+    // A bad path is refused before joining anything.
+    let bad = run(&["config", "set", "shop..x", "1", "--bootstrap", &addr]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid config path"));
+}
+
+/// Starts `micromesh node` with `args` and `env`, and returns it with the first TCP address it
+/// prints.
+fn node_with_env(args: &[&str], env: &[(&str, &str)]) -> (Child, String) {
+    let mut node = Command::new(BIN)
+        .arg("node")
+        .args(["--json", "--no-mdns", "--no-upnp", "--no-autonat"])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start micromesh node");
+    let stdout = node.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = lines
+        .find_map(|line| {
+            let value: serde_json::Value = serde_json::from_str(&line.ok()?).ok()?;
+            value["address"]
+                .as_str()
+                .filter(|a| a.contains("/tcp/"))
+                .map(str::to_owned)
+        })
+        .expect("the node prints its address");
+    (node, addr)
+}
+
+/// A free loopback TCP port (free when this returns; the OS does not hand it out again at once).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_node_reads_its_config_file_under_the_environment_and_the_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let [from_file, from_env, from_flag] = [free_port(), free_port(), free_port()];
+    let file = dir.path().join("node.toml");
+    // The README's example, on a loopback port of this test's choosing.
+    let readme = include_str!("../README.md");
+    let example = readme
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README has a TOML example");
+    std::fs::write(
+        &file,
+        example.replace(
+            "/ip4/0.0.0.0/tcp/4001",
+            &format!("/ip4/127.0.0.1/tcp/{from_file}"),
+        ),
+    )
+    .unwrap();
+    let data_dir = dir.path().join("data");
+    let config = file.to_str().unwrap();
+    let data = data_dir.to_str().unwrap();
+    let listen = |port: u16| format!("/ip4/127.0.0.1/tcp/{port}");
+    let base = ["--config", config, "--data-dir", data];
+
+    let (mut node, addr) = node_with_env(&base, &[]);
+    assert!(addr.starts_with(&listen(from_file)), "{addr}");
+    // The file names the network: a client on another network does not reach the node.
+    let peers = Command::new(BIN)
+        .args(["peers", "--json", "--network", "shop", "--bootstrap", &addr])
+        .output()
+        .unwrap();
+    assert!(
+        peers.status.success(),
+        "{}",
+        String::from_utf8_lossy(&peers.stderr)
+    );
+    let _ = node.kill();
+    let _ = node.wait();
+
+    let env_listen = listen(from_env);
+    let (mut node, addr) = node_with_env(&base, &[("MICROMESH_LISTEN", &env_listen)]);
+    assert!(
+        addr.starts_with(&env_listen),
+        "the environment beats the file: {addr}"
+    );
+    let _ = node.kill();
+    let _ = node.wait();
+
+    let flag_listen = listen(from_flag);
+    let mut args = base.to_vec();
+    args.extend(["--listen", &flag_listen]);
+    let (mut node, addr) = node_with_env(&args, &[("MICROMESH_LISTEN", &env_listen)]);
+    assert!(
+        addr.starts_with(&flag_listen),
+        "a flag beats the environment: {addr}"
+    );
+    let _ = node.kill();
+    let _ = node.wait();
+
+    // `config get` reads the same sources: the environment over the file.
+    let got = Command::new(BIN)
+        .args(["config", "get", "max_connections", "--config", config])
+        .env("MICROMESH_MAX_CONNECTIONS", "7")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&got.stdout), "7\n");
+    let got = Command::new(BIN)
+        .args(["config", "get", "network", "--config", config])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&got.stdout), "shop\n");
+}

@@ -19,7 +19,8 @@ const LAYERS: &[&[&str]] = &[
     &["node"],
     // Components that speak their own protocols over the node.
     &["registry", "store", "broker", "auth::exchange", "debug"],
-    &["selector"],
+    // The selector; the configuration, whose mesh layer lives in the store.
+    &["selector", "config"],
     &["client"],
     &["server"],
     // Composition: the crate-wide error, and the service that wires every component.

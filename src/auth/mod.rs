@@ -21,6 +21,7 @@
 //! | RPC call, unary or stream | `service:S`, `endpoint:S/E` | the serving node, before the handler runs | 401 (a grant presented was invalid) or 403 |
 //! | broker publish | `topic:T` | the publisher, and every node receiving the message (gossip validation; never forwarded) and every queue-group member | [`broker::Error::Forbidden`](crate::broker::Error) |
 //! | store write or delete | `table:D/T` | the writer, and every replica (the record is not held) | [`store::Error::Forbidden`](crate::store::Error) |
+//! | setting a path of the mesh's configuration | `config:P` | the writer, every replica of the record and every node receiving the change | [`config::Error::Forbidden`](crate::config::Error) (403) |
 //! | offering a service in the registry | `announce:S` | every node hearing the announcement (the service is left out of its view: callers never pick that peer for `S`) | a warning on the announcing node |
 //!
 //! A caller's grants reach a server through the auth exchange (`/micromesh/<network>/auth/1.0.0`,
@@ -284,6 +285,11 @@ impl Config {
     /// The rules.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// The default policy.
+    pub fn policy(&self) -> DefaultPolicy {
+        self.default
     }
 
     /// The trusted issuers.

@@ -19,6 +19,9 @@ pub enum Kind {
     Table,
     /// A service name, as announced in the registry: who may offer the service.
     Announce,
+    /// A configuration path in the mesh's configuration, e.g. `auth.rules` (setting it with
+    /// [`Config::set_in_mesh`](crate::config::Config::set_in_mesh)).
+    Config,
 }
 
 impl Kind {
@@ -29,6 +32,7 @@ impl Kind {
             Self::Topic => "topic",
             Self::Table => "table",
             Self::Announce => "announce",
+            Self::Config => "config",
         }
     }
 }
@@ -37,7 +41,7 @@ impl Kind {
 /// characters (`greeter/Admin.*`, `*`).
 ///
 /// Written as text `kind:name`: `service:greeter`, `endpoint:greeter/Greeter.*`, `topic:orders`,
-/// `table:micromesh/default`, `announce:greeter`.
+/// `table:micromesh/default`, `announce:greeter`, `config:auth.*`.
 ///
 /// ```
 /// use micromesh::auth::Resource;
@@ -86,6 +90,11 @@ impl Resource {
     /// A service name, as offered in the registry.
     pub fn announce(service: impl Into<String>) -> Self {
         Self::new(Kind::Announce, service)
+    }
+
+    /// A path of the mesh's configuration, e.g. `greeter.greeting`.
+    pub fn config(path: impl Into<String>) -> Self {
+        Self::new(Kind::Config, path)
     }
 
     /// The kind.
@@ -252,11 +261,13 @@ impl FromStr for Resource {
             "topic" => Kind::Topic,
             "table" => Kind::Table,
             "announce" => Kind::Announce,
+            "config" => Kind::Config,
             other => {
                 return Err(rule_error(
                     s,
                     format!(
-                        "unknown resource kind {other:?}: use service, endpoint, topic or table"
+                        "unknown resource kind {other:?}: use service, endpoint, topic, table, \
+                         announce or config"
                     ),
                 ));
             }

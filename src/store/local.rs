@@ -204,9 +204,10 @@ impl LocalStore {
                 crate::auth::Surface::Write,
                 checked.writer,
                 crate::auth::Grants::Carried(&checked.entry.grants),
-                &[crate::auth::Resource::table(
+                &[super::resource_of(
                     &header.database,
                     &header.table,
+                    &header.key,
                 )],
                 written,
             )

@@ -535,6 +535,7 @@ impl Store {
         }
         self.timed("write", key, self.change(key, Change::Put(value, options)))
             .await
+            .map(|(version, _)| version)
     }
 
     /// Deletes `key`: writes a tombstone that wins over every older version.
@@ -699,7 +700,37 @@ impl Store {
         }
     }
 
-    async fn change(&self, key: &str, change: Change) -> Result<u64, Error> {
+    /// Writes `value` under `key` (or deletes it, with `None`) and returns the signed record
+    /// as stored, for components that pass it on (the configuration's mesh layer).
+    pub(crate) async fn write_signed(
+        &self,
+        key: &str,
+        value: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, Error> {
+        record::check_key(key).map_err(Error::InvalidName)?;
+        let (op, change) = match value {
+            Some(value) => ("write", Change::Put(value, WriteOptions::default())),
+            None => ("delete", Change::Delete),
+        };
+        self.timed(op, key, self.change(key, change))
+            .await
+            .map(|(_, bytes)| bytes)
+    }
+
+    /// The newest valid copy of `key` as signed bytes, tombstones included, with the copies
+    /// whose writer this node's rules do not allow left out.
+    pub(crate) async fn read_signed(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        record::check_key(key).map_err(Error::InvalidName)?;
+        self.timed("read", key, async {
+            Ok(self
+                .newest_with_bytes(key)
+                .await?
+                .map(|(_, _, bytes)| bytes))
+        })
+        .await
+    }
+
+    async fn change(&self, key: &str, change: Change) -> Result<(u64, Vec<u8>), Error> {
         // Above the version this node holds, if it is a holder.
         let held = self
             .inner
@@ -731,10 +762,10 @@ impl Store {
         }
     }
 
-    async fn put(&self, key: &str, change: &Change, version: u64) -> Result<u64, Error> {
+    async fn put(&self, key: &str, change: &Change, version: u64) -> Result<(u64, Vec<u8>), Error> {
         let config = &self.inner.config;
         let auth = self.node().auth();
-        auth.authorize_self(&[crate::auth::Resource::table(&self.database, &self.table)])
+        auth.authorize_self(&[resource_of(&self.database, &self.table, key)])
             .map_err(|denied| Error::Forbidden {
                 database: self.database.clone(),
                 table: self.table.clone(),
@@ -775,6 +806,7 @@ impl Store {
         let mut entry = record::sign(identity, self.node().network(), &header);
         entry.grants = auth.own_encoded();
         let record_bytes = record::encode_record(&entry, value);
+        let signed = record_bytes.clone();
         let index_entry = Checked {
             header,
             writer: identity.peer_id(),
@@ -811,12 +843,24 @@ impl Store {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(version)
+        Ok((version, signed))
     }
 
     /// The newest valid copy of `key` found, tombstones and expired copies included. Peers
     /// that returned an older or invalid copy are sent the newest one (read repair).
     async fn newest(&self, key: &str) -> Result<Option<(Checked, Vec<u8>)>, Error> {
+        Ok(self
+            .newest_with_bytes(key)
+            .await?
+            .map(|(checked, value, _)| (checked, value)))
+    }
+
+    /// As [`Store::newest`], with the record's signed bytes. In the configuration's table, a
+    /// copy whose writer this node's rules do not allow is ignored like an invalid one.
+    async fn newest_with_bytes(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Checked, Vec<u8>, Vec<u8>)>, Error> {
         let dht_key = record::record_key(&self.database, &self.table, key);
         let found = self
             .node()
@@ -827,7 +871,13 @@ impl Store {
         let mut best: Option<(Checked, Vec<u8>, usize)> = None;
         let mut copies = Vec::with_capacity(found.len());
         for (i, copy) in found.iter().enumerate() {
-            match record::check_record(network, &dht_key, &copy.value, now) {
+            let checked = record::check_record(network, &dht_key, &copy.value, now)
+                .map_err(|e| e.to_string())
+                .and_then(|(checked, value)| {
+                    self.authorize_reserved(&checked)?;
+                    Ok((checked, value))
+                });
+            match checked {
                 Ok((checked, value)) => {
                     if best
                         .as_ref()
@@ -858,7 +908,28 @@ impl Store {
                 .put_record_to(dht_key, found[i].value.clone(), stale)
                 .await?;
         }
-        Ok(Some((checked, value)))
+        Ok(Some((checked, value, found[i].value.clone())))
+    }
+
+    /// Whether this node's rules let the writer of a record of a reserved table (the
+    /// configuration's) write it; records of other tables pass.
+    fn authorize_reserved(&self, checked: &Checked) -> Result<(), String> {
+        let header = &checked.header;
+        if !is_config_table(&header.database, &header.table) {
+            return Ok(());
+        }
+        let written = std::time::UNIX_EPOCH + Duration::from_micros(header.revision);
+        self.node()
+            .auth()
+            .authorize(
+                crate::auth::Surface::Write,
+                checked.writer,
+                crate::auth::Grants::Carried(&checked.entry.grants),
+                &[resource_of(&header.database, &header.table, &header.key)],
+                written,
+            )
+            .map(drop)
+            .map_err(|denied| denied.reason)
     }
 
     async fn read_newest(&self, key: &str) -> Result<Option<Record>, Error> {
@@ -946,5 +1017,27 @@ impl Store {
             .skip(options.offset)
             .take(options.limit.unwrap_or(usize::MAX))
             .collect())
+    }
+}
+
+/// The database of the table reserved for the configuration's mesh layer
+/// ([`crate::config::MESH_DATABASE`]).
+pub(crate) const CONFIG_DATABASE: &str = "_micromesh";
+/// The table reserved for the configuration's mesh layer ([`crate::config::MESH_TABLE`]):
+/// writes in it are checked against `config:<key>` rather than the table.
+pub(crate) const CONFIG_TABLE: &str = "config";
+
+/// Whether a table is the configuration's reserved one.
+pub(crate) fn is_config_table(database: &str, table: &str) -> bool {
+    database == CONFIG_DATABASE && table == CONFIG_TABLE
+}
+
+/// What auth rules a write of `key` in `database/table` is checked against: `config:<key>` in
+/// the configuration's table, `table:<database>/<table>` in every other.
+pub(crate) fn resource_of(database: &str, table: &str, key: &str) -> crate::auth::Resource {
+    if is_config_table(database, table) {
+        crate::auth::Resource::config(key)
+    } else {
+        crate::auth::Resource::table(database, table)
     }
 }

@@ -133,6 +133,9 @@ pub(crate) enum Command {
     /// Read and write the mesh's replicated key-value store.
     #[command(subcommand)]
     Store(crate::store_cmd::StoreCommand),
+    /// Read, set and watch configuration: a file's, the environment's and the mesh's.
+    #[command(subcommand)]
+    Config(crate::config_cmd::ConfigCommand),
     /// Make and inspect identities: key files, peer ids, X.509 certificates.
     #[command(subcommand)]
     Identity(crate::identity_cmd::IdentityCommand),

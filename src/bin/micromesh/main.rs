@@ -6,6 +6,7 @@
 
 mod call_cmd;
 mod cli;
+mod config_cmd;
 mod debug_cmd;
 mod grant_cmd;
 mod identity_cmd;
@@ -44,6 +45,7 @@ fn main() -> ExitCode {
             cli::Command::Publish(cmd) => pubsub_cmd::publish(&args.global, cmd).await,
             cli::Command::Subscribe(cmd) => pubsub_cmd::subscribe(&args.global, cmd).await,
             cli::Command::Store(cmd) => store_cmd::run(&args.global, cmd).await,
+            cli::Command::Config(cmd) => config_cmd::run(&args.global, cmd).await,
             cli::Command::Identity(cmd) => identity_cmd::run(&args.global, cmd),
             cli::Command::Grant(cmd) => grant_cmd::run(&args.global, cmd).await,
             cli::Command::Health(cmd) => debug_cmd::health(&args.global, cmd).await,

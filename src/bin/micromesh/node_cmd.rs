@@ -3,12 +3,17 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use micromesh::{Multiaddr, Service, node::Event};
+use micromesh::{Multiaddr, Service, config::Config, node::Event};
 
 use crate::cli::{BoxError, Global, Mesh};
 
 #[derive(Args, Debug)]
 pub(crate) struct NodeArgs {
+    /// A configuration file (TOML, YAML or JSON, by its extension), watched while the node
+    /// runs: its `auth` section applies again whenever it changes. Flags and `MICROMESH_*`
+    /// variables win over it; see the README's configuration section for its keys.
+    #[arg(long, short = 'c', env = "MICROMESH_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Where the identity key lives (created on first start, reused after).
     /// Default: `$XDG_DATA_HOME/micromesh`, else `~/.local/share/micromesh`.
     #[arg(long, env = "MICROMESH_DATA_DIR", value_name = "DIR")]
@@ -54,8 +59,9 @@ pub(crate) struct NodeArgs {
     )]
     advertise: Vec<Multiaddr>,
     /// The most bytes of store records this node keeps for the mesh, e.g. `512MiB`, `2GiB`.
-    #[arg(long, env = "MICROMESH_STORE_CAPACITY", default_value = "256MiB", value_parser = parse_size)]
-    store_capacity: u64,
+    /// Default: 256MiB.
+    #[arg(long, env = "MICROMESH_STORE_CAPACITY", value_parser = parse_size)]
+    store_capacity: Option<u64>,
     /// Serve metrics (`/metrics`, for Prometheus) and health (`/health/live`, `/health/ready`)
     /// over HTTP on this address, e.g. `127.0.0.1:9464`.
     #[arg(long, env = "MICROMESH_METRICS", value_name = "HOST:PORT")]
@@ -98,50 +104,138 @@ fn default_data_dir() -> Result<PathBuf, BoxError> {
     }
 }
 
+/// The keys of a node's configuration besides [`micromesh::config::Settings`]'s.
+const NODE_KEYS: &[&str] = &[
+    "mdns",
+    "upnp",
+    "autonat",
+    "relay",
+    "store_capacity",
+    "metrics",
+];
+/// The keys of [`micromesh::config::Settings`].
+const SETTINGS_KEYS: &[&str] = &[
+    "network",
+    "data_dir",
+    "listen",
+    "bootstrap",
+    "advertise",
+    "max_connections",
+    "max_connections_per_peer",
+    "dial_timeout",
+    "connect_timeout",
+    "idle_timeout",
+    "query_timeout",
+    "auth",
+];
+
+/// The node's configuration: the file, the environment, then the options given (on the
+/// command line or in their environment variables).
+fn configuration(args: &NodeArgs) -> Result<Config, BoxError> {
+    let mut config = Config::builder().env(micromesh::config::ENV_PREFIX);
+    if let Some(file) = &args.config {
+        config = config.file(file);
+    }
+    let text = |addrs: &[Multiaddr]| addrs.iter().map(ToString::to_string).collect::<Vec<_>>();
+    if args.mesh.network != micromesh::node::DEFAULT_NETWORK {
+        config = config.set("network", &args.mesh.network)?;
+    }
+    if let Some(dir) = &args.data_dir {
+        config = config.set("data_dir", dir)?;
+    }
+    for (key, addrs) in [
+        ("listen", &args.listen),
+        ("bootstrap", &args.bootstrap),
+        ("advertise", &args.advertise),
+    ] {
+        if !addrs.is_empty() {
+            config = config.set(key, text(addrs))?;
+        }
+    }
+    for (key, off) in [
+        ("mdns", args.no_mdns),
+        ("upnp", args.no_upnp),
+        ("autonat", args.no_autonat),
+    ] {
+        if off {
+            config = config.set(key, false)?;
+        }
+    }
+    if args.relay {
+        config = config.set("relay", true)?;
+    }
+    if let Some(capacity) = args.store_capacity {
+        config = config.set("store_capacity", capacity)?;
+    }
+    if let Some(addr) = args.metrics {
+        config = config.set("metrics", addr.to_string())?;
+    }
+    let config = config.build()?;
+    // A key nobody reads is most likely misspelt (variables of the CLI's other options are
+    // not keys of the file).
+    if let Some(tree) = config.tree().as_object() {
+        for key in tree.keys() {
+            let known = NODE_KEYS.contains(&key.as_str()) || SETTINGS_KEYS.contains(&key.as_str());
+            let from_env = std::env::var_os(format!("MICROMESH_{}", key.to_uppercase())).is_some();
+            if !known && !from_env {
+                tracing::warn!("configuration: unknown key {key:?} ignored");
+            }
+        }
+    }
+    Ok(config)
+}
+
+/// The store capacity from the configuration: a number of bytes, or a size with a unit.
+fn store_capacity(config: &Config) -> Result<u64, BoxError> {
+    match config.value("store_capacity") {
+        None => Ok(256 << 20),
+        Some(serde_json::Value::Number(n)) => n.as_u64().ok_or_else(|| {
+            format!("store_capacity must be a whole number of bytes, not {n}").into()
+        }),
+        Some(serde_json::Value::String(s)) => {
+            parse_size(&s).map_err(|e| format!("store_capacity: {e}").into())
+        }
+        Some(other) => {
+            Err(format!("store_capacity must be a size like \"512MiB\", not {other}").into())
+        }
+    }
+}
+
 pub(crate) async fn run(global: &Global, args: &NodeArgs) -> Result<(), BoxError> {
-    let data_dir = match &args.data_dir {
-        Some(dir) => dir.clone(),
+    let config = configuration(args)?;
+    let data_dir = match config.get_opt::<PathBuf>("data_dir")? {
+        Some(dir) => dir,
         None => default_data_dir()?,
     };
     let mut builder = Service::builder("micromesh-node")
         .version(env!("CARGO_PKG_VERSION"))
-        .network(args.mesh.network.clone())
         .data_dir(data_dir)
         .auth(args.mesh.auth_config()?);
     if let Some(identity) = args.mesh.identity()? {
         builder = builder.identity(identity);
     }
-    for addr in &args.listen {
-        builder = builder.listen(addr.clone());
-    }
-    for addr in &args.bootstrap {
-        builder = builder.bootstrap(addr.clone());
-    }
     let key = args.mesh.pre_shared_key()?;
-    let advertise = args.advertise.clone();
-    let (no_mdns, no_upnp, no_autonat, relay, capacity) = (
-        args.no_mdns,
-        args.no_upnp,
-        args.no_autonat,
-        args.relay,
-        args.store_capacity,
-    );
+    let on = |key: &str| config.get_opt::<bool>(key).map(|v| v.unwrap_or(true));
+    let (mdns, upnp, autonat) = (on("mdns")?, on("upnp")?, on("autonat")?);
+    let relay = config.get_opt::<bool>("relay")?.unwrap_or(false);
+    let capacity = store_capacity(&config)?;
     builder = builder.configure_node(move |mut node| {
         if let Some(key) = key {
             node = node.pre_shared_key(key);
         }
-        for addr in &advertise {
-            node = node.external_address(addr.clone());
-        }
-        node.mdns(!no_mdns)
-            .upnp(!no_upnp)
-            .autonat(!no_autonat)
+        node.mdns(mdns)
+            .upnp(upnp)
+            .autonat(autonat)
             .relay_server(relay)
     });
     builder = builder.store_config(micromesh::store::Config::default().capacity(capacity));
-    if let Some(addr) = args.metrics {
+    if let Some(addr) = config.get_opt::<String>("metrics")? {
+        let addr: std::net::SocketAddr = addr
+            .parse()
+            .map_err(|e| format!("metrics: {addr:?} is not HOST:PORT ({e})"))?;
         builder = builder.metrics(addr);
     }
+    builder = builder.config(config);
     let service = builder.build().await?;
     if let Some(addr) = service.metrics_addr() {
         if global.json {
