@@ -348,9 +348,16 @@ async fn a_restarted_node_starts_from_the_last_mesh_values_it_knew_without_a_pee
         .set_in_mesh("limits.rate", &42)
         .await
         .unwrap();
+    cluster
+        .service(0)
+        .config()
+        .set_in_mesh("auth.rules", &["deny service:legacy any 3"])
+        .await
+        .unwrap();
     let member = cluster.service(2).clone();
     wait_until(WAIT, || async {
         member.config().get_opt::<u32>("limits.rate").unwrap() == Some(42)
+            && member.auth().rules().len() == 1
     })
     .await
     .unwrap();
@@ -368,6 +375,14 @@ async fn a_restarted_node_starts_from_the_last_mesh_values_it_knew_without_a_pee
     assert_eq!(alone.node().connected_count(), 0);
     assert_eq!(alone.config().get::<u32>("limits.rate").unwrap(), 42);
     assert_eq!(alone.config().errors(), 0);
+    // The rules set in the mesh are in force from the start.
+    wait_until(WAIT, || async { alone.auth().rules().len() == 1 })
+        .await
+        .unwrap();
+    assert_eq!(
+        alone.auth().rules()[0].to_string(),
+        "deny service:legacy any 3"
+    );
     assert_eq!(
         alone.config().mesh_values()[0].writer,
         cluster.service(0).peer_id()

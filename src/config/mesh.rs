@@ -412,6 +412,10 @@ async fn catch_up(node: WeakNode, config: Weak) {
                 None => return,
             }
         }
+        // Not at once: a short-lived client (a command-line tool) is gone before, and nodes that
+        // start together spread their catch-ups.
+        let pause = Duration::from_millis(rand::random_range(1_000..3_000));
+        tokio::time::sleep(pause).await;
         // A node that just joined may not reach the records' holders yet: a few tries.
         for attempt in 1..=5 {
             let Some(config) = config.upgrade() else {

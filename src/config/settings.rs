@@ -181,10 +181,25 @@ pub(crate) fn follow_auth_of(
 }
 
 async fn follow_auth(config: super::Weak, auth: Auth, base: crate::auth::Config) {
-    let Some(mut changes) = config.upgrade().map(|c| c.watch::<AuthSettings>("auth")) else {
-        return;
+    // Watch first, then read: a change in between is applied twice, never missed. The first
+    // read takes in what the mesh layer loaded from the data directory after the node was
+    // built with the other sources' settings.
+    let (mut changes, now) = match config.upgrade() {
+        Some(config) => (
+            config.watch::<AuthSettings>("auth"),
+            config.get_opt::<AuthSettings>("auth"),
+        ),
+        None => return,
     };
-    while let Some(change) = changes.next().await {
+    let mut next = Some(now.map(Option::unwrap_or_default));
+    loop {
+        let change = match next.take() {
+            Some(change) => change,
+            None => match changes.next().await {
+                Some(change) => change,
+                None => return,
+            },
+        };
         let section = match change {
             Ok(section) => section,
             // The section is gone: back to the policy given in code.
@@ -198,21 +213,18 @@ async fn follow_auth(config: super::Weak, auth: Auth, base: crate::auth::Config)
             // A source's error: the sources keep their last good values, nothing changed here.
             Err(_) => continue,
         };
-        auth.set_rules(
-            base.rules()
-                .iter()
-                .cloned()
-                .chain(section.rules.iter().cloned())
-                .collect(),
-        );
+        let rules: Vec<Rule> = base.rules().iter().chain(&section.rules).cloned().collect();
+        if rules != auth.rules() {
+            tracing::info!(
+                rules = rules.len(),
+                "auth rules updated from the configuration"
+            );
+            auth.set_rules(rules);
+        }
         auth.set_default_policy(section.default_policy.unwrap_or(base.policy()));
         for issuer in section.trust {
             auth.trust(issuer);
         }
-        tracing::info!(
-            rules = base.rules().len() + section.rules.len(),
-            "auth policy updated from the configuration"
-        );
     }
 }
 
