@@ -59,6 +59,12 @@
 //! - [`status`]: the [`Status`] that crosses the wire (go-micro's codes, id and detail).
 //! - `testing` (feature `testing`): in-process clusters with fault injection.
 //!
+//! ## Features
+//!
+//! - `testing`: the `testing` module.
+//! - `otel`: `debug::otlp_layer`, which exports call spans over OTLP/HTTP (and the CLI's
+//!   `--otlp URL`).
+//!
 //! ## Layers
 //!
 //! The node is the bottom layer and names no component: components accept their own stream

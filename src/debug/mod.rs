@@ -69,11 +69,15 @@
 
 pub(crate) mod http;
 pub(crate) mod logs;
+#[cfg(feature = "otel")]
+mod otlp;
 pub(crate) mod spans;
 mod stats;
 
 pub use http::HttpEndpoint;
 pub use logs::{CAPACITY as LOG_CAPACITY, LogLayer, LogRecord, LogRequest, log_layer, parse_level};
+#[cfg(feature = "otel")]
+pub use otlp::{OtlpConfig, OtlpError, OtlpExporter, otlp_layer};
 pub use spans::{CAPACITY as SPAN_CAPACITY, SpanRecord, TraceRequest, trace_layer};
 pub(crate) use stats::process;
 pub use stats::{EndpointStats, Health, Stats, latency_bounds};

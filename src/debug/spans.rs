@@ -84,15 +84,20 @@ impl TraceRequest {
 
 /// A finished span as the ring keeps it: field names are the call sites' own, and the
 /// [`SpanRecord`] is made only when asked for.
-struct Kept {
-    trace_id: String,
-    span_id: String,
-    parent_span_id: Option<String>,
-    name: &'static str,
-    kind: Option<String>,
-    start_unix_us: u64,
-    duration_us: u64,
-    attributes: Vec<(&'static str, String)>,
+pub(crate) struct Kept {
+    pub(crate) trace_id: String,
+    pub(crate) span_id: String,
+    pub(crate) parent_span_id: Option<String>,
+    pub(crate) name: &'static str,
+    pub(crate) kind: Option<String>,
+    pub(crate) start_unix_us: u64,
+    pub(crate) duration_us: u64,
+    pub(crate) attributes: Vec<(&'static str, String)>,
+}
+
+/// Where a span layer puts the spans that end: the ring of `Debug.Trace`, or an exporter.
+pub(crate) trait Sink: Send + Sync + 'static {
+    fn keep(&self, span: Kept);
 }
 
 impl Kept {
@@ -123,6 +128,12 @@ static RING: OnceLock<Ring> = OnceLock::new();
 /// The ring, if a span layer was made in this process.
 pub(crate) fn ring() -> Option<&'static Ring> {
     RING.get()
+}
+
+impl Sink for &'static Ring {
+    fn keep(&self, span: Kept) {
+        self.push(span);
+    }
 }
 
 impl Ring {
@@ -171,36 +182,49 @@ pub fn trace_layer<S>() -> impl Layer<S>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    RING.get_or_init(|| Ring {
+    let ring = RING.get_or_init(|| Ring {
         spans: Mutex::new(VecDeque::with_capacity(CAPACITY)),
     });
-    SpanLayer.with_filter(
+    span_layer(ring)
+}
+
+/// A layer that hands every finished span carrying W3C ids to `sink`.
+pub(crate) fn span_layer<S, K: Sink>(sink: K) -> impl Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    SpanLayer { sink }.with_filter(
         filter_fn(|metadata| metadata.is_span() && metadata.fields().field(TRACE_ID).is_some())
             .with_max_level_hint(LevelFilter::DEBUG),
     )
 }
 
-struct SpanLayer;
+struct SpanLayer<K> {
+    sink: K,
+}
 
-/// What is known of a span while it is open.
-struct Open {
+/// What is known of a span while it is open, by the layer of sink `K` (each span layer of a
+/// subscriber keeps its own: the `Debug.Trace` ring and an exporter may both be there).
+struct Open<K> {
     started: Instant,
     start_unix_us: u64,
     fields: Fields,
+    sink: std::marker::PhantomData<fn() -> K>,
 }
 
-impl<S> Layer<S> for SpanLayer
+impl<S, K: Sink> Layer<S> for SpanLayer<K>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
-        let mut open = Open {
+        let mut open = Open::<K> {
             started: Instant::now(),
             start_unix_us: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_micros() as u64),
             fields: Fields::default(),
+            sink: std::marker::PhantomData,
         };
         attrs.record(&mut open.fields);
         span.extensions_mut().insert(open);
@@ -208,17 +232,16 @@ where
 
     fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
-        if let Some(open) = span.extensions_mut().get_mut::<Open>() {
+        if let Some(open) = span.extensions_mut().get_mut::<Open<K>>() {
             values.record(&mut open.fields);
         }
     }
 
     fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(&id) else { return };
-        let Some(open) = span.extensions_mut().remove::<Open>() else {
+        let Some(open) = span.extensions_mut().remove::<Open<K>>() else {
             return;
         };
-        let Some(ring) = RING.get() else { return };
         let Fields {
             trace_id,
             span_id,
@@ -231,7 +254,7 @@ where
         let (Some(trace_id), Some(span_id)) = (trace_id, span_id) else {
             return;
         };
-        ring.push(Kept {
+        self.sink.keep(Kept {
             trace_id,
             span_id,
             parent_span_id,

@@ -43,6 +43,18 @@ pub(crate) struct Global {
         default_value_t = LogFormat::Text
     )]
     pub(crate) log_format: LogFormat,
+    /// Export call spans over OTLP/HTTP to this receiver, e.g. `http://127.0.0.1:4318` (an
+    /// OpenTelemetry collector).
+    #[cfg(feature = "otel")]
+    #[arg(long, global = true, env = "MICROMESH_OTLP", value_name = "URL")]
+    pub(crate) otlp: Option<String>,
+}
+
+/// What logging keeps alive until the program exits: the span exporter, which sends what it
+/// still holds when dropped.
+pub(crate) struct LoggingGuard {
+    #[cfg(feature = "otel")]
+    _exporter: Option<micromesh::debug::OtlpExporter>,
 }
 
 /// How log lines are written.
@@ -355,7 +367,7 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-pub(crate) fn init_logging(cli: &Cli) {
+pub(crate) fn init_logging(cli: &Cli) -> Result<LoggingGuard, BoxError> {
     // kad warns "Failed to trigger bootstrap: No known peers" whenever a node starts alone,
     // which is how every mesh starts; its real failures surface through micromesh's errors.
     let default = match cli.command {
@@ -377,9 +389,26 @@ pub(crate) fn init_logging(cli: &Cli) {
     // The node's recent records are kept for `Debug.Log` (`micromesh logs`), its call spans for
     // `Debug.Trace` (`micromesh trace`). Filters are per layer: the span layer sees calls
     // whatever the log level.
+    #[cfg(feature = "otel")]
+    let (otlp, exporter) = match &cli.global.otlp {
+        Some(endpoint) => {
+            let service = match cli.command {
+                Command::Node(_) => "micromesh-node",
+                _ => "micromesh-cli",
+            };
+            let (layer, exporter) = micromesh::debug::otlp_layer(
+                micromesh::debug::OtlpConfig::new(endpoint).service_name(service),
+            )?;
+            (Some(layer), Some(exporter))
+        }
+        None => (None, None),
+    };
+    #[cfg(not(feature = "otel"))]
+    let otlp: Option<tracing_subscriber::layer::Identity> = None;
     let kept = tracing_subscriber::registry()
         .with(micromesh::debug::log_layer().with_filter(kept_filter))
-        .with(micromesh::debug::trace_layer());
+        .with(micromesh::debug::trace_layer())
+        .with(otlp);
     match cli.global.log_format {
         LogFormat::Text => kept
             .with(
@@ -398,6 +427,10 @@ pub(crate) fn init_logging(cli: &Cli) {
             )
             .init(),
     }
+    Ok(LoggingGuard {
+        #[cfg(feature = "otel")]
+        _exporter: exporter,
+    })
 }
 
 /// An error and its sources, joined by ": ".

@@ -23,7 +23,13 @@ use clap::Parser as _;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    cli::init_logging(&args);
+    let logging = match cli::init_logging(&args) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {}", cli::error_chain(e.as_ref()));
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -55,6 +61,9 @@ fn main() -> ExitCode {
             cli::Command::Top(cmd) => top_cmd::run(&args.global, cmd).await,
         }
     });
+    // The runtime first (its tasks may still log), then the exporter, which sends what it holds.
+    drop(runtime);
+    drop(logging);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
