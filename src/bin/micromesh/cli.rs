@@ -57,6 +57,11 @@ pub(crate) struct LoggingGuard {
     _exporter: Option<micromesh::debug::OtlpExporter>,
 }
 
+impl LoggingGuard {
+    /// Ends logging's background work: the exporter sends the spans it still holds.
+    pub(crate) fn finish(self) {}
+}
+
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum LogFormat {

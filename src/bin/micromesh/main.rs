@@ -63,7 +63,7 @@ fn main() -> ExitCode {
     });
     // The runtime first (its tasks may still log), then the exporter, which sends what it holds.
     drop(runtime);
-    drop(logging);
+    logging.finish();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
