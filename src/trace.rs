@@ -97,6 +97,16 @@ impl TraceParent {
         to_hex(&self.span_id)
     }
 
+    /// The trace id as hex, written where it is displayed (no allocation).
+    pub(crate) fn trace_id_hex(&self) -> Hex<16> {
+        Hex(self.trace_id)
+    }
+
+    /// The span id as hex, written where it is displayed (no allocation).
+    pub(crate) fn span_id_hex(&self) -> Hex<8> {
+        Hex(self.span_id)
+    }
+
     /// Whether the caller sampled the trace (flag `01`).
     pub fn sampled(&self) -> bool {
         self.flags & 0x01 != 0
@@ -120,6 +130,18 @@ impl fmt::Display for TraceParent {
 impl fmt::Debug for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "TraceParent({self})")
+    }
+}
+
+/// Bytes displayed as lower-case hex, without allocating.
+pub(crate) struct Hex<const N: usize>([u8; N]);
+
+impl<const N: usize> fmt::Display for Hex<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut text = [0u8; 64];
+        let text = &mut text[..2 * N];
+        data_encoding::HEXLOWER.encode_mut(&self.0, text);
+        f.write_str(std::str::from_utf8(text).map_err(|_| fmt::Error)?)
     }
 }
 

@@ -175,7 +175,7 @@ impl Client {
         let peer = selected.peer_id();
         tried.push(peer);
         if !span.is_disabled() {
-            span.record("peer", tracing::field::display(peer));
+            span.record("peer", &*self.inner.peer_text(peer));
         }
         let started = Instant::now();
         let result = async {
@@ -384,10 +384,13 @@ pub(crate) fn client_span(
     );
     // The ids are written out only for a span some layer keeps.
     if !span.is_disabled() {
-        span.record("trace_id", trace.trace_id());
-        span.record("span_id", trace.span_id());
+        span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+        span.record("span_id", tracing::field::display(trace.span_id_hex()));
         if let Some(parent) = parent {
-            span.record("parent_span_id", parent.span_id());
+            span.record(
+                "parent_span_id",
+                tracing::field::display(parent.span_id_hex()),
+            );
         }
     }
     (trace, span)

@@ -316,6 +316,30 @@ pub(crate) struct Inner {
     pub(crate) pool: Arc<pool::Pool>,
     /// Latency and calls in flight by service, endpoint and status (`rpc_client_*`).
     pub(crate) calls: transport::metrics::CallMetrics,
+    /// Peer ids as text, for the `peer` of call spans: base58 costs a microsecond each time.
+    peer_texts: std::sync::Mutex<std::collections::HashMap<PeerId, Arc<str>>>,
+}
+
+/// The most peer ids a client keeps as text.
+const PEER_TEXTS: usize = 4096;
+
+impl Inner {
+    /// `peer` as text, from the cache when it is there.
+    pub(crate) fn peer_text(&self, peer: PeerId) -> Arc<str> {
+        let mut texts = self
+            .peer_texts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(text) = texts.get(&peer) {
+            return text.clone();
+        }
+        if texts.len() >= PEER_TEXTS {
+            texts.clear();
+        }
+        let text: Arc<str> = peer.to_string().into();
+        texts.insert(peer, text.clone());
+        text
+    }
 }
 
 /// Calls services of the mesh. Cheap to clone. From `service.client()`.
@@ -356,6 +380,7 @@ impl Client {
                 registry,
                 selector,
                 config,
+                peer_texts: Default::default(),
             }),
         }
     }

@@ -231,7 +231,9 @@ impl Client {
             }
         };
         let peer = selected.peer_id();
-        span.record("peer", tracing::field::display(peer));
+        if !span.is_disabled() {
+            span.record("peer", &*self.inner.peer_text(peer));
+        }
         let (reader, mut writer) = stream.split();
         let mut frames = vec![head(service, endpoint, kind, &options, &trace, deadline)];
         if let Some(body) = first {

@@ -306,26 +306,20 @@ fn export_loop(
 
 /// A kept span as OpenTelemetry's span data; `None` when its ids are not W3C ids.
 fn span_data(span: &Kept, scope: &InstrumentationScope) -> Option<SpanData> {
-    let trace_id = TraceId::from_hex(&span.trace_id).ok()?;
-    let span_id = SpanId::from_hex(&span.span_id).ok()?;
+    let trace_id = TraceId::from_hex(span.trace_id()).ok()?;
+    let span_id = SpanId::from_hex(span.span_id()).ok()?;
     let parent = span
-        .parent_span_id
-        .as_deref()
+        .parent_span_id()
         .and_then(|p| SpanId::from_hex(p).ok())
         .unwrap_or(SpanId::INVALID);
-    let kind = match span.kind.as_deref() {
+    let kind = match span.kind() {
         Some("client") => SpanKind::Client,
         Some("server") => SpanKind::Server,
         Some("producer") => SpanKind::Producer,
         Some("consumer") => SpanKind::Consumer,
         _ => SpanKind::Internal,
     };
-    let attribute = |name: &str| {
-        span.attributes
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_str())
-    };
+    let attribute = |name: &str| span.attribute(name);
     // OpenTelemetry's RPC spans are named `service/method`.
     let name = match (attribute("rpc.service"), attribute("rpc.method")) {
         (Some(service), Some(method)) => format!("{service}/{method}").into(),
@@ -361,11 +355,10 @@ fn span_data(span: &Kept, scope: &InstrumentationScope) -> Option<SpanData> {
         start_time,
         end_time: start_time + Duration::from_micros(span.duration_us),
         attributes: span
-            .attributes
-            .iter()
+            .attributes()
             .map(|(name, value)| match value.parse::<i64>() {
-                Ok(number) => KeyValue::new(*name, number),
-                Err(_) => KeyValue::new(*name, value.clone()),
+                Ok(number) => KeyValue::new(name, number),
+                Err(_) => KeyValue::new(name, value.to_owned()),
             })
             .collect(),
         dropped_attributes_count: 0,
@@ -382,20 +375,16 @@ mod tests {
 
     #[test]
     fn a_kept_call_span_becomes_an_rpc_span_with_its_own_ids() {
-        let kept = Kept {
-            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
-            span_id: "00f067aa0ba902b7".into(),
-            parent_span_id: Some("b7ad6b7169203331".into()),
-            name: "call",
-            kind: Some("server".into()),
-            start_unix_us: 1_767_225_600_000_000,
-            duration_us: 250,
-            attributes: vec![
-                ("rpc.service", "greeter".into()),
-                ("rpc.method", "Greeter.Hello".into()),
-                ("rpc.response.status_code", "503".into()),
-            ],
-        };
+        let fields = [
+            ("trace_id", "4bf92f3577b34da6a3ce929d0e0e4736"),
+            ("span_id", "00f067aa0ba902b7"),
+            ("parent_span_id", "b7ad6b7169203331"),
+            ("otel.kind", "server"),
+            ("rpc.service", "greeter"),
+            ("rpc.method", "Greeter.Hello"),
+            ("rpc.response.status_code", "503"),
+        ];
+        let kept = Kept::new("call", 1_767_225_600_000_000, 250, &fields);
         let scope = InstrumentationScope::builder("micromesh").build();
         let data = span_data(&kept, &scope).unwrap();
         assert_eq!(data.name, "greeter/Greeter.Hello");
@@ -419,11 +408,9 @@ mod tests {
                 .contains(&KeyValue::new("rpc.response.status_code", 503))
         );
 
-        let bad = Kept {
-            trace_id: "not hex".into(),
-            ..kept
-        };
-        assert!(span_data(&bad, &scope).is_none());
+        let mut bad = fields.to_vec();
+        bad[0].1 = "not hex";
+        assert!(span_data(&Kept::new("call", 0, 1, &bad), &scope).is_none());
     }
 
     #[test]

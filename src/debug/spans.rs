@@ -22,8 +22,8 @@ use tracing_subscriber::{
 pub const CAPACITY: usize = 1024;
 /// The longest attribute value kept, in bytes; longer ones are cut.
 const MAX_TEXT: usize = 512;
-/// The most attributes kept per span.
-const MAX_ATTRIBUTES: usize = 32;
+/// The most attributes kept per span (call spans have 6).
+const MAX_ATTRIBUTES: usize = 16;
 
 /// The field that marks a span as one `Debug.Trace` keeps: its W3C trace id.
 const TRACE_ID: &str = "trace_id";
@@ -82,17 +82,13 @@ impl TraceRequest {
     }
 }
 
-/// A finished span as the ring keeps it: field names are the call sites' own, and the
-/// [`SpanRecord`] is made only when asked for.
+/// A finished span as the ring keeps it: field names are the call sites' own, the values in
+/// one buffer, and the [`SpanRecord`] is made only when asked for.
 pub(crate) struct Kept {
-    pub(crate) trace_id: String,
-    pub(crate) span_id: String,
-    pub(crate) parent_span_id: Option<String>,
     pub(crate) name: &'static str,
-    pub(crate) kind: Option<String>,
     pub(crate) start_unix_us: u64,
     pub(crate) duration_us: u64,
-    pub(crate) attributes: Vec<(&'static str, String)>,
+    fields: Fields,
 }
 
 /// Where a span layer puts the spans that end: the ring of `Debug.Trace`, or an exporter.
@@ -101,19 +97,67 @@ pub(crate) trait Sink: Send + Sync + 'static {
 }
 
 impl Kept {
+    /// A span with these fields (`trace_id`, `span_id`, `parent_span_id`, `otel.kind`, and
+    /// attributes): for tests of what consumes spans.
+    #[cfg(test)]
+    pub(crate) fn new(
+        name: &'static str,
+        start_unix_us: u64,
+        duration_us: u64,
+        fields: &[(&'static str, &str)],
+    ) -> Self {
+        let mut kept = Fields::default();
+        for (name, value) in fields {
+            kept.keep(name, |text| text.push_str(value));
+        }
+        Self {
+            name,
+            start_unix_us,
+            duration_us,
+            fields: kept,
+        }
+    }
+
+    pub(crate) fn trace_id(&self) -> &str {
+        self.fields.get(self.fields.trace_id).unwrap_or_default()
+    }
+
+    pub(crate) fn span_id(&self) -> &str {
+        self.fields.get(self.fields.span_id).unwrap_or_default()
+    }
+
+    pub(crate) fn parent_span_id(&self) -> Option<&str> {
+        self.fields.get(self.fields.parent_span_id)
+    }
+
+    pub(crate) fn kind(&self) -> Option<&str> {
+        self.fields.get(self.fields.kind)
+    }
+
+    /// The other fields, in the order they were first recorded.
+    pub(crate) fn attributes(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        self.fields.attributes[..self.fields.attribute_count]
+            .iter()
+            .map(|(name, range)| (*name, &self.fields.text[range.0 as usize..range.1 as usize]))
+    }
+
+    #[cfg(feature = "otel")]
+    pub(crate) fn attribute(&self, name: &str) -> Option<&str> {
+        self.attributes().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
     fn to_record(&self) -> SpanRecord {
         SpanRecord {
-            trace_id: self.trace_id.clone(),
-            span_id: self.span_id.clone(),
-            parent_span_id: self.parent_span_id.clone(),
+            trace_id: self.trace_id().to_owned(),
+            span_id: self.span_id().to_owned(),
+            parent_span_id: self.parent_span_id().map(str::to_owned),
             name: self.name.to_owned(),
-            kind: self.kind.clone().unwrap_or_else(|| "internal".to_owned()),
+            kind: self.kind().unwrap_or("internal").to_owned(),
             start_unix_us: self.start_unix_us,
             duration_us: self.duration_us,
             attributes: self
-                .attributes
-                .iter()
-                .map(|(name, value)| ((*name).to_owned(), value.clone()))
+                .attributes()
+                .map(|(name, value)| (name.to_owned(), value.to_owned()))
                 .collect(),
         }
     }
@@ -138,11 +182,18 @@ impl Sink for &'static Ring {
 
 impl Ring {
     fn push(&self, span: Kept) {
-        let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
-        if spans.len() == CAPACITY {
-            spans.pop_front();
-        }
-        spans.push_back(span);
+        let evicted = {
+            let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+            let evicted = if spans.len() == CAPACITY {
+                spans.pop_front()
+            } else {
+                None
+            };
+            spans.push_back(span);
+            evicted
+        };
+        // Freed outside the lock, which is held for two pointer moves only.
+        drop(evicted);
     }
 
     /// The last `limit` spans (of `trace_id` only, if given), in the order they ended.
@@ -151,7 +202,7 @@ impl Ring {
         let mut recent: Vec<SpanRecord> = spans
             .iter()
             .rev()
-            .filter(|s| trace_id.is_none_or(|id| s.trace_id == id))
+            .filter(|s| trace_id.is_none_or(|id| s.trace_id() == id))
             .take(limit)
             .map(Kept::to_record)
             .collect();
@@ -242,54 +293,89 @@ where
         let Some(open) = span.extensions_mut().remove::<Open<K>>() else {
             return;
         };
-        let Fields {
-            trace_id,
-            span_id,
-            parent_span_id,
-            kind,
-            attributes,
-        } = open.fields;
         // A span whose ids were never recorded (its subscriber disabled them, or it ended
         // before they were known) is not part of any trace.
-        let (Some(trace_id), Some(span_id)) = (trace_id, span_id) else {
+        if open.fields.trace_id.is_none() || open.fields.span_id.is_none() {
             return;
-        };
+        }
         self.sink.keep(Kept {
-            trace_id,
-            span_id,
-            parent_span_id,
             name: span.name(),
-            kind,
             start_unix_us: open.start_unix_us,
             duration_us: open.started.elapsed().as_micros() as u64,
-            attributes,
+            fields: open.fields,
         });
     }
 }
 
-#[derive(Default)]
+/// The most bytes of field values one span keeps; values beyond are dropped.
+const MAX_SPAN_TEXT: usize = 4096;
+
+/// A span's fields: their values back to back in one buffer, and where each one is. Two
+/// allocations per span, whatever its number of fields.
 struct Fields {
-    trace_id: Option<String>,
-    span_id: Option<String>,
-    parent_span_id: Option<String>,
-    kind: Option<String>,
-    attributes: Vec<(&'static str, String)>,
+    text: String,
+    trace_id: Option<(u32, u32)>,
+    span_id: Option<(u32, u32)>,
+    parent_span_id: Option<(u32, u32)>,
+    kind: Option<(u32, u32)>,
+    /// In place: no allocation of their own.
+    attributes: [(&'static str, (u32, u32)); MAX_ATTRIBUTES],
+    attribute_count: usize,
+}
+
+impl Default for Fields {
+    fn default() -> Self {
+        Self {
+            text: String::with_capacity(256),
+            trace_id: None,
+            span_id: None,
+            parent_span_id: None,
+            kind: None,
+            attributes: [("", (0, 0)); MAX_ATTRIBUTES],
+            attribute_count: 0,
+        }
+    }
 }
 
 impl Fields {
-    fn keep(&mut self, field: &Field, mut text: String) {
-        super::logs::shorten(&mut text, MAX_TEXT);
-        match field.name() {
-            TRACE_ID => self.trace_id = Some(text),
-            "span_id" => self.span_id = Some(text),
-            "parent_span_id" => self.parent_span_id = Some(text),
-            "otel.kind" => self.kind = Some(text),
+    fn get(&self, range: Option<(u32, u32)>) -> Option<&str> {
+        range.map(|(start, end)| &self.text[start as usize..end as usize])
+    }
+
+    /// Appends the value `write` writes, cut at [`MAX_TEXT`], as the value of `name`.
+    fn keep(&mut self, name: &'static str, write: impl FnOnce(&mut String)) {
+        let start = self.text.len();
+        write(&mut self.text);
+        if self.text.len() - start > MAX_TEXT {
+            let mut cut = start + MAX_TEXT;
+            while !self.text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            self.text.truncate(cut);
+            self.text.push('…');
+        }
+        if self.text.len() > MAX_SPAN_TEXT {
+            self.text.truncate(start);
+            return;
+        }
+        let range = (start as u32, self.text.len() as u32);
+        match name {
+            TRACE_ID => self.trace_id = Some(range),
+            "span_id" => self.span_id = Some(range),
+            "parent_span_id" => self.parent_span_id = Some(range),
+            "otel.kind" => self.kind = Some(range),
             name => {
-                let full = self.attributes.len() >= MAX_ATTRIBUTES;
-                match self.attributes.iter_mut().find(|(n, _)| *n == name) {
-                    Some((_, value)) => *value = text,
-                    None if !full => self.attributes.push((name, text)),
-                    None => {}
+                let count = self.attribute_count;
+                match self.attributes[..count]
+                    .iter_mut()
+                    .find(|(n, _)| *n == name)
+                {
+                    Some((_, value)) => *value = range,
+                    None if count < MAX_ATTRIBUTES => {
+                        self.attributes[count] = (name, range);
+                        self.attribute_count += 1;
+                    }
+                    None => self.text.truncate(start),
                 }
             }
         }
@@ -298,21 +384,31 @@ impl Fields {
 
 impl tracing::field::Visit for Fields {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.keep(field, value.to_owned());
+        self.keep(field.name(), |text| text.push_str(value));
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.keep(field, value.to_string());
+        self.keep(field.name(), |text| {
+            let _ = write!(text, "{value}");
+        });
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.keep(field, value.to_string());
+        self.keep(field.name(), |text| {
+            let _ = write!(text, "{value}");
+        });
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.keep(field.name(), |text| {
+            let _ = write!(text, "{value}");
+        });
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        let mut text = String::new();
-        let _ = write!(text, "{value:?}");
-        self.keep(field, text);
+        self.keep(field.name(), |text| {
+            let _ = write!(text, "{value:?}");
+        });
     }
 }
 
@@ -320,6 +416,35 @@ impl tracing::field::Visit for Fields {
 mod tests {
     use super::*;
     use tracing_subscriber::layer::SubscriberExt as _;
+
+    #[test]
+    fn a_span_keeps_a_bounded_number_of_attributes_and_bytes() {
+        let mut fields = Fields::default();
+        let names: Vec<&'static str> = (0..40)
+            .map(|i| &*Box::leak(format!("a{i}").into_boxed_str()))
+            .collect();
+        for name in &names {
+            fields.keep(name, |text| text.push_str(&"v".repeat(200)));
+        }
+        fields.keep("a0", |text| text.push_str("again"));
+        fields.keep(TRACE_ID, |text| text.push('t'));
+        fields.keep("span_id", |text| text.push('s'));
+        let kept = Kept {
+            name: "many",
+            start_unix_us: 0,
+            duration_us: 0,
+            fields,
+        };
+        let attributes: Vec<_> = kept.attributes().collect();
+        assert!(attributes.len() <= MAX_ATTRIBUTES);
+        assert_eq!(
+            attributes[0],
+            ("a0", "again"),
+            "a later value replaces the first"
+        );
+        assert!(kept.fields.text.len() <= MAX_SPAN_TEXT);
+        assert_eq!((kept.trace_id(), kept.span_id()), ("t", "s"));
+    }
 
     #[test]
     fn spans_with_ids_are_kept_bounded_and_found_by_trace() {
