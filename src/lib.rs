@@ -61,6 +61,9 @@
 //!
 //! ## Features
 //!
+//! - `cli` (default): the `micromesh` command-line tool and its own dependencies (clap,
+//!   ratatui, tracing-subscriber's formatting). A library dependency that does not want them
+//!   says `default-features = false`.
 //! - `testing`: the `testing` module.
 //! - `otel`: `debug::otlp_layer`, which exports call spans over OTLP/HTTP (and the CLI's
 //!   `--otlp URL`).
