@@ -402,6 +402,14 @@ impl Config {
     /// # Errors
     ///
     /// As [`Config::get`], but for [`Error::Missing`].
+    ///
+    /// ```
+    /// # fn main() -> Result<(), micromesh::config::Error> {
+    /// let config = micromesh::config::Config::builder().set("retries", 3)?.build()?;
+    /// assert_eq!(config.get_opt::<u32>("retries")?, Some(3));
+    /// assert_eq!(config.get_opt::<u32>("timeout")?, None);
+    /// # Ok(()) }
+    /// ```
     pub fn get_opt<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, Error> {
         match self.get(path) {
             Ok(value) => Ok(Some(value)),
@@ -411,6 +419,14 @@ impl Config {
     }
 
     /// The value at `path` as JSON, if anything is set there.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), micromesh::config::Error> {
+    /// let config = micromesh::config::Config::builder().set("auth.rules", ["deny service:x any"])?.build()?;
+    /// assert_eq!(config.value("auth"), Some(serde_json::json!({ "rules": ["deny service:x any"] })));
+    /// assert_eq!(config.value("auth.trust"), None);
+    /// # Ok(()) }
+    /// ```
     pub fn value(&self, path: &str) -> Option<serde_json::Value> {
         self.snapshot().at(path).cloned()
     }
@@ -573,6 +589,22 @@ impl Config {
     }
 
     /// The paths set in the mesh layer, with their values, versions and writers.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use micromesh::{Service, node::Preset};
+    /// let service = Service::builder("app").preset(Preset::Local).build().await?;
+    /// let config = service.config();
+    /// let version = config.set_in_mesh("app.mode", &"maintenance").await?;
+    /// let values = config.mesh_values();
+    /// assert_eq!((values[0].path.as_str(), values[0].version), ("app.mode", version));
+    /// assert_eq!(values[0].writer, service.peer_id());
+    /// config.unset_in_mesh("app.mode").await?;
+    /// assert!(config.mesh_values().is_empty());
+    /// assert!(config.value("app.mode").is_none());
+    /// service.stop().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn mesh_values(&self) -> Vec<MeshValue> {
         self.inner
             .mesh
