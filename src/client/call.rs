@@ -370,6 +370,7 @@ pub(crate) fn client_span(
     options: &CallOptions,
 ) -> (TraceParent, tracing::Span) {
     let (trace, parent) = TraceParent::continuing(options.metadata.get(TRACEPARENT));
+    // Field values are written out only for a span some layer keeps.
     let span = tracing::debug_span!(
         "call",
         otel.kind = "client",
@@ -377,22 +378,11 @@ pub(crate) fn client_span(
         rpc.service = %service,
         rpc.method = %endpoint,
         rpc.response.status_code = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        span_id = tracing::field::Empty,
-        parent_span_id = tracing::field::Empty,
+        trace_id = %trace.trace_id_hex(),
+        span_id = %trace.span_id_hex(),
+        parent_span_id = parent.as_ref().map(|p| tracing::field::display(p.span_id_hex())),
         peer = tracing::field::Empty,
     );
-    // The ids are written out only for a span some layer keeps.
-    if !span.is_disabled() {
-        span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
-        span.record("span_id", tracing::field::display(trace.span_id_hex()));
-        if let Some(parent) = parent {
-            span.record(
-                "parent_span_id",
-                tracing::field::display(parent.span_id_hex()),
-            );
-        }
-    }
     (trace, span)
 }
 

@@ -47,8 +47,8 @@ impl Context {
         metadata: Metadata,
         deadline: Option<Instant>,
         roles: Vec<String>,
+        (trace, caller): (TraceParent, Option<TraceParent>),
     ) -> Self {
-        let (trace, caller) = TraceParent::continuing(metadata.get(TRACEPARENT));
         Self {
             inner: Arc::new(Inner {
                 service,

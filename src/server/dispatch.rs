@@ -21,6 +21,7 @@ use crate::{
     Metadata, PeerId, Status,
     codec::ContentType,
     node::Node,
+    trace::{TRACEPARENT, TraceParent},
     transport::{
         self,
         frame::{self, ReadError},
@@ -357,7 +358,10 @@ async fn serve(inner: &Arc<Inner>, peer: PeerId, mut stream: libp2p::Stream) {
         };
         inner.metrics.calls.inc();
         let (guard, refusal) = admit(inner, peer);
-        // OpenTelemetry's RPC attributes, and the W3C ids of this call's span.
+        // This call's span continues the caller's trace.
+        let trace = TraceParent::continuing(head.metadata.get(TRACEPARENT));
+        // OpenTelemetry's RPC attributes, and the W3C ids of this call's span (written out only
+        // for a span some layer keeps).
         let call = tracing::debug_span!(
             "call",
             otel.kind = "server",
@@ -365,23 +369,17 @@ async fn serve(inner: &Arc<Inner>, peer: PeerId, mut stream: libp2p::Stream) {
             rpc.service = %inner.name,
             rpc.method = %head.endpoint,
             rpc.response.status_code = tracing::field::Empty,
-            trace_id = tracing::field::Empty,
-            span_id = tracing::field::Empty,
-            parent_span_id = tracing::field::Empty,
-            peer = tracing::field::Empty,
+            trace_id = %trace.0.trace_id_hex(),
+            span_id = %trace.0.span_id_hex(),
+            parent_span_id = trace.1.as_ref().map(|p| tracing::field::display(p.span_id_hex())),
+            peer = peer_text.get_or_insert_with(|| peer.to_string()).as_str(),
         );
-        if !call.is_disabled() {
-            call.record(
-                "peer",
-                peer_text.get_or_insert_with(|| peer.to_string()).as_str(),
-            );
-        }
         let method = match inner.router.endpoints.contains_key(&head.endpoint) {
             true => head.endpoint.as_str(),
             false => OTHER_METHOD,
         };
         let counted = inner.calls.start(&inner.name, method);
-        let (reusable, code) = serve_call(inner, peer, &mut stream, head, refusal)
+        let (reusable, code) = serve_call(inner, peer, &mut stream, head, trace, refusal)
             .instrument(call.clone())
             .await;
         call.record("rpc.response.status_code", code);
@@ -450,6 +448,7 @@ async fn serve_call(
     peer: PeerId,
     stream: &mut libp2p::Stream,
     head: Head,
+    trace: (TraceParent, Option<TraceParent>),
     refusal: Option<Status>,
 ) -> (bool, u16) {
     let received = Instant::now();
@@ -492,13 +491,8 @@ async fn serve_call(
         head.metadata,
         deadline,
         roles,
+        trace,
     );
-    let span = tracing::Span::current();
-    span.record("trace_id", context.trace_id());
-    span.record("span_id", context.span_id());
-    if let Some(parent) = context.parent_span_id() {
-        span.record("parent_span_id", parent);
-    }
     tracing::trace!(endpoint = %head.endpoint, "call");
     let status = match endpoint {
         Endpoint::Unary { service, .. } => {
