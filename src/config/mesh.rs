@@ -87,15 +87,8 @@ fn check(network: &str, auth: &Auth, path: &str, bytes: &[u8]) -> Result<Known, 
     let (checked, value) = record::check_record(network, &dht_key, bytes, SystemTime::now())
         .map_err(|e| refused("?".into(), e.to_string()))?;
     let writer = checked.writer.to_string();
-    let written = std::time::UNIX_EPOCH + Duration::from_micros(checked.header.revision);
-    auth.authorize(
-        crate::auth::Surface::Write,
-        checked.writer,
-        crate::auth::Grants::Carried(&checked.entry.grants),
-        &[crate::auth::Resource::config(path)],
-        written,
-    )
-    .map_err(|denied| refused(writer.clone(), denied.reason))?;
+    crate::store::authorize_writer(auth, &checked)
+        .map_err(|reason| refused(writer.clone(), reason))?;
     let value = if checked.header.deleted {
         None
     } else {

@@ -197,22 +197,7 @@ impl LocalStore {
     /// Whether the writer of a checked record or entry may write its table, with the grants it
     /// carries, at the time it wrote it (its version). A revoked grant authorises nothing.
     fn authorize(&self, checked: &record::Checked) -> Result<(), Refusal> {
-        let header = &checked.header;
-        let written = std::time::UNIX_EPOCH + std::time::Duration::from_micros(header.revision);
-        self.auth
-            .authorize(
-                crate::auth::Surface::Write,
-                checked.writer,
-                crate::auth::Grants::Carried(&checked.entry.grants),
-                &[super::resource_of(
-                    &header.database,
-                    &header.table,
-                    &header.key,
-                )],
-                written,
-            )
-            .map(drop)
-            .map_err(|denied| Refusal::Forbidden(denied.reason))
+        super::authorize_writer(&self.auth, checked).map_err(Refusal::Forbidden)
     }
 
     /// Puts `record` in place of the one under its key, within the size bound.

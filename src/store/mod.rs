@@ -914,22 +914,10 @@ impl Store {
     /// Whether this node's rules let the writer of a record of a reserved table (the
     /// configuration's) write it; records of other tables pass.
     fn authorize_reserved(&self, checked: &Checked) -> Result<(), String> {
-        let header = &checked.header;
-        if !is_config_table(&header.database, &header.table) {
+        if !is_config_table(&checked.header.database, &checked.header.table) {
             return Ok(());
         }
-        let written = std::time::UNIX_EPOCH + Duration::from_micros(header.revision);
-        self.node()
-            .auth()
-            .authorize(
-                crate::auth::Surface::Write,
-                checked.writer,
-                crate::auth::Grants::Carried(&checked.entry.grants),
-                &[resource_of(&header.database, &header.table, &header.key)],
-                written,
-            )
-            .map(drop)
-            .map_err(|denied| denied.reason)
+        authorize_writer(self.node().auth(), checked)
     }
 
     async fn read_newest(&self, key: &str) -> Result<Option<Record>, Error> {
@@ -1030,6 +1018,23 @@ pub(crate) const CONFIG_TABLE: &str = "config";
 /// Whether a table is the configuration's reserved one.
 pub(crate) fn is_config_table(database: &str, table: &str) -> bool {
     database == CONFIG_DATABASE && table == CONFIG_TABLE
+}
+
+/// Whether `auth`'s rules let the writer of `checked` write it, with the grants the record
+/// carries, at the time it wrote it (its version). A revoked grant authorises nothing. Returns
+/// the reason of a refusal.
+pub(crate) fn authorize_writer(auth: &crate::auth::Auth, checked: &Checked) -> Result<(), String> {
+    let header = &checked.header;
+    let written = std::time::UNIX_EPOCH + Duration::from_micros(header.revision);
+    auth.authorize(
+        crate::auth::Surface::Write,
+        checked.writer,
+        crate::auth::Grants::Carried(&checked.entry.grants),
+        &[resource_of(&header.database, &header.table, &header.key)],
+        written,
+    )
+    .map(drop)
+    .map_err(|denied| denied.reason)
 }
 
 /// What auth rules a write of `key` in `database/table` is checked against: `config:<key>` in
