@@ -684,6 +684,31 @@ fn logs_can_be_json_lines_without_colours() {
     assert!(stderr.lines().any(|l| l.starts_with("error: ")), "{stderr}");
 }
 
+/// Two node processes on loopback TCP, the second joined through the first, and their
+/// addresses. The processes end when the first value is dropped.
+fn two_nodes_on_tcp() -> (
+    (NodeProcess, NodeProcess, [tempfile::TempDir; 2]),
+    String,
+    String,
+) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let first = NodeProcess::start(dirs[0].path(), &["/ip4/127.0.0.1/tcp/0"], None);
+    let addr = first.addr("/tcp/");
+    let second = NodeProcess::start(dirs[1].path(), &["/ip4/127.0.0.1/tcp/0"], Some(&addr));
+    let second_addr = second.addr("/tcp/");
+    ((first, second, dirs), addr, second_addr)
+}
+
+/// The standard output of a command that succeeded (its standard error otherwise fails the test).
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs the binary to completion with `args`, on the test network (given in the environment,
 /// which commands that join no mesh ignore).
 fn run(args: &[&str]) -> Output {
@@ -827,19 +852,7 @@ fn publish_and_subscribe_from_the_command_line() {
 
 #[test]
 fn write_read_list_and_delete_store_keys_from_the_command_line() {
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let first = NodeProcess::start(dirs[0].path(), &["/ip4/127.0.0.1/tcp/0"], None);
-    let addr = first.addr("/tcp/");
-    let second = NodeProcess::start(dirs[1].path(), &["/ip4/127.0.0.1/tcp/0"], Some(&addr));
-    let second_addr = second.addr("/tcp/");
-    let ok = |out: &Output| {
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let (_nodes, addr, second_addr) = two_nodes_on_tcp();
 
     let said = ok(&run(&[
         "store",
@@ -1376,19 +1389,7 @@ fn next_line(lines: &mpsc::Receiver<String>) -> serde_json::Value {
 
 #[test]
 fn config_set_get_unset_and_watch_across_node_processes() {
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let first = NodeProcess::start(dirs[0].path(), &["/ip4/127.0.0.1/tcp/0"], None);
-    let addr = first.addr("/tcp/");
-    let second = NodeProcess::start(dirs[1].path(), &["/ip4/127.0.0.1/tcp/0"], Some(&addr));
-    let second_addr = second.addr("/tcp/");
-    let ok = |out: &Output| {
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let (_nodes, addr, second_addr) = two_nodes_on_tcp();
 
     let (watch, lines) = start_config_watch(&second_addr, "shop.greeting", 2);
     // First the value now: nothing yet.
@@ -1584,4 +1585,41 @@ fn a_node_reads_its_config_file_under_the_environment_and_the_flags() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&got.stdout), "shop\n");
+}
+
+#[test]
+fn a_node_warns_about_a_key_of_its_config_file_that_nothing_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("node.toml");
+    std::fs::write(
+        &file,
+        "max_conections = 5\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\n[auth]\nrule = []\n",
+    )
+    .unwrap();
+    let mut node = Command::new(BIN)
+        .args(["node", "--no-mdns", "--no-upnp", "--no-autonat", "--config"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(node.stderr.take().unwrap());
+    // The node logs its start after the warnings: read up to that line.
+    let lines: Vec<String> = stderr
+        .lines()
+        .map_while(Result::ok)
+        .take_while(|line| !line.contains("service started"))
+        .collect();
+    let _ = node.kill();
+    let _ = node.wait();
+    let warned = |key: &str| lines.iter().any(|l| l.contains("WARN") && l.contains(key));
+    assert!(warned("unknown key \"max_conections\""), "{lines:#?}");
+    assert!(warned("unknown key \"auth.rule\""), "{lines:#?}");
+    // The keys it reads are not warned about.
+    assert!(
+        !lines.iter().any(|l| l.contains("\"listen\"")),
+        "{lines:#?}"
+    );
 }

@@ -65,42 +65,46 @@ pub(crate) async fn run(global: &Global, command: &ConfigCommand) -> Result<(), 
         ConfigCommand::Get(args) => get(global, args).await,
         ConfigCommand::Watch(args) => watch(global, args).await,
         ConfigCommand::Set(args) => {
-            micromesh::config::check_path(&args.path)?;
             let value: serde_json::Value = serde_json::from_str(&args.value)
                 .unwrap_or_else(|_| serde_json::Value::String(args.value.clone()));
-            let service = args.join.connect().await?;
-            let result = service.config().set_in_mesh(&args.path, &value).await;
-            let stopped = service.stop().await;
-            let version = result.map_err(refusal)?;
-            stopped?;
-            if global.json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "path": args.path, "value": value, "version": version })
-                );
-            } else {
-                println!("set {} (version {version})", args.path);
-            }
-            Ok(())
+            change(global, &args.path, Some(value), &args.join).await
         }
-        ConfigCommand::Unset(args) => {
-            micromesh::config::check_path(&args.path)?;
-            let service = args.join.connect().await?;
-            let result = service.config().unset_in_mesh(&args.path).await;
-            let stopped = service.stop().await;
-            let version = result.map_err(refusal)?;
-            stopped?;
-            if global.json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "path": args.path, "unset": true, "version": version })
-                );
-            } else {
-                println!("unset {} (version {version})", args.path);
-            }
-            Ok(())
-        }
+        ConfigCommand::Unset(args) => change(global, &args.path, None, &args.join).await,
     }
+}
+
+/// Sets `path` to `value` in the mesh, or unsets it with `None`, and says so.
+async fn change(
+    global: &Global,
+    path: &str,
+    value: Option<serde_json::Value>,
+    join: &Join,
+) -> Result<(), BoxError> {
+    micromesh::config::check_path(path)?;
+    let service = join.connect().await?;
+    let result = match &value {
+        Some(value) => service.config().set_in_mesh(path, value).await,
+        None => service.config().unset_in_mesh(path).await,
+    };
+    let stopped = service.stop().await;
+    let version = result.map_err(refusal)?;
+    stopped?;
+    let (verb, json) = match value {
+        Some(value) => (
+            "set",
+            serde_json::json!({ "path": path, "value": value, "version": version }),
+        ),
+        None => (
+            "unset",
+            serde_json::json!({ "path": path, "unset": true, "version": version }),
+        ),
+    };
+    if global.json {
+        println!("{json}");
+    } else {
+        println!("{verb} {path} (version {version})");
+    }
+    Ok(())
 }
 
 /// A refused change, with its status code first: what an operator scans for.

@@ -113,22 +113,6 @@ const NODE_KEYS: &[&str] = &[
     "store_capacity",
     "metrics",
 ];
-/// The keys of [`micromesh::config::Settings`].
-const SETTINGS_KEYS: &[&str] = &[
-    "network",
-    "data_dir",
-    "listen",
-    "bootstrap",
-    "advertise",
-    "max_connections",
-    "max_connections_per_peer",
-    "dial_timeout",
-    "connect_timeout",
-    "idle_timeout",
-    "query_timeout",
-    "auth",
-];
-
 /// The node's configuration: the file, the environment, then the options given (on the
 /// command line or in their environment variables).
 fn configuration(args: &NodeArgs) -> Result<Config, BoxError> {
@@ -172,10 +156,12 @@ fn configuration(args: &NodeArgs) -> Result<Config, BoxError> {
     }
     let config = config.build()?;
     // A key nobody reads is most likely misspelt (variables of the CLI's other options are
-    // not keys of the file).
+    // not keys of the file). The settings' keys are those of their serialised form.
+    let settings = serde_json::to_value(micromesh::config::Settings::default())?;
+    let is_setting = |key: &str| settings.get(key).is_some();
     if let Some(tree) = config.tree().as_object() {
         for key in tree.keys() {
-            let known = NODE_KEYS.contains(&key.as_str()) || SETTINGS_KEYS.contains(&key.as_str());
+            let known = NODE_KEYS.contains(&key.as_str()) || is_setting(key);
             let from_env = std::env::var_os(format!("MICROMESH_{}", key.to_uppercase())).is_some();
             if !known && !from_env {
                 tracing::warn!("configuration: unknown key {key:?} ignored");
