@@ -444,6 +444,11 @@ async fn a_rule_changed_in_a_file_or_in_the_mesh_applies_to_the_next_call() {
     wait_until(WAIT, || async { server.config().errors() > errors })
         .await
         .unwrap();
+    assert_eq!(
+        micromesh::testing::metric(server.node(), "micromesh_config_errors_total"),
+        server.config().errors(),
+        "the count is the service's metric too"
+    );
     assert_eq!(server.auth().rules().len(), 2);
     assert_eq!(call().await.unwrap_err().status().code().as_u16(), 403);
 
@@ -468,4 +473,35 @@ async fn a_rule_changed_in_a_file_or_in_the_mesh_applies_to_the_next_call() {
     assert_eq!(call().await.unwrap(), "greeter");
     client.stop().await.unwrap();
     server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_node_that_joins_after_a_change_catches_up_from_the_store() {
+    let mut cluster = Cluster::builder().size(4).build().await.unwrap();
+    for i in 0..cluster.len() {
+        joined(cluster.service(i)).await;
+    }
+    // Written straight into the store's configuration table: no announcement, so a node can
+    // only learn it from the store.
+    cluster
+        .service(1)
+        .store()
+        .table(
+            micromesh::config::MESH_DATABASE,
+            micromesh::config::MESH_TABLE,
+        )
+        .unwrap()
+        .write("feature.beta", b"true".to_vec())
+        .await
+        .unwrap();
+    // It learns it once it has a peer, by itself.
+    let late = cluster.add_member().await.unwrap();
+    let config = cluster.service(late).config().clone();
+    wait_until(WAIT, || async {
+        config.get_opt::<bool>("feature.beta").unwrap() == Some(true)
+    })
+    .await
+    .unwrap();
+    assert_eq!(config.mesh_values()[0].writer, cluster.service(1).peer_id());
+    cluster.shutdown().await.unwrap();
 }

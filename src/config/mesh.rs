@@ -396,13 +396,21 @@ async fn hear_changes(mut subscription: crate::node::Subscription, config: Weak)
 /// Fetches the whole layer from the store once the node has a peer, and every
 /// [`CATCH_UP_EVERY`] after.
 async fn catch_up(node: WeakNode, config: Weak) {
+    let Some(mut events) = node.upgrade().map(|n| n.events()) else {
+        return;
+    };
     loop {
-        // Wait for a peer: a node alone has nothing to catch up with.
+        // Wait for a peer: a node alone has nothing to catch up with. Subscribed before the
+        // count is read, so a connection in between is not missed.
         loop {
             match node.upgrade() {
                 Some(node) if node.connected_count() > 0 => break,
-                Some(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                Some(node) => drop(node),
                 None => return,
+            }
+            match events.recv().await {
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
         }
         // Not at once: a short-lived client (a command-line tool) is gone before, and nodes that
@@ -430,6 +438,8 @@ async fn catch_up(node: WeakNode, config: Weak) {
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
         tokio::time::sleep(CATCH_UP_EVERY).await;
+        // Events queued meanwhile are old news.
+        events = events.resubscribe();
     }
 }
 

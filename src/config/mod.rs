@@ -78,7 +78,7 @@ use futures::{Stream, StreamExt as _, stream::BoxStream};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::watch;
 
-pub(crate) use self::settings::follow_auth_of as follow_auth;
+pub(crate) use self::settings::follow_auth;
 pub use self::{
     mesh::{MAX_MESH_VALUE, MESH_DATABASE, MESH_TABLE, MESH_TOPIC},
     settings::{AuthSettings, Settings},

@@ -172,15 +172,16 @@ impl Settings {
 /// Keeps `auth`'s policy following the `auth` section of `config`: the rules become `base`'s
 /// followed by the section's, the default policy the section's (or `base`'s). A section that
 /// does not parse keeps the policy in force, and is logged, counted and reported.
-pub(crate) fn follow_auth_of(
+pub(crate) fn follow_auth(
     config: &Config,
     auth: Auth,
     base: crate::auth::Config,
 ) -> impl Future<Output = ()> + Send + 'static {
-    follow_auth(config.downgrade(), auth, base)
+    follow(config.downgrade(), auth, base)
 }
 
-async fn follow_auth(config: super::Weak, auth: Auth, base: crate::auth::Config) {
+/// [`follow_auth`], holding the configuration weakly: the task does not keep it alive.
+async fn follow(config: super::Weak, auth: Auth, base: crate::auth::Config) {
     // Watch first, then read: a change in between is applied twice, never missed. The first
     // read takes in what the mesh layer loaded from the data directory after the node was
     // built with the other sources' settings.
