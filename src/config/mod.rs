@@ -341,15 +341,8 @@ pub struct Config {
 
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let files: Vec<PathBuf> = self
-            .inner
-            .lock()
-            .files
-            .iter()
-            .map(|f| f.path.clone())
-            .collect();
         f.debug_struct("Config")
-            .field("files", &files)
+            .field("files", &self.files())
             .field("mesh", &self.inner.mesh.get().is_some())
             .finish_non_exhaustive()
     }
