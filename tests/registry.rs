@@ -114,8 +114,8 @@ async fn a_late_joiner_finds_a_service_through_the_dht_at_once() {
     assert!(started.elapsed() < Duration::from_secs(10));
     let metrics = cluster.node(newcomer).encode_metrics();
     assert!(
-        metrics.contains("micromesh_registry_dht_lookups_total 1\n"),
-        "expected exactly one DHT lookup:\n{}",
+        metrics.contains("micromesh_registry_lookups_total 1\n"),
+        "expected exactly one lookup:\n{}",
         metrics
             .lines()
             .filter(|l| l.contains("registry"))
@@ -127,6 +127,55 @@ async fn a_late_joiner_finds_a_service_through_the_dht_at_once() {
         registry.get_service("nobody-runs-this").await,
         Err(registry::Error::NotFound(_))
     ));
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_node_resolves_a_name_through_its_bootstrap_peer_without_the_dht() {
+    // No view syncs and no re-announcements: a newcomer learns the name only by asking.
+    let config =
+        registry::Config::with_announce_interval(Duration::from_secs(300)).initial_syncs(0);
+    let mut cluster = Cluster::builder()
+        .size(1)
+        .network("ask-neighbours")
+        .configure(move |i, b| {
+            b.registry_config(config.clone())
+                .register(i == 0)
+                .handle("Orders.Count", |_: micromesh::Context, n: u32| async move {
+                    Ok::<_, micromesh::Status>(n + 1)
+                })
+        })
+        .build()
+        .await
+        .unwrap();
+    let owner = cluster.node(0).peer_id();
+    // The member's own service is registered at start, and its provider record (key per
+    // protocols/registry.md) is held by the member alone: taking it out leaves the DHT nobody
+    // to name.
+    let name = cluster.service(0).name().to_owned();
+    let key = format!("/micromesh/registry/{name}").into_bytes();
+    cluster.node(0).stop_providing(key.clone()).await.unwrap();
+
+    let newcomer = cluster.add_member().await.unwrap();
+    let client = cluster.service(newcomer).clone();
+    let versions = client
+        .registry()
+        .get_service(&name)
+        .await
+        .expect("the bootstrap peer's view names it");
+    assert_eq!(versions[0].nodes[0].peer_id, owner);
+    let reply: u32 = client
+        .client()
+        .call(&name, "Orders.Count", &41u32)
+        .await
+        .unwrap();
+    assert_eq!(reply, 42);
+    // The DHT indeed had nobody to name.
+    let providers = client.node().providers(key).await.unwrap_or_default();
+    assert!(
+        !providers.contains(&owner),
+        "the DHT still names {providers:?}"
+    );
     cluster.shutdown().await.unwrap();
 }
 

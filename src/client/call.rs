@@ -256,7 +256,14 @@ impl Client {
         let registry = &self.inner.registry;
         // The view's shared snapshot: nothing here copies or scans the service's nodes, except
         // for a pinned peer.
-        let resolved = registry.resolve(service).await;
+        let resolved = match options.peer {
+            // A pinned peer this node is connected to needs no address: the view's entries,
+            // if any, are enough, and the call does not wait for a lookup of the name.
+            Some(peer) if self.inner.node.is_connected(&peer) => {
+                Ok(std::sync::Arc::new(registry.cached_service(service)))
+            }
+            _ => registry.resolve(service).await,
+        };
         let mut select = options.select.clone();
         let candidates = match (options.peer, resolved) {
             (Some(peer), resolved) => {

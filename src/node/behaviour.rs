@@ -240,10 +240,9 @@ fn transport_error(e: impl Into<BoxError>) -> Error {
 
 /// The in-process memory transport, optionally behind the pre-shared key, with Noise and yamux.
 fn memory_transport(
-    key: &Keypair,
+    noise: noise::Config,
     psk: Option<libp2p::pnet::PreSharedKey>,
 ) -> Result<BoxedTransport, BoxError> {
-    let noise = noise::Config::new(key)?;
     let base = MemoryTransport::default();
     Ok(match psk {
         None => base
@@ -264,18 +263,18 @@ fn memory_transport(
 
 /// TCP behind the pre-shared key, with Noise and yamux (QUIC cannot carry the key).
 fn private_tcp_transport(
-    key: &Keypair,
+    noise: noise::Config,
     psk: libp2p::pnet::PreSharedKey,
 ) -> Result<BoxedTransport, BoxError> {
     Ok(
         tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
             .and_then(move |socket, _| libp2p::pnet::PnetConfig::new(psk).handshake(socket))
             .upgrade(Version::V1)
-            .authenticate(noise::Config::new(key)?)
+            .authenticate(noise.clone())
             .multiplex(yamux::Config::default())
             .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
             .boxed()
-            .or_transport(memory_transport(key, Some(psk))?)
+            .or_transport(memory_transport(noise, Some(psk))?)
             .map(|either, _| either.into_inner())
             .boxed(),
     )
@@ -326,41 +325,56 @@ pub(crate) fn build_swarm(
         }};
     }
 
-    let builder = SwarmBuilder::with_existing_identity(key).with_tokio();
+    // A security config costs key generation and signatures (a TLS one, two certificates):
+    // the transports share one of each, which halves the CPU a node spends starting.
+    let noise = noise::Config::new(&key).map_err(transport_error)?;
+    let shared_noise = |noise: &noise::Config| {
+        let noise = noise.clone();
+        move |_: &Keypair| Ok::<_, std::convert::Infallible>(noise)
+    };
+    let builder = SwarmBuilder::with_existing_identity(key.clone()).with_tokio();
     match config.psk {
-        None => finish!(
-            builder
-                .with_tcp(
-                    tcp::Config::default().nodelay(true),
-                    (tls::Config::new, noise::Config::new),
-                    yamux::Config::default,
-                )
-                .map_err(transport_error)?
-                .with_quic_config(|mut quic| {
-                    quic.handshake_timeout = connection_timeout;
-                    // A peer that went silent (crashed, unplugged) is noticed after 6 s rather
-                    // than libp2p's 10 s; keep-alives every 2 s hold live connections open.
-                    quic.max_idle_timeout = 6_000;
-                    quic.keep_alive_interval = Duration::from_secs(2);
-                    quic
-                })
-                .with_other_transport(|key| memory_transport(key, None))
-                .map_err(transport_error)?
-                .with_dns()
-                .map_err(transport_error)?
-                .with_relay_client(
-                    (tls::Config::new, noise::Config::new),
-                    yamux::Config::default
-                )
-                .map_err(transport_error)?
-        ),
+        None => {
+            let tls = tls::Config::new(&key).map_err(transport_error)?;
+            let shared_tls = |tls: &tls::Config| {
+                let tls = tls.clone();
+                move |_: &Keypair| Ok::<_, std::convert::Infallible>(tls)
+            };
+            finish!(
+                builder
+                    .with_tcp(
+                        tcp::Config::default().nodelay(true),
+                        (shared_tls(&tls), shared_noise(&noise)),
+                        yamux::Config::default,
+                    )
+                    .map_err(transport_error)?
+                    .with_quic_config(|mut quic| {
+                        quic.handshake_timeout = connection_timeout;
+                        // A peer that went silent (crashed, unplugged) is noticed after 6 s
+                        // rather than libp2p's 10 s; keep-alives every 2 s hold live
+                        // connections open.
+                        quic.max_idle_timeout = 6_000;
+                        quic.keep_alive_interval = Duration::from_secs(2);
+                        quic
+                    })
+                    .with_other_transport(|_| memory_transport(noise.clone(), None))
+                    .map_err(transport_error)?
+                    .with_dns()
+                    .map_err(transport_error)?
+                    .with_relay_client(
+                        (shared_tls(&tls), shared_noise(&noise)),
+                        yamux::Config::default
+                    )
+                    .map_err(transport_error)?
+            )
+        }
         Some(psk) => finish!(
             builder
-                .with_other_transport(|key| private_tcp_transport(key, psk.0))
+                .with_other_transport(|_| private_tcp_transport(noise.clone(), psk.0))
                 .map_err(transport_error)?
                 .with_dns()
                 .map_err(transport_error)?
-                .with_relay_client(noise::Config::new, yamux::Config::default)
+                .with_relay_client(shared_noise(&noise), yamux::Config::default)
                 .map_err(transport_error)?
         ),
     }

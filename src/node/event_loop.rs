@@ -283,6 +283,29 @@ impl EventLoop {
             listeners.insert(id, addr.clone());
             self.listeners.push(id);
         }
+        let server = match self.dht_mode {
+            DhtMode::Server => true,
+            DhtMode::Client => false,
+            DhtMode::Auto => !config.listen.is_empty(),
+        };
+        self.set_dht_server(server);
+        for addr in &config.bootstrap {
+            if let Some(peer) = peer_of(addr) {
+                self.bootstrap_peers.insert(peer);
+                self.swarm.behaviour_mut().keep_alive.set(peer, true);
+            }
+        }
+        // The bootstrap dials leave at once: they need no listening address, and a node
+        // joins the mesh while its listeners come up rather than after. A relayed listening
+        // address connects to its relay itself, and a dial of the same peer at the same time
+        // would race that connection: such a node dials once it listens.
+        let relayed = config
+            .listen
+            .iter()
+            .any(|addr| addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)));
+        if !relayed {
+            self.dial_bootstrap_peers();
+        }
         let deadline = tokio::time::sleep(LISTEN_TIMEOUT);
         tokio::pin!(deadline);
         while !listeners.is_empty() {
@@ -329,19 +352,9 @@ impl EventLoop {
             }
             self.on_swarm_event(event);
         }
-        let server = match self.dht_mode {
-            DhtMode::Server => true,
-            DhtMode::Client => false,
-            DhtMode::Auto => !config.listen.is_empty(),
-        };
-        self.set_dht_server(server);
-        for addr in &config.bootstrap {
-            if let Some(peer) = peer_of(addr) {
-                self.bootstrap_peers.insert(peer);
-                self.swarm.behaviour_mut().keep_alive.set(peer, true);
-            }
+        if relayed {
+            self.dial_bootstrap_peers();
         }
-        self.dial_bootstrap_peers();
         Ok(())
     }
 

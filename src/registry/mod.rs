@@ -2,9 +2,9 @@
 //!
 //! Each node announces the services it runs on a gossip topic of its network, at once on every
 //! change and then every [`Config::announce_interval`]. Announcements are signed by the node's
-//! key and speak only for that node. Each node also publishes a DHT provider record per
-//! service name, so a node that joined late and misses a name in its view finds the providers
-//! in the DHT and fetches their announcements directly ([`Registry::get_service`]).
+//! key and speak only for that node. A node that misses a name in its view (it just joined)
+//! asks its connected peers, whose views hold the whole mesh, and the DHT, where each node
+//! publishes a provider record per service name, at once ([`Registry::get_service`]).
 //!
 //! Liveness, quicker than go-micro's 90 s TTL:
 //!
@@ -408,8 +408,8 @@ impl Metrics {
             self.syncs.clone(),
         );
         registry.register(
-            "dht_lookups",
-            "DHT lookups of service names missing from the view",
+            "lookups",
+            "Lookups of service names missing from the view (connected peers and the DHT asked)",
             self.lookups.clone(),
         );
         registry.register(
@@ -473,6 +473,8 @@ fn unix_millis() -> u64 {
 
 /// How many providers of a name one lookup fetches announcements from.
 const MAX_LOOKUP_FETCHES: usize = 8;
+/// How many connected peers one lookup asks for a name, before and beside the DHT.
+const MAX_LOOKUP_NEIGHBOURS: usize = 3;
 
 fn provider_key(name: &str) -> Vec<u8> {
     format!("/micromesh/registry/{name}").into_bytes()
@@ -751,9 +753,10 @@ impl Registry {
     }
 
     /// Every version of `name` with the nodes that run it, sorted by version. When the view
-    /// has none, asks the DHT for providers of the name and fetches their announcements;
-    /// concurrent lookups of one name share one DHT query. A node that is still joining the
-    /// mesh (its bootstrap dial under way) waits for the join first.
+    /// has none, asks its connected peers (up to three; on a node still joining, the first
+    /// peers it connects to) for their announcements of the name and, at the same time, the
+    /// DHT for providers of the name, whose announcements it fetches; the first answer that
+    /// names it ends the lookup. Concurrent lookups of one name share one lookup.
     ///
     /// # Errors
     ///
@@ -857,44 +860,88 @@ impl Registry {
         lookup.await
     }
 
-    /// Asks the DHT for providers of `name` and fetches their announcements as they are found:
-    /// returns as soon as the view has the name, without waiting for the rest of the lookup
-    /// (whose last steps may be dials to peers that are gone). Returns the error that kept the
-    /// lookup from asking the mesh, if any.
+    /// Finds `name` in the mesh. Two searches run at once, and the first that brings the name
+    /// into the view ends the lookup:
+    ///
+    /// - the neighbours: the connected peers (and, on a node still joining, the first peers it
+    ///   connects to) are asked for their announcements of the name. A neighbour holds a view of
+    ///   the whole mesh, so on a fresh node this answers in one round trip after the connection,
+    ///   without waiting for identify and the DHT;
+    /// - the DHT: providers of the name, whose announcements are fetched as each is found, for
+    ///   names the neighbours do not know (a view still filling, a mesh split by the gossip).
+    ///
+    /// Announcements reaching the view any other way (gossip, the initial sync with a new peer)
+    /// end it too. Returns the error that kept the DHT lookup from asking the mesh, if the
+    /// neighbours did not find the name either.
     async fn lookup_now(&self, name: &str) -> Option<node::Error> {
         use futures::StreamExt as _;
         self.inner.metrics.lookups.inc();
-        let mut providers = match self.inner.node.providers_as_found(provider_key(name)).await {
+        let node = &self.inner.node;
+        // Subscribed before anything is asked, so no arrival of the name is missed.
+        let mut changes = self.watch(Some(name));
+        let mut joined = node.events();
+        let mut neighbours = Vec::with_capacity(MAX_LOOKUP_NEIGHBOURS);
+        let mut fetches = futures::stream::FuturesUnordered::new();
+        for peer in node.connected_peers() {
+            if neighbours.len() == MAX_LOOKUP_NEIGHBOURS {
+                break;
+            }
+            neighbours.push(peer);
+            fetches.push(sync::fetch(self, peer, Some(name.to_owned())));
+        }
+        if !self.state().view.service(name).is_empty() {
+            return None;
+        }
+        let mut providers = match node.providers_as_found(provider_key(name)).await {
             Ok(providers) => providers,
             Err(e) => return Some(e),
         };
-        let me = self.inner.node.peer_id();
-        let mut fetches = futures::stream::FuturesUnordered::new();
+        let me = node.peer_id();
         let mut asked = 0;
-        let mut lookup_done = false;
+        let mut dht_done = false;
+        let mut dht_failed = None;
+        let mut node_gone = false;
         loop {
             tokio::select! {
-                found = providers.recv(), if !lookup_done => match found {
+                found = providers.recv(), if !dht_done => match found {
                     Some(Ok(peer)) if peer != me && asked < MAX_LOOKUP_FETCHES => {
                         asked += 1;
-                        fetches.push(sync::fetch(self, peer, Some(name.to_owned())));
+                        if !neighbours.contains(&peer) {
+                            fetches.push(sync::fetch(self, peer, Some(name.to_owned())));
+                        }
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
                         tracing::debug!(service = %name, "DHT lookup failed: {e}");
-                        if asked == 0 {
-                            return Some(e);
-                        }
-                        lookup_done = true;
+                        dht_failed = Some(e);
+                        dht_done = true;
                     }
-                    None => lookup_done = true,
+                    None => dht_done = true,
                 },
+                event = joined.recv(), if neighbours.len() < MAX_LOOKUP_NEIGHBOURS && !node_gone => match event {
+                    Ok(node::Event::PeerConnected { peer_id, .. }) if !neighbours.contains(&peer_id) => {
+                        neighbours.push(peer_id);
+                        fetches.push(sync::fetch(self, peer_id, Some(name.to_owned())));
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => node_gone = true,
+                },
+                Some(_) = changes.next() => {
+                    if !self.state().view.service(name).is_empty() {
+                        return None;
+                    }
+                }
                 Some(()) = fetches.next() => {
                     if !self.state().view.service(name).is_empty() {
                         return None;
                     }
                 }
-                else => return None,
+                else => return dht_failed,
+            }
+            // Nothing left that could bring the name: the DHT lookup has ended and every fetch
+            // has answered.
+            if dht_done && fetches.is_empty() {
+                return dht_failed;
             }
         }
     }
