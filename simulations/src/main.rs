@@ -8,6 +8,7 @@
 //! in-process memory transport and prints one JSON document on stdout. `RUST_LOG` (for example
 //! `RUST_LOG=micromesh=debug`) logs what the nodes do to stderr.
 
+mod grpc;
 mod measure;
 mod scenarios;
 

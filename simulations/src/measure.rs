@@ -154,6 +154,21 @@ pub(crate) async fn paired_latencies(
 
 /// Calls per second with `in_flight` calls kept running for `duration`.
 pub(crate) async fn calls_per_second(call: &Call, in_flight: usize, duration: Duration) -> f64 {
+    load(call, in_flight, duration).await.calls_per_second
+}
+
+/// What a run of calls under load achieved, and what it cost.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Load {
+    pub(crate) calls_per_second: f64,
+    /// CPU time of the whole process (client and server, which share it) per call, in µs.
+    pub(crate) cpu_us_per_call: f64,
+}
+
+/// Runs `call` with `in_flight` calls kept running for `duration`: calls per second, and the
+/// process's CPU time per call.
+pub(crate) async fn load(call: &Call, in_flight: usize, duration: Duration) -> Load {
+    let cpu = cpu_time();
     let started = Instant::now();
     let mut done = 0u64;
     let mut running = futures::stream::FuturesUnordered::new();
@@ -166,5 +181,9 @@ pub(crate) async fn calls_per_second(call: &Call, in_flight: usize, duration: Du
             running.push(call());
         }
     }
-    done as f64 / started.elapsed().as_secs_f64()
+    let cpu = cpu_time().saturating_sub(cpu);
+    Load {
+        calls_per_second: done as f64 / started.elapsed().as_secs_f64(),
+        cpu_us_per_call: cpu.as_secs_f64() * 1e6 / done.max(1) as f64,
+    }
 }

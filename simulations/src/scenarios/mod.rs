@@ -21,7 +21,7 @@ pub(crate) const LIST: &[(&str, &str)] = &[
     ),
     (
         "rpc-bench",
-        "micromesh calls and streams against raw libp2p request-response and streams, loopback TCP",
+        "micromesh calls, streams and first calls against raw libp2p and gRPC (tonic), loopback TCP",
     ),
     (
         "pubsub-bench",

@@ -1,13 +1,18 @@
-//! `rpc-bench`: micromesh unary calls and streams against raw libp2p request-response and a
-//! raw libp2p stream, on the same loopback TCP transport as micromesh's nodes (TLS 1.3, or Noise
-//! when the peer lacks TLS, then yamux), in one run.
+//! `rpc-bench`: micromesh unary calls and streams against two baselines in one run: raw libp2p
+//! request-response and a raw libp2p stream, on the same loopback TCP transport as micromesh's
+//! nodes (TLS 1.3, or Noise when the peer lacks TLS, then yamux), and gRPC (tonic over cleartext
+//! HTTP/2, one shared channel, a protobuf `bytes` body; see `grpc.rs`).
 //!
-//! Figures: latency p50/p99 at concurrency 1, calls/s with 64 in flight, both with small
-//! (64 B) and 64 KiB payloads; stream throughput in MiB/s. Latency samples interleave baseline
-//! and micromesh call by call, stream runs alternate them every half second, and throughput runs
-//! once per round: all to even out a noisy machine.
+//! Figures: latency p50/p99 at concurrency 1, calls/s and the process's CPU time per call with
+//! 64 in flight, both with small (64 B) and 64 KiB payloads; stream throughput in MiB/s; and
+//! from nothing to a first response: a new tonic channel, a new raw libp2p connection, a new
+//! micromesh node calling a service by name. micromesh's figures are also taken over QUIC
+//! (`micromesh_quic_against_tcp`, `micromesh_new_node_by_name_quic`). Latency samples interleave a baseline and
+//! micromesh call by call, stream runs alternate them every half second, and throughput runs
+//! once per round: all to even out a noisy machine. `taskset -c 0` pins the whole run to one
+//! CPU.
 //!
-//! The two sides differ in how they use streams, and that is part of what is measured:
+//! The two libp2p sides differ in how they use streams, and that is part of what is measured:
 //! request-response opens and negotiates a stream per request, micromesh keeps the stream of a
 //! unary call open for the caller's next call (`protocols/rpc.md`, "Reusing a stream"). A
 //! second micromesh client with reuse off (`transport::Config::idle_timeout` zero) measures
@@ -33,7 +38,8 @@ use micromesh::{
 use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::measure::{Call, Options, calls_per_second, paired_latencies, percentiles, quantile_ms};
+use crate::grpc;
+use crate::measure::{Call, Load, Options, load, paired_latencies, percentiles, quantile_ms};
 
 const STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/bench/stream/1.0.0");
 
@@ -80,6 +86,7 @@ struct RawPair {
     calls: mpsc::Sender<Request>,
     control: libp2p_stream::Control,
     server: PeerId,
+    addr: Multiaddr,
     _tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -130,7 +137,7 @@ async fn raw_pair() -> Result<RawPair, String> {
     });
     let mut client = raw_swarm()?;
     let control = client.behaviour().stream.new_control();
-    client.dial(addr).map_err(|e| e.to_string())?;
+    client.dial(addr.clone()).map_err(|e| e.to_string())?;
     loop {
         if let SwarmEvent::ConnectionEstablished { .. } = client.select_next_some().await {
             break;
@@ -165,6 +172,7 @@ async fn raw_pair() -> Result<RawPair, String> {
         calls,
         control,
         server: server_id,
+        addr,
         _tasks: vec![server_task, sink_task, client_task],
     })
 }
@@ -176,6 +184,122 @@ fn latency_report(raw: &[Duration], micromesh: &[Duration]) -> serde_json::Value
         "latency_p50_ratio": quantile_ms(micromesh, 0.5) / quantile_ms(raw, 0.5),
         "latency_p99_ratio": quantile_ms(micromesh, 0.99) / quantile_ms(raw, 0.99),
     })
+}
+
+const TCP: &str = "/ip4/127.0.0.1/tcp/0";
+const QUIC: &str = "/ip4/127.0.0.1/udp/0/quic-v1";
+
+fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
+}
+
+/// How long each load run (64 calls in flight) lasts.
+const LOAD_RUN: Duration = Duration::from_secs(3);
+/// How many fresh clients of each kind the first-response figure starts, at the least.
+const FIRST_RESPONSES: usize = 30;
+
+fn mean_of(loads: &[Load], figure: impl Fn(&Load) -> f64) -> f64 {
+    loads.iter().map(figure).sum::<f64>() / loads.len().max(1) as f64
+}
+
+/// From nothing to the first response, `n` times for each side in turn (so load from elsewhere
+/// on the machine falls on all three): a new tonic channel and one call; a new raw libp2p swarm,
+/// its connection and one request; a new micromesh node that knows the server's address as its
+/// bootstrap peer, and one call of the service by name (the name resolved through the mesh),
+/// over TCP and over QUIC.
+async fn first_responses(
+    raw: &RawPair,
+    grpc_addr: std::net::SocketAddr,
+    [tcp, quic]: [&Multiaddr; 2],
+    n: usize,
+) -> Result<serde_json::Value, String> {
+    let (mut grpc_first, mut raw_first) = (Vec::new(), Vec::new());
+    let (mut tcp_first, mut quic_first) = (Vec::new(), Vec::new());
+    let payload = vec![0x5au8; 64];
+    for i in 0..n {
+        let started = Instant::now();
+        grpc::Client::connect(grpc_addr)
+            .await?
+            .echo(payload.clone())
+            .await?;
+        grpc_first.push(started.elapsed());
+
+        let started = Instant::now();
+        raw_first_response(raw, ByteBuf::from(payload.clone())).await?;
+        raw_first.push(started.elapsed());
+
+        for (bootstrap, samples) in [(tcp, &mut tcp_first), (quic, &mut quic_first)] {
+            let started = Instant::now();
+            let fresh = Service::builder(format!("bench-first-{i}"))
+                .network("bench")
+                .register(false)
+                .listen(
+                    if is_quic(bootstrap) { QUIC } else { TCP }
+                        .parse()
+                        .expect("valid"),
+                )
+                .bootstrap(bootstrap.clone())
+                .configure_node(|n| n.mdns(false).upnp(false).autonat(false).memory_limit(None))
+                .build()
+                .await
+                .map_err(|e| e.to_string())?;
+            let reply: ByteBuf = fresh
+                .client()
+                .call("bench", "Bench.Echo", &ByteBuf::from(payload.clone()))
+                .await
+                .map_err(|e| format!("first call of fresh node {i}: {e}"))?;
+            samples.push(started.elapsed());
+            if reply.len() != payload.len() {
+                return Err("the first call's echo differs".into());
+            }
+            fresh.stop().await.map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(serde_json::json!({
+        "grpc_new_channel": percentiles(grpc_first.clone()),
+        "raw_new_connection": percentiles(raw_first.clone()),
+        "micromesh_new_node_by_name": percentiles(tcp_first.clone()),
+        "micromesh_new_node_by_name_quic": percentiles(quic_first.clone()),
+        "micromesh_over_grpc_p50": quantile_ms(&tcp_first, 0.5) / quantile_ms(&grpc_first, 0.5),
+        "micromesh_over_raw_p50": quantile_ms(&tcp_first, 0.5) / quantile_ms(&raw_first, 0.5),
+        "quic_over_tcp_p50": quantile_ms(&quic_first, 0.5) / quantile_ms(&tcp_first, 0.5),
+    }))
+}
+
+/// A new raw libp2p swarm dials the raw server and sends one request; returns once the
+/// response is in.
+async fn raw_first_response(raw: &RawPair, body: ByteBuf) -> Result<(), String> {
+    let mut swarm = raw_swarm()?;
+    swarm.dial(raw.addr.clone()).map_err(|e| e.to_string())?;
+    let deadline = tokio::time::sleep(Duration::from_secs(10));
+    tokio::pin!(deadline);
+    loop {
+        let event = tokio::select! {
+            event = swarm.select_next_some() => event,
+            () = &mut deadline => return Err("raw first response: no response within 10 s".into()),
+        };
+        match event {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == raw.server => {
+                swarm
+                    .behaviour_mut()
+                    .rr
+                    .send_request(&peer_id, body.clone());
+            }
+            SwarmEvent::OutgoingConnectionError { error, .. } => {
+                return Err(format!("raw first response: {error}"));
+            }
+            SwarmEvent::Behaviour(RawEvent::Rr(request_response::Event::Message {
+                message: request_response::Message::Response { .. },
+                ..
+            })) => return Ok(()),
+            SwarmEvent::Behaviour(RawEvent::Rr(request_response::Event::OutboundFailure {
+                error,
+                ..
+            })) => return Err(format!("raw first response: {error}")),
+            _ => {}
+        }
+    }
 }
 
 /// How many segments the stream measurement of a round is cut into, and how long each is.
@@ -236,7 +360,8 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
 
     let server = Service::builder("bench")
         .network("bench")
-        .listen("/ip4/127.0.0.1/tcp/0".parse().expect("valid"))
+        .listen(TCP.parse().expect("valid"))
+        .listen(QUIC.parse().expect("valid"))
         .configure_node(|n| n.mdns(false).upnp(false).autonat(false).memory_limit(None))
         .handle("Bench.Echo", |_: Context, body: ByteBuf| async move {
             Ok::<_, Status>(body)
@@ -254,23 +379,36 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
         .build()
         .await
         .map_err(|e| e.to_string())?;
-    let addr = server
+    let listening = server
         .node()
         .listen_addrs()
         .await
-        .map_err(|e| e.to_string())?
-        .remove(0);
-    let client_of = |name: &str, transport: micromesh::transport::Config| {
+        .map_err(|e| e.to_string())?;
+    let on = |quic: bool| {
+        listening
+            .iter()
+            .find(|a| is_quic(a) == quic)
+            .cloned()
+            .ok_or_else(|| {
+                format!(
+                    "the server does not listen on {}",
+                    if quic { QUIC } else { TCP }
+                )
+            })
+    };
+    let (addr, quic_addr) = (on(false)?, on(true)?);
+    let client_of = |name: &str, transport: micromesh::transport::Config, bootstrap: &Multiaddr| {
+        let listen = if is_quic(bootstrap) { QUIC } else { TCP };
         Service::builder(name)
             .network("bench")
             .register(false)
-            .listen("/ip4/127.0.0.1/tcp/0".parse().expect("valid"))
-            .bootstrap(addr.clone())
+            .listen(listen.parse().expect("valid"))
+            .bootstrap(bootstrap.clone())
             .configure_node(|n| n.mdns(false).upnp(false).autonat(false).memory_limit(None))
             .transport_config(transport)
             .build()
     };
-    let client = client_of("bench-client", Default::default())
+    let client = client_of("bench-client", Default::default(), &addr)
         .await
         .map_err(|e| e.to_string())?;
     // The same, with stream reuse off: every call opens and negotiates a stream, as
@@ -278,10 +416,15 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
     let fresh = client_of(
         "bench-client-fresh",
         micromesh::transport::Config::default().idle_timeout(Duration::ZERO),
+        &addr,
     )
     .await
     .map_err(|e| e.to_string())?;
-    for service in [&client, &fresh] {
+    // The same calls over QUIC.
+    let quic = client_of("bench-client-quic", Default::default(), &quic_addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    for service in [&client, &fresh, &quic] {
         let registry = service.registry().clone();
         wait_until(Duration::from_secs(20), || async {
             registry.get_service("bench").await.is_ok()
@@ -289,6 +432,19 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
         .await
         .map_err(|e| e.to_string())?;
     }
+    for (service, over_quic) in [(&client, false), (&quic, true)] {
+        let peers = service.node().peers().await.map_err(|e| e.to_string())?;
+        let to_server = peers.iter().find(|p| p.peer_id == server.peer_id());
+        if !to_server.is_some_and(|p| p.addresses.iter().all(|a| is_quic(a) == over_quic)) {
+            return Err(format!(
+                "{} is not connected over the transport it measures",
+                service.name()
+            ));
+        }
+    }
+
+    let grpc_addr = grpc::serve().await?;
+    let grpc_client = grpc::Client::connect(grpc_addr).await?;
 
     let mut report = serde_json::Map::new();
     for (label, size) in [("small", 64usize), ("64KiB", 64 * 1024)] {
@@ -303,6 +459,19 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
                     let (tx, rx) = oneshot::channel();
                     calls.send((payload, tx)).await.expect("raw client runs");
                     rx.await.expect("raw response");
+                })
+            })
+        };
+        let grpc_call: Call = {
+            let client = grpc_client.clone();
+            let payload = payload.to_vec();
+            Arc::new(move || {
+                let mut client = client.clone();
+                let payload = payload.clone();
+                Box::pin(async move {
+                    if let Err(e) = client.echo(payload).await {
+                        panic!("{e}");
+                    }
                 })
             })
         };
@@ -322,36 +491,93 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
                 })
             })
         };
-        let (mm_call, fresh_call) = (echo(&client), echo(&fresh));
+        let (mm_call, fresh_call, quic_call) = (echo(&client), echo(&fresh), echo(&quic));
         // Warm up every path.
         eprintln!("{label}: warm-up");
         paired_latencies(&raw_call, &mm_call, 200).await;
         paired_latencies(&raw_call, &fresh_call, 200).await;
-        let (mut raw_lat, mut mm_lat, mut raw_tput, mut mm_tput) =
+        paired_latencies(&grpc_call, &mm_call, 200).await;
+        paired_latencies(&mm_call, &quic_call, 200).await;
+        let (mut raw_lat, mut mm_lat, mut grpc_lat, mut mm_lat_vs_grpc) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut raw_lat_fresh, mut fresh_lat) = (Vec::new(), Vec::new());
+        let (mut raw_load, mut mm_load, mut grpc_load) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut tcp_lat, mut quic_lat, mut quic_load) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             let (raw, mm) = paired_latencies(&raw_call, &mm_call, 1000).await;
             raw_lat.extend(raw);
             mm_lat.extend(mm);
+            let (grpc, mm) = paired_latencies(&grpc_call, &mm_call, 1000).await;
+            grpc_lat.extend(grpc);
+            mm_lat_vs_grpc.extend(mm);
             let (raw, mm) = paired_latencies(&raw_call, &fresh_call, 1000).await;
             raw_lat_fresh.extend(raw);
             fresh_lat.extend(mm);
+            let (tcp, over_quic) = paired_latencies(&mm_call, &quic_call, 1000).await;
+            tcp_lat.extend(tcp);
+            quic_lat.extend(over_quic);
             eprintln!("{label}: throughput");
-            raw_tput.push(calls_per_second(&raw_call, 64, Duration::from_secs(3)).await);
-            mm_tput.push(calls_per_second(&mm_call, 64, Duration::from_secs(3)).await);
+            raw_load.push(load(&raw_call, 64, LOAD_RUN).await);
+            grpc_load.push(load(&grpc_call, 64, LOAD_RUN).await);
+            mm_load.push(load(&mm_call, 64, LOAD_RUN).await);
+            quic_load.push(load(&quic_call, 64, LOAD_RUN).await);
         }
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
         report.insert(label.into(), {
             let mut figures = latency_report(&raw_lat, &mm_lat);
             figures["payload_bytes"] = size.into();
-            figures["calls_per_second_64_in_flight"] =
-                serde_json::json!({ "raw": raw_tput, "micromesh": mm_tput });
-            figures["throughput_ratio"] = (mean(&mm_tput) / mean(&raw_tput)).into();
+            figures["calls_per_second_64_in_flight"] = serde_json::json!({
+                "raw": raw_load.iter().map(|l| l.calls_per_second).collect::<Vec<_>>(),
+                "micromesh": mm_load.iter().map(|l| l.calls_per_second).collect::<Vec<_>>(),
+                "grpc": grpc_load.iter().map(|l| l.calls_per_second).collect::<Vec<_>>(),
+            });
+            figures["cpu_us_per_call_64_in_flight"] = serde_json::json!({
+                "raw": mean_of(&raw_load, |l| l.cpu_us_per_call),
+                "micromesh": mean_of(&mm_load, |l| l.cpu_us_per_call),
+                "grpc": mean_of(&grpc_load, |l| l.cpu_us_per_call),
+            });
+            figures["throughput_ratio"] = (mean_of(&mm_load, |l| l.calls_per_second)
+                / mean_of(&raw_load, |l| l.calls_per_second))
+            .into();
             figures["new_stream_per_call"] = latency_report(&raw_lat_fresh, &fresh_lat);
+            figures["against_grpc"] = serde_json::json!({
+                "latency_c1": {
+                    "grpc": percentiles(grpc_lat.clone()),
+                    "micromesh": percentiles(mm_lat_vs_grpc.clone()),
+                },
+                "latency_p50_ratio": quantile_ms(&mm_lat_vs_grpc, 0.5) / quantile_ms(&grpc_lat, 0.5),
+                "latency_p99_ratio": quantile_ms(&mm_lat_vs_grpc, 0.99) / quantile_ms(&grpc_lat, 0.99),
+                "throughput_ratio": mean_of(&mm_load, |l| l.calls_per_second)
+                    / mean_of(&grpc_load, |l| l.calls_per_second),
+                "cpu_per_call_ratio": mean_of(&mm_load, |l| l.cpu_us_per_call)
+                    / mean_of(&grpc_load, |l| l.cpu_us_per_call),
+            });
+            figures["micromesh_quic_against_tcp"] = serde_json::json!({
+                "latency_c1": {
+                    "tcp": percentiles(tcp_lat.clone()),
+                    "quic": percentiles(quic_lat.clone()),
+                },
+                "calls_per_second_64_in_flight": quic_load.iter().map(|l| l.calls_per_second).collect::<Vec<_>>(),
+                "cpu_us_per_call_64_in_flight": mean_of(&quic_load, |l| l.cpu_us_per_call),
+                "latency_p50_ratio": quantile_ms(&quic_lat, 0.5) / quantile_ms(&tcp_lat, 0.5),
+                "throughput_ratio": mean_of(&quic_load, |l| l.calls_per_second)
+                    / mean_of(&mm_load, |l| l.calls_per_second),
+                "cpu_per_call_ratio": mean_of(&quic_load, |l| l.cpu_us_per_call)
+                    / mean_of(&mm_load, |l| l.cpu_us_per_call),
+            });
             figures
         });
     }
+
+    report.insert(
+        "first_response".into(),
+        first_responses(
+            &raw,
+            grpc_addr,
+            [&addr, &quic_addr],
+            FIRST_RESPONSES.max(rounds * 10),
+        )
+        .await?,
+    );
 
     // Streams: 64 KiB messages, 3 s per side and round, in six half-second segments that
     // alternate the sides (raw first, then micromesh first): a burst of load from elsewhere
@@ -386,13 +612,13 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
             "throughput_ratio": mean(&mm_mib) / mean(&raw_mib),
         }),
     );
-    for service in [client, fresh, server] {
+    for service in [client, fresh, quic, server] {
         service.stop().await.map_err(|e| e.to_string())?;
     }
     report.insert("scenario".into(), "rpc-bench".into());
     report.insert(
         "transport".into(),
-        "TCP loopback, TLS 1.3 (Noise as fallback), yamux, on both sides (raw side: libp2p request-response cbor and libp2p-stream)"
+        "TCP loopback; micromesh and raw libp2p: TLS 1.3 (Noise as fallback), yamux (raw side: libp2p request-response cbor and libp2p-stream); gRPC: tonic, cleartext HTTP/2"
             .into(),
     );
     Ok(serde_json::Value::Object(report))
