@@ -139,3 +139,17 @@ impl Client {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_baseline_echoes_small_and_large_bodies_over_one_channel() {
+        let addr = serve().await.unwrap();
+        let client = Client::connect(addr).await.unwrap();
+        for size in [0, 64, 64 * 1024, 5 << 20] {
+            client.clone().echo(vec![7; size]).await.unwrap();
+        }
+    }
+}
