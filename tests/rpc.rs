@@ -1054,3 +1054,54 @@ async fn a_message_published_inside_a_handler_carries_the_calls_trace() {
         "its parent is the handler's span"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_pinned_to_a_connected_peer_does_not_look_the_name_up() {
+    let network = "rpc-pinned";
+    // The service is not in any registry: only a pinned call can reach it.
+    let server = Service::builder("unlisted")
+        .preset(Preset::Local)
+        .network(network)
+        .register(false)
+        .handle("Greeter.Hello", hello)
+        .build()
+        .await
+        .unwrap();
+    let client = Service::builder("client")
+        .preset(Preset::Local)
+        .network(network)
+        .register(false)
+        .bootstrap(server.node().listen_addrs().await.unwrap().remove(0))
+        .build()
+        .await
+        .unwrap();
+    let (node, peer) = (client.node().clone(), server.peer_id());
+    wait_until(WAIT, || async { node.is_connected(&peer) })
+        .await
+        .unwrap();
+    const LOOKUPS: &str = "micromesh_registry_lookups_total";
+    let ada = HelloRequest { name: "Ada".into() };
+    let reply: HelloReply = client
+        .client()
+        .call_with(
+            "unlisted",
+            "Greeter.Hello",
+            &ada,
+            CallOptions::default().peer(peer),
+        )
+        .await
+        .unwrap();
+    assert!(reply.msg.starts_with("Hello, Ada"));
+    assert_eq!(testing::metric(client.node(), LOOKUPS), 0);
+    // Unpinned, the name is looked up, and nobody runs it.
+    let err = client
+        .client()
+        .call::<_, HelloReply>("unlisted", "Greeter.Hello", &ada)
+        .await
+        .unwrap_err();
+    assert_eq!(err.phase(), Phase::Resolve, "{err}");
+    assert_eq!(testing::metric(client.node(), LOOKUPS), 1);
+    for s in [client, server] {
+        s.stop().await.unwrap();
+    }
+}
