@@ -194,6 +194,18 @@ fn is_quic(addr: &Multiaddr) -> bool {
         .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
 }
 
+/// A client node of the benchmark's network that joins through `bootstrap` and listens on the
+/// same transport.
+fn joining(name: impl Into<String>, bootstrap: &Multiaddr) -> micromesh::service::Builder {
+    let listen = if is_quic(bootstrap) { QUIC } else { TCP };
+    Service::builder(name)
+        .network("bench")
+        .register(false)
+        .listen(listen.parse().expect("valid"))
+        .bootstrap(bootstrap.clone())
+        .configure_node(|n| n.mdns(false).upnp(false).autonat(false).memory_limit(None))
+}
+
 /// How long each load run (64 calls in flight) lasts.
 const LOAD_RUN: Duration = Duration::from_secs(3);
 /// How many fresh clients of each kind the first-response figure starts, at the least.
@@ -231,16 +243,7 @@ async fn first_responses(
 
         for (bootstrap, samples) in [(tcp, &mut tcp_first), (quic, &mut quic_first)] {
             let started = Instant::now();
-            let fresh = Service::builder(format!("bench-first-{i}"))
-                .network("bench")
-                .register(false)
-                .listen(
-                    if is_quic(bootstrap) { QUIC } else { TCP }
-                        .parse()
-                        .expect("valid"),
-                )
-                .bootstrap(bootstrap.clone())
-                .configure_node(|n| n.mdns(false).upnp(false).autonat(false).memory_limit(None))
+            let fresh = joining(format!("bench-first-{i}"), bootstrap)
                 .build()
                 .await
                 .map_err(|e| e.to_string())?;
@@ -398,15 +401,7 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
     };
     let (addr, quic_addr) = (on(false)?, on(true)?);
     let client_of = |name: &str, transport: micromesh::transport::Config, bootstrap: &Multiaddr| {
-        let listen = if is_quic(bootstrap) { QUIC } else { TCP };
-        Service::builder(name)
-            .network("bench")
-            .register(false)
-            .listen(listen.parse().expect("valid"))
-            .bootstrap(bootstrap.clone())
-            .configure_node(|n| n.mdns(false).upnp(false).autonat(false).memory_limit(None))
-            .transport_config(transport)
-            .build()
+        joining(name, bootstrap).transport_config(transport).build()
     };
     let client = client_of("bench-client", Default::default(), &addr)
         .await
