@@ -65,11 +65,16 @@ async fn a_registration_reaches_twenty_nodes_within_a_second() {
     cluster.shutdown().await.unwrap();
 }
 
+/// A registry that re-announces only every 5 minutes and syncs no views with new peers: a
+/// newcomer learns a name only by asking for it.
+fn asked_only() -> registry::Config {
+    registry::Config::with_announce_interval(Duration::from_secs(300)).initial_syncs(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_joiner_finds_a_service_through_the_dht_at_once() {
-    // Announcements every 5 minutes and no view syncs: only the DHT can tell the newcomer.
-    let config =
-        registry::Config::with_announce_interval(Duration::from_secs(300)).initial_syncs(0);
+    // Only the DHT can tell the newcomer.
+    let config = asked_only();
     let mut cluster = Cluster::builder()
         .size(6)
         .network("late")
@@ -132,9 +137,7 @@ async fn a_late_joiner_finds_a_service_through_the_dht_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_node_resolves_a_name_through_its_bootstrap_peer_without_the_dht() {
-    // No view syncs and no re-announcements: a newcomer learns the name only by asking.
-    let config =
-        registry::Config::with_announce_interval(Duration::from_secs(300)).initial_syncs(0);
+    let config = asked_only();
     let mut cluster = Cluster::builder()
         .size(1)
         .network("ask-neighbours")

@@ -1057,37 +1057,31 @@ async fn a_message_published_inside_a_handler_carries_the_calls_trace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_pinned_to_a_connected_peer_does_not_look_the_name_up() {
-    let network = "rpc-pinned";
-    // The service is not in any registry: only a pinned call can reach it.
-    let server = Service::builder("unlisted")
-        .preset(Preset::Local)
-        .network(network)
-        .register(false)
-        .handle("Greeter.Hello", hello)
+    // Cluster members register nothing: only a pinned call can reach member 0's endpoint.
+    let cluster = testing::Cluster::builder()
+        .size(2)
+        .network("rpc-pinned")
+        .configure(|i, b| {
+            if i == 0 {
+                b.handle("Greeter.Hello", hello)
+            } else {
+                b
+            }
+        })
         .build()
         .await
         .unwrap();
-    let client = Service::builder("client")
-        .preset(Preset::Local)
-        .network(network)
-        .register(false)
-        .bootstrap(server.node().listen_addrs().await.unwrap().remove(0))
-        .build()
-        .await
-        .unwrap();
-    let (node, peer) = (client.node().clone(), server.peer_id());
-    wait_until(WAIT, || async { node.is_connected(&peer) })
-        .await
-        .unwrap();
+    let (client, server) = (cluster.service(1), cluster.node(0).peer_id());
+    let unlisted = cluster.service(0).name();
     const LOOKUPS: &str = "micromesh_registry_lookups_total";
     let ada = HelloRequest { name: "Ada".into() };
     let reply: HelloReply = client
         .client()
         .call_with(
-            "unlisted",
+            unlisted,
             "Greeter.Hello",
             &ada,
-            CallOptions::default().peer(peer),
+            CallOptions::default().peer(server),
         )
         .await
         .unwrap();
@@ -1096,12 +1090,10 @@ async fn a_call_pinned_to_a_connected_peer_does_not_look_the_name_up() {
     // Unpinned, the name is looked up, and nobody runs it.
     let err = client
         .client()
-        .call::<_, HelloReply>("unlisted", "Greeter.Hello", &ada)
+        .call::<_, HelloReply>(unlisted, "Greeter.Hello", &ada)
         .await
         .unwrap_err();
     assert_eq!(err.phase(), Phase::Resolve, "{err}");
     assert_eq!(testing::metric(client.node(), LOOKUPS), 1);
-    for s in [client, server] {
-        s.stop().await.unwrap();
-    }
+    cluster.shutdown().await.unwrap();
 }
