@@ -165,6 +165,17 @@ pub(crate) struct Load {
     pub(crate) cpu_us_per_call: f64,
 }
 
+impl Load {
+    /// The mean of each figure over `runs`.
+    pub(crate) fn mean(runs: &[Load]) -> Load {
+        let n = runs.len().max(1) as f64;
+        Load {
+            calls_per_second: runs.iter().map(|l| l.calls_per_second).sum::<f64>() / n,
+            cpu_us_per_call: runs.iter().map(|l| l.cpu_us_per_call).sum::<f64>() / n,
+        }
+    }
+}
+
 /// Runs `call` with `in_flight` calls kept running for `duration`: calls per second, and the
 /// process's CPU time per call.
 pub(crate) async fn load(call: &Call, in_flight: usize, duration: Duration) -> Load {

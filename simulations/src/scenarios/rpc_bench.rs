@@ -211,8 +211,27 @@ const LOAD_RUN: Duration = Duration::from_secs(3);
 /// How many fresh clients of each kind the first-response figure starts, at the least.
 const FIRST_RESPONSES: usize = 30;
 
-fn mean_of(loads: &[Load], figure: impl Fn(&Load) -> f64) -> f64 {
-    loads.iter().map(figure).sum::<f64>() / loads.len().max(1) as f64
+/// One side of a comparison: its name, its latencies at concurrency 1 and its load runs.
+type Side<'a> = (&'a str, &'a [Duration], &'a [Load]);
+
+/// Side `a` against side `b` (whose latencies were sampled in pairs): both sides' figures, and
+/// `a`'s over `b`'s as ratios.
+fn against(
+    (a, a_latency, a_load): Side<'_>,
+    (b, b_latency, b_load): Side<'_>,
+) -> serde_json::Value {
+    let (a_mean, b_mean) = (Load::mean(a_load), Load::mean(b_load));
+    let calls_per_second =
+        |loads: &[Load]| loads.iter().map(|l| l.calls_per_second).collect::<Vec<_>>();
+    serde_json::json!({
+        "latency_c1": { a: percentiles(a_latency.to_vec()), b: percentiles(b_latency.to_vec()) },
+        "calls_per_second_64_in_flight": { a: calls_per_second(a_load), b: calls_per_second(b_load) },
+        "cpu_us_per_call_64_in_flight": { a: a_mean.cpu_us_per_call, b: b_mean.cpu_us_per_call },
+        "latency_p50_ratio": quantile_ms(a_latency, 0.5) / quantile_ms(b_latency, 0.5),
+        "latency_p99_ratio": quantile_ms(a_latency, 0.99) / quantile_ms(b_latency, 0.99),
+        "throughput_ratio": a_mean.calls_per_second / b_mean.calls_per_second,
+        "cpu_per_call_ratio": a_mean.cpu_us_per_call / b_mean.cpu_us_per_call,
+    })
 }
 
 /// From nothing to the first response, `n` times for each side in turn (so load from elsewhere
@@ -523,42 +542,17 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
             figures["calls_per_second_64_in_flight"] = serde_json::json!({
                 "raw": raw_load.iter().map(|l| l.calls_per_second).collect::<Vec<_>>(),
                 "micromesh": mm_load.iter().map(|l| l.calls_per_second).collect::<Vec<_>>(),
-                "grpc": grpc_load.iter().map(|l| l.calls_per_second).collect::<Vec<_>>(),
             });
-            figures["cpu_us_per_call_64_in_flight"] = serde_json::json!({
-                "raw": mean_of(&raw_load, |l| l.cpu_us_per_call),
-                "micromesh": mean_of(&mm_load, |l| l.cpu_us_per_call),
-                "grpc": mean_of(&grpc_load, |l| l.cpu_us_per_call),
-            });
-            figures["throughput_ratio"] = (mean_of(&mm_load, |l| l.calls_per_second)
-                / mean_of(&raw_load, |l| l.calls_per_second))
-            .into();
+            figures["throughput_ratio"] = (Load::mean(&mm_load).calls_per_second
+                / Load::mean(&raw_load).calls_per_second)
+                .into();
             figures["new_stream_per_call"] = latency_report(&raw_lat_fresh, &fresh_lat);
-            figures["against_grpc"] = serde_json::json!({
-                "latency_c1": {
-                    "grpc": percentiles(grpc_lat.clone()),
-                    "micromesh": percentiles(mm_lat_vs_grpc.clone()),
-                },
-                "latency_p50_ratio": quantile_ms(&mm_lat_vs_grpc, 0.5) / quantile_ms(&grpc_lat, 0.5),
-                "latency_p99_ratio": quantile_ms(&mm_lat_vs_grpc, 0.99) / quantile_ms(&grpc_lat, 0.99),
-                "throughput_ratio": mean_of(&mm_load, |l| l.calls_per_second)
-                    / mean_of(&grpc_load, |l| l.calls_per_second),
-                "cpu_per_call_ratio": mean_of(&mm_load, |l| l.cpu_us_per_call)
-                    / mean_of(&grpc_load, |l| l.cpu_us_per_call),
-            });
-            figures["micromesh_quic_against_tcp"] = serde_json::json!({
-                "latency_c1": {
-                    "tcp": percentiles(tcp_lat.clone()),
-                    "quic": percentiles(quic_lat.clone()),
-                },
-                "calls_per_second_64_in_flight": quic_load.iter().map(|l| l.calls_per_second).collect::<Vec<_>>(),
-                "cpu_us_per_call_64_in_flight": mean_of(&quic_load, |l| l.cpu_us_per_call),
-                "latency_p50_ratio": quantile_ms(&quic_lat, 0.5) / quantile_ms(&tcp_lat, 0.5),
-                "throughput_ratio": mean_of(&quic_load, |l| l.calls_per_second)
-                    / mean_of(&mm_load, |l| l.calls_per_second),
-                "cpu_per_call_ratio": mean_of(&quic_load, |l| l.cpu_us_per_call)
-                    / mean_of(&mm_load, |l| l.cpu_us_per_call),
-            });
+            figures["against_grpc"] = against(
+                ("micromesh", &mm_lat_vs_grpc, &mm_load),
+                ("grpc", &grpc_lat, &grpc_load),
+            );
+            figures["micromesh_quic_against_tcp"] =
+                against(("quic", &quic_lat, &quic_load), ("tcp", &tcp_lat, &mm_load));
             figures
         });
     }
@@ -617,4 +611,32 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
             .into(),
     );
     Ok(serde_json::Value::Object(report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_comparison_names_both_sides_and_divides_the_first_by_the_second() {
+        let ms = Duration::from_millis;
+        let load = |calls_per_second, cpu_us_per_call| Load {
+            calls_per_second,
+            cpu_us_per_call,
+        };
+        let figures = against(
+            (
+                "quic",
+                &[ms(2), ms(2), ms(4)],
+                &[load(50.0, 30.0), load(150.0, 10.0)],
+            ),
+            ("tcp", &[ms(1), ms(1), ms(2)], &[load(200.0, 10.0)]),
+        );
+        assert_eq!(figures["latency_c1"]["quic"]["p50_ms"], 2.0);
+        assert_eq!(figures["latency_c1"]["tcp"]["p50_ms"], 1.0);
+        assert_eq!(figures["cpu_us_per_call_64_in_flight"]["quic"], 20.0);
+        assert_eq!(figures["latency_p50_ratio"], 2.0);
+        assert_eq!(figures["throughput_ratio"], 0.5);
+        assert_eq!(figures["cpu_per_call_ratio"], 2.0);
+    }
 }
