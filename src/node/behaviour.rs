@@ -280,6 +280,13 @@ fn private_tcp_transport(
     )
 }
 
+/// A transport's security upgrade made of a config built once, in the form the swarm builder
+/// takes (a constructor from the node's key).
+fn shared<T: Clone>(config: &T) -> impl FnOnce(&Keypair) -> Result<T, std::convert::Infallible> {
+    let config = config.clone();
+    move |_| Ok(config)
+}
+
 /// Builds the swarm: transports (QUIC, TCP with TLS or Noise, memory, DNS, relay circuits),
 /// bandwidth metrics, and the behaviour.
 pub(crate) fn build_swarm(
@@ -328,23 +335,15 @@ pub(crate) fn build_swarm(
     // A security config costs key generation and signatures (a TLS one, two certificates):
     // the transports share one of each, which halves the CPU a node spends starting.
     let noise = noise::Config::new(&key).map_err(transport_error)?;
-    let shared_noise = |noise: &noise::Config| {
-        let noise = noise.clone();
-        move |_: &Keypair| Ok::<_, std::convert::Infallible>(noise)
-    };
     let builder = SwarmBuilder::with_existing_identity(key.clone()).with_tokio();
     match config.psk {
         None => {
             let tls = tls::Config::new(&key).map_err(transport_error)?;
-            let shared_tls = |tls: &tls::Config| {
-                let tls = tls.clone();
-                move |_: &Keypair| Ok::<_, std::convert::Infallible>(tls)
-            };
             finish!(
                 builder
                     .with_tcp(
                         tcp::Config::default().nodelay(true),
-                        (shared_tls(&tls), shared_noise(&noise)),
+                        (shared(&tls), shared(&noise)),
                         yamux::Config::default,
                     )
                     .map_err(transport_error)?
@@ -361,10 +360,7 @@ pub(crate) fn build_swarm(
                     .map_err(transport_error)?
                     .with_dns()
                     .map_err(transport_error)?
-                    .with_relay_client(
-                        (shared_tls(&tls), shared_noise(&noise)),
-                        yamux::Config::default
-                    )
+                    .with_relay_client((shared(&tls), shared(&noise)), yamux::Config::default)
                     .map_err(transport_error)?
             )
         }
@@ -374,7 +370,7 @@ pub(crate) fn build_swarm(
                 .map_err(transport_error)?
                 .with_dns()
                 .map_err(transport_error)?
-                .with_relay_client(shared_noise(&noise), yamux::Config::default)
+                .with_relay_client(shared(&noise), yamux::Config::default)
                 .map_err(transport_error)?
         ),
     }
