@@ -743,7 +743,17 @@ async fn unary_calls_follow_one_another_on_one_stream_until_it_fails_or_idles() 
         .build()
         .await
         .unwrap();
-    let client = mesh.client().await;
+    // A client that does not listen: the only connection between it and the server is the one
+    // it dials. (The server, publishing its provider record, may otherwise dial a listening
+    // client at the moment the client dials it; calls then move to the newer connection, and
+    // a new stream, which this test must not mistake for a stream not kept.)
+    let client = mesh
+        .service("client")
+        .register(false)
+        .configure_node(|n| n.no_listen())
+        .build()
+        .await
+        .unwrap();
     resolvable(&client, "greeter", 1).await;
     let c = client.client();
     let greet = |name: &str| {
