@@ -970,6 +970,19 @@ async fn calls_move_from_a_relayed_connection_to_a_direct_one() {
         greet("relayed").await.unwrap();
     }
     assert_eq!(testing::metric(server.node(), STREAMS), 1);
+    // The server sees the connection as relayed too (libp2p names its remote bare `/p2p/…`).
+    let server_side = server.node().peers().await.unwrap();
+    let from_client = &server_side
+        .iter()
+        .find(|p| p.peer_id == client.node().peer_id())
+        .unwrap()
+        .addresses;
+    assert!(
+        from_client
+            .iter()
+            .all(|a| a.to_string().contains("/p2p-circuit/p2p/")),
+        "{from_client:?}"
+    );
 
     // Once a direct connection exists, the kept stream on the relayed one is dropped and
     // calls go direct, again on one kept stream.

@@ -72,7 +72,7 @@ pub(crate) struct Behaviour {
 pub(crate) struct Optional {
     pub(crate) memory_limits: Toggle<memory_connection_limits::Behaviour>,
     pub(crate) autonat: Toggle<autonat::Behaviour>,
-    pub(crate) relay_server: Toggle<relay::Behaviour>,
+    pub(crate) relay_server: Toggle<super::relay_service::RelayService>,
     pub(crate) upnp: Toggle<upnp::tokio::Behaviour>,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
 }
@@ -174,11 +174,24 @@ impl Behaviour {
                 peer_id,
                 autonat::Config {
                     only_global_ips: !config.private_addresses_are_public,
+                    // libp2p waits 15 s before its first probe, and 90 s between probes while
+                    // it has no verdict: a node behind a NAT would wait that long for relays.
+                    boot_delay: Duration::from_secs(1),
+                    retry_interval: Duration::from_secs(15),
                     ..Default::default()
                 },
             )
         }));
-        let relay_server = Toggle::from(config.relay_server.then(|| {
+        // Offered always, never, or (the default with AutoNAT) while AutoNAT finds the node
+        // reachable: the event loop enables it then. (libp2p's own rule, "while an external
+        // address is confirmed", would count the addresses of the node's own relays, and turn
+        // every node behind a NAT into a relay nobody can reach.)
+        let relay_status = match config.relay_server {
+            Some(true) => Some(relay::Status::Enable),
+            Some(false) => None,
+            None => config.autonat.then_some(relay::Status::Disable),
+        };
+        let relay_server = Toggle::from(relay_status.map(|status| {
             let mut relay = relay::Behaviour::new(
                 peer_id,
                 relay::Config {
@@ -189,8 +202,8 @@ impl Behaviour {
                     ..Default::default()
                 },
             );
-            relay.set_status(Some(relay::Status::Enable));
-            relay
+            relay.set_status(Some(status));
+            super::relay_service::RelayService::new(relay)
         }));
         let upnp = Toggle::from(config.upnp.then(upnp::tokio::Behaviour::default));
         let mdns = Toggle::from(if config.mdns {

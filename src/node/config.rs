@@ -127,7 +127,9 @@ pub(crate) struct Config {
     pub(crate) upnp: bool,
     pub(crate) autonat: bool,
     pub(crate) private_addresses_are_public: bool,
-    pub(crate) relay_server: bool,
+    /// `None`: offer relay service while reachable, when AutoNAT runs.
+    pub(crate) relay_server: Option<bool>,
+    pub(crate) auto_relays: usize,
     pub(crate) memory_limit: Option<f64>,
     pub(crate) psk: Option<PreSharedKey>,
     pub(crate) dht_mode: DhtMode,
@@ -190,7 +192,8 @@ impl Config {
             upnp: !local,
             autonat: !local,
             private_addresses_are_public: false,
-            relay_server: false,
+            relay_server: None,
+            auto_relays: 2,
             memory_limit: (!local).then_some(0.9),
             psk: None,
             dht_mode: DhtMode::Auto,
@@ -435,9 +438,37 @@ impl Builder {
         self
     }
 
-    /// Offers circuit-relay service to peers that cannot be reached directly. Default is off.
+    /// Offers circuit-relay service to peers that cannot be reached directly (`true`), or never
+    /// (`false`). By default a node with AutoNAT on offers it while it has an external address
+    /// confirmed, that is while AutoNAT finds it publicly reachable: the public nodes of a mesh
+    /// are its relays, and no dedicated relay server is needed. Without AutoNAT
+    /// ([`Preset::Local`]) the default is off.
+    ///
+    /// A circuit lasts up to an hour and carries up to 1 GiB, sized for calls and streams
+    /// rather than for hole-punch coordination alone (libp2p's defaults are 2 minutes and
+    /// 128 KiB).
+    ///
+    /// ```
+    /// # use micromesh::node::Node;
+    /// let never = Node::builder().relay_server(false);
+    /// ```
     pub fn relay_server(mut self, on: bool) -> Self {
-        self.config.relay_server = on;
+        self.config.relay_server = Some(on);
+        self
+    }
+
+    /// How many relays a node that AutoNAT has not found publicly reachable listens through
+    /// (see [`crate::node`], "Across NATs"). The relays are connected peers that offer relay
+    /// service; none is configured. A relay that leaves is replaced, and a node found reachable
+    /// gives its relays up. 0 turns this off. Default is 2; it needs AutoNAT
+    /// ([`Builder::autonat`]).
+    ///
+    /// ```
+    /// # use micromesh::node::Node;
+    /// let one_relay = Node::builder().auto_relays(1);
+    /// ```
+    pub fn auto_relays(mut self, relays: usize) -> Self {
+        self.config.auto_relays = relays;
         self
     }
 

@@ -20,7 +20,7 @@ use libp2p::{
     mdns,
     metrics::Recorder as _,
     multiaddr::Protocol,
-    ping,
+    ping, relay,
     swarm::{ConnectionId, SwarmEvent, dial_opts::DialOpts},
     upnp,
 };
@@ -36,7 +36,7 @@ use super::{
     dial_error,
     gossip::{self, Delivery, Subscriber, Validation},
     metrics::NodeMetrics,
-    scoring, streams, tasks, validation,
+    relays, scoring, streams, tasks, validation,
 };
 
 /// How long a shutdown waits for connections to close gracefully.
@@ -177,6 +177,14 @@ pub(crate) struct EventLoop {
     departed: HashSet<PeerId>,
     /// The owner of the node's background tasks.
     tasks: tasks::Tasks,
+    /// The relays this node listens through while it is not known to be reachable.
+    relays: relays::AutoRelay,
+    /// Whether a peer reached only through a relay is dialled at the direct addresses it
+    /// reports (with AutoNAT on: where NATs are expected).
+    dial_past_relays: bool,
+    /// Whether relay service is offered exactly while AutoNAT finds the node reachable (the
+    /// default), rather than always or never.
+    relay_server_follows_reachability: bool,
 }
 
 type Probe = (Instant, Multiaddr, oneshot::Sender<Result<PeerId, Error>>);
@@ -253,6 +261,13 @@ impl EventLoop {
             leave_protocol: leave_protocol(&config.network),
             departed: HashSet::new(),
             tasks,
+            relays: relays::AutoRelay::new(if config.autonat {
+                config.auto_relays
+            } else {
+                0
+            }),
+            dial_past_relays: config.autonat,
+            relay_server_follows_reachability: config.relay_server.is_none() && config.autonat,
         }
     }
 
@@ -299,10 +314,7 @@ impl EventLoop {
         // joins the mesh while its listeners come up rather than after. A relayed listening
         // address connects to its relay itself, and a dial of the same peer at the same time
         // would race that connection: such a node dials once it listens.
-        let relayed = config
-            .listen
-            .iter()
-            .any(|addr| addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)));
+        let relayed = config.listen.iter().any(relays::is_relayed);
         if !relayed {
             self.dial_bootstrap_peers();
         }
@@ -673,6 +685,15 @@ impl EventLoop {
         match command {
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.listen_addrs.clone());
+            }
+            Command::ExternalAddrs { reply } => {
+                let me = *self.swarm.local_peer_id();
+                let addrs = self
+                    .swarm
+                    .external_addresses()
+                    .map(|a| a.clone().with_p2p(me).unwrap_or_else(|a| a))
+                    .collect();
+                let _ = reply.send(addrs);
             }
             Command::Dial { addr, reply } => self.dial(addr, reply),
             Command::Probe { peer, addrs, reply } => {
@@ -1110,7 +1131,10 @@ impl EventLoop {
         self.metrics.record(&event);
         match event {
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
-            SwarmEvent::NewListenAddr { address, .. } => {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
                 let address = address
                     .with_p2p(*self.swarm.local_peer_id())
                     .unwrap_or_else(|a| a);
@@ -1119,6 +1143,8 @@ impl EventLoop {
                     self.listen_addrs.push(address.clone());
                 }
                 self.emit(Event::ListenAddr { address });
+                let actions = self.relays.on_granted(listener_id);
+                self.apply(actions);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 let address = address
@@ -1134,7 +1160,7 @@ impl EventLoop {
                 num_established,
                 ..
             } => {
-                let address = endpoint.get_remote_address().clone();
+                let address = remote_address(&endpoint, peer_id);
                 tracing::debug!(peer = %peer_id, %address, "connection established");
                 self.peers
                     .entry(peer_id)
@@ -1194,6 +1220,7 @@ impl EventLoop {
                     state.connections.remove(&connection_id);
                 }
                 if num_established == 0 {
+                    self.relays.on_disconnected(&peer_id);
                     self.connected
                         .write()
                         .unwrap_or_else(|e| e.into_inner())
@@ -1289,12 +1316,23 @@ impl EventLoop {
             }
             SwarmEvent::ListenerError { error, .. } => tracing::warn!("listener error: {error}"),
             SwarmEvent::ListenerClosed {
+                listener_id,
                 addresses,
-                reason: Err(e),
-                ..
-            } => tracing::warn!(?addresses, "listener closed: {e}"),
+                reason,
+            } => {
+                if let Err(e) = &reason {
+                    tracing::warn!(?addresses, "listener closed: {e}");
+                }
+                let actions = self.relays.on_listener_closed(listener_id, reason.is_err());
+                self.apply(actions);
+            }
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 tracing::info!(%address, "external address confirmed");
+                self.emit(Event::ExternalAddrsChanged);
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                tracing::info!(%address, "external address expired");
+                self.emit(Event::ExternalAddrsChanged);
             }
             _ => {}
         }
@@ -1394,6 +1432,12 @@ impl EventLoop {
                 new,
             })) => {
                 tracing::info!(?old, ?new, "reachability changed");
+                let public = matches!(new, autonat::NatStatus::Public(_));
+                let actions = self.relays.on_reachability(public);
+                self.apply(actions);
+                if self.relay_server_follows_reachability {
+                    self.offer_relay_service(public);
+                }
                 if self.dht_mode == DhtMode::Auto {
                     match new {
                         autonat::NatStatus::Public(_) => self.set_dht_server(true),
@@ -1422,6 +1466,76 @@ impl EventLoop {
         }
     }
 
+    /// Offers relay service to others, or stops offering it (the circuits open go on).
+    fn offer_relay_service(&mut self, on: bool) {
+        if let Some(relay) = self
+            .swarm
+            .behaviour_mut()
+            .optional
+            .as_mut()
+            .and_then(|o| o.relay_server.as_mut())
+        {
+            tracing::info!(on, "relay service");
+            relay.set_status(Some(if on {
+                relay::Status::Enable
+            } else {
+                relay::Status::Disable
+            }));
+        }
+    }
+
+    /// Carries out what the relays found through the mesh need.
+    fn apply(&mut self, actions: Vec<relays::Action>) {
+        for action in actions {
+            match action {
+                relays::Action::Listen(relay, circuit) => {
+                    match self.swarm.listen_on(circuit.clone()) {
+                        Ok(listener) => {
+                            tracing::info!(%relay, "reserving a slot on a relay");
+                            self.relays.on_listening(relay, listener);
+                        }
+                        Err(e) => {
+                            tracing::debug!(%circuit, "cannot listen through the relay: {e}");
+                            self.relays.on_listen_failed(&relay);
+                        }
+                    }
+                }
+                relays::Action::Stop(listener) => {
+                    tracing::info!("reachable: giving a relay up");
+                    self.swarm.remove_listener(listener);
+                }
+            }
+        }
+    }
+
+    /// A peer reached only through a relay may be reachable directly: behind a NAT that lets
+    /// anyone in once it has a mapping (a full cone), or with a port forward. DCUtR does not
+    /// find that when the other side's NAT is symmetric (over QUIC only one side dials), so
+    /// this node dials the direct addresses the peer reports, each time it reports them.
+    fn dial_past_relay(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
+        let only_relayed = self.peers.get(&peer).is_some_and(|state| {
+            !state.connections.is_empty() && state.connections.values().all(relays::is_relayed)
+        });
+        let direct: Vec<Multiaddr> = addrs
+            .iter()
+            .filter(|a| !relays::is_relayed(a))
+            .cloned()
+            .collect();
+        if !self.dial_past_relays || !only_relayed || direct.is_empty() {
+            return;
+        }
+        // Whatever else is dialling the peer: DCUtR's hole punch over QUIC is a dial that
+        // cannot succeed when this side's NAT is symmetric.
+        let opts = DialOpts::peer_id(peer)
+            .addresses(direct)
+            .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+            .build();
+        tracing::debug!(%peer, "reached through a relay only: dialling it directly");
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, "cannot dial past the relay: {e}");
+        }
+    }
+
     fn on_identified(&mut self, peer: PeerId, connection: ConnectionId, info: identify::Info) {
         let same_network = info.protocols.contains(&self.kad_protocol);
         let remote = self
@@ -1435,10 +1549,17 @@ impl EventLoop {
             .unwrap_or_default();
         if same_network {
             let remote_is_loopback = remote.as_ref().is_some_and(is_loopback);
-            for addr in info.listen_addrs {
-                if is_unspecified(&addr) || (!remote_is_loopback && is_loopback(&addr)) {
-                    continue;
-                }
+            let reachable: Vec<Multiaddr> = info
+                .listen_addrs
+                .into_iter()
+                .filter(|a| !is_unspecified(a) && (remote_is_loopback || !is_loopback(a)))
+                .collect();
+            let offers_relay = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
+            let relay_addr = reachable.iter().find(|a| !relays::is_relayed(a)).cloned();
+            let actions = self.relays.on_identified(peer, offers_relay, relay_addr);
+            self.apply(actions);
+            self.dial_past_relay(peer, &reachable);
+            for addr in reachable {
                 self.swarm.behaviour_mut().kad.add_address(&peer, addr);
             }
             if !self.dht_bootstrapped {
@@ -1827,6 +1948,26 @@ pub(crate) fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
 fn is_quic(addr: &Multiaddr) -> bool {
     addr.iter()
         .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
+}
+
+/// The address a connection to `peer` reaches it at. libp2p gives a connection that came in
+/// through a relay the bare `/p2p/<peer>` as its remote address; this node names it
+/// `<relay address>/p2p-circuit/p2p/<peer>` instead, so that it reads, and counts, as relayed.
+fn remote_address(endpoint: &libp2p::core::ConnectedPoint, peer: PeerId) -> Multiaddr {
+    let remote = endpoint.get_remote_address();
+    match endpoint {
+        libp2p::core::ConnectedPoint::Listener { local_addr, .. }
+            if endpoint.is_relayed() && !relays::is_relayed(remote) =>
+        {
+            let mut via: Multiaddr = local_addr
+                .iter()
+                .take_while(|p| !matches!(p, Protocol::P2pCircuit))
+                .collect();
+            via.push(Protocol::P2pCircuit);
+            via.with(Protocol::P2p(peer))
+        }
+        _ => remote.clone(),
+    }
 }
 
 fn is_loopback(addr: &Multiaddr) -> bool {

@@ -24,6 +24,23 @@
 //! b.shutdown().await;
 //! # Ok(()) }
 //! ```
+//!
+//! # Across NATs
+//!
+//! With [`Preset::Production`] a node finds out by itself whether peers can dial it (AutoNAT,
+//! asking connected peers to dial it back) and acts on the answer, with no server to configure:
+//!
+//! - a node found publicly reachable offers circuit-relay service to the others
+//!   ([`Builder::relay_server`]) and serves the DHT;
+//! - a node not found reachable reserves a slot on up to two connected peers that offer relay
+//!   service ([`Builder::auto_relays`]) and listens on their `/p2p-circuit` addresses, which
+//!   its registry announcements carry; a relay that leaves is replaced;
+//! - a peer that reaches it through a relay is upgraded to a direct connection by hole
+//!   punching (DCUtR) when the two NATs allow it, and calls move to the direct connection as
+//!   soon as it exists.
+//!
+//! The repository's NAT lab (`simulations`, `nat-lab`) measures this across Linux network
+//! namespaces with NAT routers of several kinds; the README has its matrix.
 
 mod behaviour;
 mod config;
@@ -34,6 +51,8 @@ pub mod gossip;
 mod keep_alive;
 mod metrics;
 pub(crate) mod records;
+mod relay_service;
+mod relays;
 mod scoring;
 pub(crate) mod streams;
 mod tasks;
@@ -304,6 +323,9 @@ pub enum Event {
         /// The address.
         address: Multiaddr,
     },
+    /// An address was confirmed to reach this node from outside (see
+    /// [`Node::external_addrs`]), or one such stopped being confirmed.
+    ExternalAddrsChanged,
     /// A connected peer told this node it subscribes to a gossip topic of the network (as
     /// gossipsub learns it, on connect and on every change). Topics starting with `_` are
     /// micromesh's own (the registry, queue-group membership).
@@ -364,6 +386,9 @@ pub(crate) struct FoundRecord {
 /// Commands from handles to the event loop.
 pub(crate) enum Command {
     ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    ExternalAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
     Dial {
@@ -745,6 +770,34 @@ impl Node {
     /// [`Error::Stopped`] once the node has stopped.
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, Error> {
         self.request(|reply| Command::ListenAddrs { reply }).await
+    }
+
+    /// The addresses confirmed to reach this node from outside, each ending in
+    /// `/p2p/<peer id>`: found reachable by AutoNAT, mapped by UPnP, or given with
+    /// [`Builder::external_address`]. Behind a NAT that lets peers in (a port forward, a
+    /// full-cone NAT) these are the router's addresses, not the ones the node listens on.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), micromesh::node::Error> {
+    /// use micromesh::node::{Node, Preset};
+    ///
+    /// let advertised: micromesh::Multiaddr = "/memory/424242".parse().unwrap();
+    /// let node = Node::builder()
+    ///     .preset(Preset::Local)
+    ///     .external_address(advertised.clone())
+    ///     .build()
+    ///     .await?;
+    /// let external = node.external_addrs().await?;
+    /// assert_eq!(external, [advertised.with_p2p(node.peer_id()).unwrap()]);
+    /// node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Stopped`] once the node has stopped.
+    pub async fn external_addrs(&self) -> Result<Vec<Multiaddr>, Error> {
+        self.request(|reply| Command::ExternalAddrs { reply }).await
     }
 
     /// Connects to `addr` (or returns at once if already connected to the peer it names) and

@@ -596,12 +596,17 @@ impl Registry {
         self.state().own.values().cloned().collect()
     }
 
+    /// The addresses to announce: those confirmed from outside first (behind a NAT that lets
+    /// peers in, the only ones that work), then the listen addresses.
     async fn own_addrs(&self) -> Result<Vec<Multiaddr>, Error> {
-        Ok(self
-            .inner
-            .node
-            .listen_addrs()
-            .await?
+        let node = &self.inner.node;
+        let mut addrs = node.external_addrs().await?;
+        for addr in node.listen_addrs().await? {
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
+        Ok(addrs
             .into_iter()
             .map(|mut a| {
                 if matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {

@@ -94,6 +94,15 @@ async fn run(
                     let node = registry.node();
                     node.spawn_task("registry", check(registry.clone(), peer_id, true, probing.clone()));
                 }
+                // Peers reach this node's services at the addresses announced: a new one (a
+                // relay's, once a reservation is granted) or one gone is announced at once.
+                Ok(Event::ListenAddr { .. } | Event::ListenAddrExpired { .. } | Event::ExternalAddrsChanged)
+                    if registry.has_registrations() =>
+                {
+                    if let Err(e) = registry.announce().await {
+                        tracing::debug!("cannot announce new addresses: {e}");
+                    }
+                }
                 Ok(Event::PeerIdentified { peer_id, same_network: true }) if synced < registry.config().initial_syncs => {
                     synced += 1;
                     let task = registry.clone();

@@ -46,10 +46,18 @@ pub(crate) struct NodeArgs {
     /// Do not probe reachability with AutoNAT.
     #[arg(long, env = "MICROMESH_NO_AUTONAT")]
     no_autonat: bool,
-    /// Offer circuit-relay service to peers behind NAT. A relay needs an address peers reach
-    /// it at: one confirmed by AutoNAT, or one given with `--advertise`.
-    #[arg(long, env = "MICROMESH_RELAY")]
+    /// Offer circuit-relay service to peers behind NAT even before AutoNAT confirms an address
+    /// (by default a node offers it while AutoNAT finds it reachable). A relay needs an address
+    /// peers reach it at: one confirmed by AutoNAT, or one given with `--advertise`.
+    #[arg(long, env = "MICROMESH_RELAY", conflicts_with = "no_relay")]
     relay: bool,
+    /// Never offer circuit-relay service.
+    #[arg(long, env = "MICROMESH_NO_RELAY")]
+    no_relay: bool,
+    /// Let AutoNAT count private addresses (10/8, 172.16/12, 192.168/16) as reachable: for
+    /// labs and closed networks whose "public" side uses them.
+    #[arg(long, env = "MICROMESH_PRIVATE_ADDRESSES_ARE_PUBLIC")]
+    private_addresses_are_public: bool,
     /// An address peers reach this node at, e.g. a port forward's (repeatable).
     #[arg(
         long,
@@ -110,6 +118,7 @@ const NODE_KEYS: &[&str] = &[
     "upnp",
     "autonat",
     "relay",
+    "private_addresses_are_public",
     "store_capacity",
     "metrics",
 ];
@@ -145,8 +154,11 @@ fn configuration(args: &NodeArgs) -> Result<Config, BoxError> {
             config = config.set(key, false)?;
         }
     }
-    if args.relay {
-        config = config.set("relay", true)?;
+    if args.relay || args.no_relay {
+        config = config.set("relay", args.relay)?;
+    }
+    if args.private_addresses_are_public {
+        config = config.set("private_addresses_are_public", true)?;
     }
     if let Some(capacity) = args.store_capacity {
         config = config.set("store_capacity", capacity)?;
@@ -203,16 +215,24 @@ pub(crate) async fn run(global: &Global, args: &NodeArgs) -> Result<(), BoxError
     let key = args.mesh.pre_shared_key()?;
     let on = |key: &str| config.get_opt::<bool>(key).map(|v| v.unwrap_or(true));
     let (mdns, upnp, autonat) = (on("mdns")?, on("upnp")?, on("autonat")?);
-    let relay = config.get_opt::<bool>("relay")?.unwrap_or(false);
+    let relay = config.get_opt::<bool>("relay")?;
+    let private_is_public = config
+        .get_opt::<bool>("private_addresses_are_public")?
+        .unwrap_or(false);
     let capacity = store_capacity(&config)?;
     builder = builder.configure_node(move |mut node| {
         if let Some(key) = key {
             node = node.pre_shared_key(key);
         }
-        node.mdns(mdns)
+        node = node
+            .mdns(mdns)
             .upnp(upnp)
             .autonat(autonat)
-            .relay_server(relay)
+            .private_addresses_are_public(private_is_public);
+        match relay {
+            Some(on) => node.relay_server(on),
+            None => node,
+        }
     });
     builder = builder.store_config(micromesh::store::Config::default().capacity(capacity));
     if let Some(addr) = config.get_opt::<String>("metrics")? {
