@@ -10,6 +10,7 @@
 
 mod grpc;
 mod measure;
+mod nat_lab;
 mod scenarios;
 
 use std::process::ExitCode;
@@ -21,6 +22,9 @@ fn usage() -> String {
     for (name, about) in scenarios::LIST {
         text.push_str(&format!("  {name:<12} {about}\n"));
     }
+    text.push_str(
+        "  nat-lab      micromesh across NATs in Linux network namespaces (root): the NAT matrix\n               [--out DIR] [--kinds none,home,full-cone,corporate,cgnat] [--calls N]\n               [--stream-mib M] [--direct-wait SECONDS]\n",
+    );
     text
 }
 
@@ -40,6 +44,32 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .init();
     }
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime")
+    };
+    // The NAT lab and its peers take options of their own.
+    if scenario == "nat-lab" || scenario == "nat-peer" {
+        let args: Vec<String> = args.collect();
+        let outcome = runtime().block_on(async {
+            if scenario == "nat-lab" {
+                nat_lab::run(&args).await.map(|report| {
+                    println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
+                })
+            } else {
+                nat_lab::peer::run(args).await
+            }
+        });
+        return match outcome {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let options = match measure::Options::parse(args) {
         Ok(options) => options,
         Err(e) => {
@@ -47,11 +77,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    match runtime.block_on(scenarios::run(&scenario, &options)) {
+    match runtime().block_on(scenarios::run(&scenario, &options)) {
         Ok(report) => {
             println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
             ExitCode::SUCCESS
