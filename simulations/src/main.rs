@@ -23,7 +23,7 @@ fn usage() -> String {
         text.push_str(&format!("  {name:<12} {about}\n"));
     }
     text.push_str(
-        "  nat-lab      micromesh across NATs in Linux network namespaces (root): the NAT matrix\n               [--out DIR] [--kinds none,home,full-cone,corporate,cgnat] [--calls N]\n               [--stream-mib M] [--direct-wait SECONDS]\n",
+        "  nat-lab      micromesh across NATs in Linux network namespaces (root): the NAT matrix\n               [--out DIR] [--kinds none,home,full-cone,corporate,cgnat] [--calls N]\n               [--stream-mib M] [--direct-wait SECONDS] [--delay-ms D]\n",
     );
     text
 }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! micromesh-simulations nat-lab [--out DIR] [--kinds none,home,...] [--calls N]
-//!                               [--stream-mib M] [--direct-wait SECONDS]
+//!                               [--stream-mib M] [--direct-wait SECONDS] [--delay-ms D]
 //! ```
 //!
 //! Builds the lab of [`net`]: an internet with two ordinary micromesh nodes on it, and for
@@ -19,8 +19,12 @@
 //! pair does not connect or loses a call or a byte of the stream: the targets are every pair
 //! connected, nothing cut by relay limits.
 //!
+//! With `--delay-ms D` every host and the internet's nodes hold the packets they receive D ms
+//! ([`delay`]): a round trip of 2·D, 4·D through a relay.
+//!
 //! The lab deletes its namespaces and stops its processes when it ends, also on failure.
 
+mod delay;
 pub(crate) mod net;
 pub(crate) mod peer;
 
@@ -47,6 +51,7 @@ struct Options {
     calls: u64,
     stream_mib: u64,
     direct_wait: u64,
+    delay_ms: u64,
 }
 
 impl Options {
@@ -57,6 +62,7 @@ impl Options {
             calls: 1_000,
             stream_mib: 10,
             direct_wait: 5,
+            delay_ms: 0,
         };
         let mut args = args.iter();
         while let Some(flag) = args.next() {
@@ -79,6 +85,7 @@ impl Options {
                 "--calls" => options.calls = number()?,
                 "--stream-mib" => options.stream_mib = number()?,
                 "--direct-wait" => options.direct_wait = number()?,
+                "--delay-ms" => options.delay_ms = number()?,
                 other => return Err(format!("nat-lab: unknown option {other}")),
             }
         }
@@ -140,18 +147,41 @@ pub(crate) async fn run(args: &[String]) -> Result<Value, String> {
     let began = Instant::now();
     let (lab, hosts) = Lab::build(&options.kinds, &["a", "b"])?;
     let built = began.elapsed();
-    let outcome = measure(&options, &exe, &hosts).await;
+    let outcome = match delay_links(&options, &exe, &hosts).await {
+        Ok(delayers) => {
+            let outcome = measure(&options, &exe, &hosts).await;
+            for delayer in delayers {
+                delayer.stop().await;
+            }
+            outcome
+        }
+        Err(e) => Err(e),
+    };
     drop(lab);
     let rows = outcome?;
     let failures: Vec<String> = rows.iter().filter_map(failure).collect();
+    // Hole punching may fail where it could succeed: reported, not a failure of the lab.
+    let direct_missed: Vec<String> = rows
+        .iter()
+        .filter(|r| r["direct_possible"] == true && r["final_path"] != "direct")
+        .map(|r| format!("{} → {}", r["client"], r["server"]))
+        .collect();
+    if !direct_missed.is_empty() {
+        eprintln!(
+            "nat-lab: relayed although a direct path was possible: {}",
+            direct_missed.join(", ")
+        );
+    }
     let report = json!({
         "scenario": "nat-lab",
         "lab_built_ms": built.as_secs_f64() * 1e3,
         "lab_ran_s": began.elapsed().as_secs_f64(),
         "calls_per_pair": options.calls,
+        "link_delay_ms": options.delay_ms,
         "stream_mib_per_pair": options.stream_mib,
         "pairs": rows,
         "failures": failures,
+        "direct_missed": direct_missed,
     });
     std::fs::create_dir_all(&options.out)
         .map_err(|e| format!("cannot create {}: {e}", options.out.display()))?;
@@ -199,6 +229,36 @@ fn failure(row: &Value) -> Option<String> {
         ));
     }
     None
+}
+
+/// Starts a delayer in every host and in the internet, and sends what they receive through it.
+async fn delay_links(
+    options: &Options,
+    exe: &Path,
+    hosts: &[Vec<net::Host>],
+) -> Result<Vec<Peer>, String> {
+    if options.delay_ms == 0 {
+        return Ok(Vec::new());
+    }
+    let mut delayers = Vec::new();
+    let ingress = std::iter::once((net::INTERNET, "br0")).chain(
+        hosts
+            .iter()
+            .flatten()
+            .map(|h| (h.namespace.as_str(), "eth0")),
+    );
+    for (namespace, device) in ingress {
+        let args = [
+            "delay".to_owned(),
+            "--ms".to_owned(),
+            options.delay_ms.to_string(),
+        ];
+        let mut delayer = Peer::spawn(namespace, exe, &args, &format!("delayer in {namespace}"))?;
+        delayer.line(READY_WITHIN).await?;
+        net::delay_ingress(namespace, device, delay::QUEUE)?;
+        delayers.push(delayer);
+    }
+    Ok(delayers)
 }
 
 async fn measure(
@@ -314,10 +374,11 @@ fn markdown(report: &Value) -> String {
             kinds.push(kind);
         }
     }
-    let mut text = String::from(
+    let mut text = format!(
         "Each cell: the path at the end (direct, or relayed by a public micromesh node), then \
          milliseconds from the client's start to its first answer; ✗ marks a pair that did not \
-         connect or lost a call or stream bytes.\n\n| client ↓ server → |",
+         connect or lost a call or stream bytes. Link delay: {} ms each way.\n\n| client ↓ server → |",
+        report["link_delay_ms"]
     );
     for kind in &kinds {
         text.push_str(&format!(" {kind} |"));
@@ -348,4 +409,61 @@ fn markdown(report: &Value) -> String {
         text.push('\n');
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(client: &str, server: &str, calls_ok: u64) -> Value {
+        json!({
+            "client": client, "server": server, "connected": true, "calls": 1000,
+            "calls_ok": calls_ok, "stream_ok": true, "final_path": "direct", "first_call_ms": 12.3,
+        })
+    }
+
+    #[test]
+    fn a_direct_path_is_expected_unless_a_symmetric_nat_faces_a_filtering_one() {
+        use Kind::*;
+        for kind in Kind::ALL {
+            assert!(Kind::direct_possible(None, kind));
+            assert!(Kind::direct_possible(FullCone, kind));
+        }
+        assert!(Kind::direct_possible(Home, Cgnat));
+        assert!(!Kind::direct_possible(Corporate, Home));
+        assert!(!Kind::direct_possible(Cgnat, Corporate));
+        assert!(!Kind::direct_possible(Corporate, Corporate));
+    }
+
+    #[test]
+    fn a_pair_fails_when_it_loses_a_call_and_the_matrix_marks_it() {
+        assert_eq!(failure(&row("home", "none", 1000)), Option::None);
+        let lost = row("home", "home", 999);
+        assert!(failure(&lost).unwrap().contains("999 of 1000"));
+        let report = json!({
+            "link_delay_ms": 0,
+            "pairs": [row("home", "none", 1000), lost, row("none", "none", 1000), row("none", "home", 1000)],
+        });
+        let table = markdown(&report);
+        assert!(
+            table.contains("| **home** | direct, 12 ms | ✗ |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| **none** | direct, 12 ms | direct, 12 ms |"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let options =
+            Options::parse(&args(&["--kinds", "home,cgnat", "--delay-ms", "20"])).unwrap();
+        assert_eq!(options.kinds, [Kind::Home, Kind::Cgnat]);
+        assert_eq!(options.delay_ms, 20);
+        assert!(Options::parse(&args(&["--kinds", "moon"])).is_err());
+        assert!(Options::parse(&args(&["--calls"])).is_err());
+        assert!(Options::parse(&args(&["--calls", "many"])).is_err());
+    }
 }

@@ -338,6 +338,15 @@ fn filter_unsolicited(router: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Sends what namespace `ns` receives on `device` through NFQUEUE `queue`, where a delayer
+/// holds it; packets pass as ever when nothing listens on the queue.
+pub(crate) fn delay_ingress(ns: &str, device: &str, queue: u16) -> Result<(), String> {
+    iptables(
+        ns,
+        &format!("-A INPUT -i {device} -j NFQUEUE --queue-num {queue} --queue-bypass"),
+    )
+}
+
 /// The command that runs `program` with `args` inside namespace `ns`.
 pub(crate) fn command_in(ns: &str, program: &std::path::Path) -> tokio::process::Command {
     let mut command = tokio::process::Command::new("ip");

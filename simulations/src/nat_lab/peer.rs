@@ -8,8 +8,9 @@
 //!   `ready` once peers can reach it: through a relay it found, or at an address confirmed
 //!   from outside.
 //! - `client --target NAME --bootstrap ADDR... --calls N --stream-mib M --direct-wait S`: a
-//!   fresh node that calls `NAME`, waits for a direct connection, makes N calls and streams
-//!   M MiB, and prints what it measured.
+//!   fresh node that calls `NAME`, waits for a direct connection, makes N calls
+//!   ([`IN_FLIGHT`] at a time) and streams M MiB, and prints what it measured.
+//! - `delay --ms D`: not a node; holds the namespace's outgoing packets (see [`super::delay`]).
 //!
 //! Every node runs with the production preset; the only lab-specific setting is that AutoNAT
 //! counts the lab's private addresses as public (`private_addresses_are_public`), since the
@@ -17,6 +18,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
 use micromesh::{
     Context, Multiaddr, PeerId, Service, Status, client::CallOptions, server::Streaming,
 };
@@ -30,6 +32,9 @@ const READY_WITHIN: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(50);
 /// The size of each message of the stream.
 const CHUNK: usize = 64 << 10;
+/// How many of a client's calls are in flight at once: on a link with delay, a thousand calls
+/// one after another would take a thousand round trips.
+const IN_FLIGHT: usize = 16;
 
 struct Args(Vec<String>);
 
@@ -89,8 +94,14 @@ pub(crate) async fn run(args: Vec<String>) -> Result<(), String> {
         "public" => public(&args).await,
         "server" => server(&args).await,
         "client" => client(&args, started).await,
+        "delay" => {
+            let delay = Duration::from_millis(args.number("--ms", 20)?);
+            tokio::task::spawn_blocking(move || super::delay::run(delay))
+                .await
+                .map_err(|e| e.to_string())?
+        }
         other => Err(format!(
-            "nat-peer: unknown role {other:?} (public, server or client)"
+            "nat-peer: unknown role {other:?} (public, server, client or delay)"
         )),
     }
 }
@@ -177,11 +188,18 @@ async fn server(args: &Args) -> Result<(), String> {
 /// Whether this node has a connection to `peer` that goes through no relay (`None`: no
 /// connection at all).
 async fn direct(service: &Service, peer: PeerId) -> Result<Option<bool>, String> {
+    Ok(addresses(service, peer)
+        .await?
+        .map(|addrs| addrs.iter().any(|a| !is_relayed(a))))
+}
+
+/// The remote addresses of this node's connections to `peer`, if it has any.
+async fn addresses(service: &Service, peer: PeerId) -> Result<Option<Vec<Multiaddr>>, String> {
     let peers = service.node().peers().await.map_err(|e| e.to_string())?;
     Ok(peers
         .into_iter()
         .find(|p| p.peer_id == peer)
-        .map(|p| p.addresses.iter().any(|a| !is_relayed(a))))
+        .map(|p| p.addresses))
 }
 
 fn is_relayed(addr: &Multiaddr) -> bool {
@@ -255,13 +273,17 @@ async fn client(args: &Args, started: Instant) -> Result<(), String> {
     let run = Instant::now();
     let mut calls_ok = 0u64;
     let mut call_error = None;
-    for _ in 0..calls {
-        match client.call::<_, ByteBuf>(&target, "Lab.Echo", &ping).await {
+    let mut replies = futures::stream::iter(0..calls)
+        .map(|_| client.call::<_, ByteBuf>(&target, "Lab.Echo", &ping))
+        .buffer_unordered(IN_FLIGHT);
+    while let Some(reply) = replies.next().await {
+        match reply {
             Ok(reply) if reply == ping => calls_ok += 1,
             Ok(_) => call_error = Some("a reply differed from its request".to_owned()),
             Err(e) => call_error = Some(e.to_string()),
         }
     }
+    drop(replies);
     let calls_per_second = calls_ok as f64 / run.elapsed().as_secs_f64();
 
     let streamed = Instant::now();
@@ -269,12 +291,19 @@ async fn client(args: &Args, started: Instant) -> Result<(), String> {
     let stream_seconds = streamed.elapsed().as_secs_f64();
 
     let final_path = path(direct(&service, server).await?);
+    let connections: Vec<String> = addresses(&service, server)
+        .await?
+        .unwrap_or_default()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     say(json!({
         "connected": true,
         "first_call_ms": first_call.as_secs_f64() * 1e3,
         "first_path": first_path,
         "direct_after_ms": time_to_direct.map(|t| t.as_secs_f64() * 1e3),
         "final_path": final_path,
+        "connections": connections,
         "calls": calls,
         "calls_ok": calls_ok,
         "calls_per_second": calls_per_second,
