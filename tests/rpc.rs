@@ -1120,3 +1120,68 @@ async fn a_call_pinned_to_a_connected_peer_does_not_look_the_name_up() {
     assert_eq!(testing::metric(client.node(), LOOKUPS), 1);
     cluster.shutdown().await.unwrap();
 }
+
+/// A relay closes a circuit past the limits it is configured with, and carries calls within
+/// them. (The defaults, an hour and 1 GiB, are what the NAT lab's calls and streams run under.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_closes_a_circuit_past_its_byte_limit() {
+    let network = "rpc-relay-limit";
+    let relay_addr: Multiaddr = format!("/memory/{}", rand_port()).parse().unwrap();
+    let relay = Service::builder("relay")
+        .preset(Preset::Local)
+        .network(network)
+        .register(false)
+        .listen(relay_addr.clone())
+        .configure_node(|n| {
+            n.external_address(relay_addr.clone())
+                .relay_server(true)
+                .relay_circuit_limits(Duration::from_secs(60), 16 << 10)
+        })
+        .build()
+        .await
+        .unwrap();
+    let relay_addr = relay.node().listen_addrs().await.unwrap().remove(0);
+    let circuit: Multiaddr = format!("{relay_addr}/p2p-circuit").parse().unwrap();
+    let server = Service::builder("greeter")
+        .preset(Preset::Local)
+        .network(network)
+        .register(false)
+        .bootstrap(relay_addr.clone())
+        .listen(circuit.clone())
+        .handle("Greeter.Hello", hello)
+        .build()
+        .await
+        .unwrap();
+    let b = server.node().peer_id();
+    let client = Service::builder("client")
+        .preset(Preset::Local)
+        .network(network)
+        .register(false)
+        .build()
+        .await
+        .unwrap();
+    let via_relay: Multiaddr = format!("{circuit}/p2p/{b}").parse().unwrap();
+    assert_eq!(client.node().dial(via_relay).await.unwrap(), b);
+    let to_b = CallOptions::default().peer(b).retries(0);
+    let greet = |name: String| {
+        let options = to_b.clone();
+        let c = client.client();
+        async move {
+            c.call_with::<_, HelloReply>(
+                "greeter",
+                "Greeter.Hello",
+                &HelloRequest { name },
+                options,
+            )
+            .await
+        }
+    };
+    greet("within the limit".into()).await.unwrap();
+    // 64 KiB is an ordinary call (a circuit with the default limits carries it), past this
+    // relay's 16 KiB: the relay cuts the circuit in the middle of it.
+    let err = greet("x".repeat(64 << 10)).await.unwrap_err();
+    assert_eq!(err.status().code(), Code::Unavailable, "{err}");
+    for s in [client, server, relay] {
+        s.stop().await.unwrap();
+    }
+}

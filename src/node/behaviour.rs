@@ -195,10 +195,8 @@ impl Behaviour {
             let mut relay = relay::Behaviour::new(
                 peer_id,
                 relay::Config {
-                    // libp2p's defaults (2 min, 128 KiB per circuit) only fit hole-punch
-                    // coordination; micromesh carries RPC over relays when punching fails.
-                    max_circuit_duration: Duration::from_secs(3600),
-                    max_circuit_bytes: 1 << 30,
+                    max_circuit_duration: config.relay_circuit_limits.0,
+                    max_circuit_bytes: config.relay_circuit_limits.1,
                     ..Default::default()
                 },
             );

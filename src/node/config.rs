@@ -130,6 +130,8 @@ pub(crate) struct Config {
     /// `None`: offer relay service while reachable, when AutoNAT runs.
     pub(crate) relay_server: Option<bool>,
     pub(crate) auto_relays: usize,
+    /// How long a relayed circuit may last, and how many bytes it may carry.
+    pub(crate) relay_circuit_limits: (Duration, u64),
     pub(crate) memory_limit: Option<f64>,
     pub(crate) psk: Option<PreSharedKey>,
     pub(crate) dht_mode: DhtMode,
@@ -194,6 +196,7 @@ impl Config {
             private_addresses_are_public: false,
             relay_server: None,
             auto_relays: 2,
+            relay_circuit_limits: (Duration::from_secs(3600), 1 << 30),
             memory_limit: (!local).then_some(0.9),
             psk: None,
             dht_mode: DhtMode::Auto,
@@ -444,9 +447,7 @@ impl Builder {
     /// are its relays, and no dedicated relay server is needed. Without AutoNAT
     /// ([`Preset::Local`]) the default is off.
     ///
-    /// A circuit lasts up to an hour and carries up to 1 GiB, sized for calls and streams
-    /// rather than for hole-punch coordination alone (libp2p's defaults are 2 minutes and
-    /// 128 KiB).
+    /// A circuit lasts up to an hour and carries up to 1 GiB ([`Builder::relay_circuit_limits`]).
     ///
     /// ```
     /// # use micromesh::node::Node;
@@ -454,6 +455,21 @@ impl Builder {
     /// ```
     pub fn relay_server(mut self, on: bool) -> Self {
         self.config.relay_server = Some(on);
+        self
+    }
+
+    /// How long a circuit this node relays may last, and how many bytes (both ways together) it
+    /// may carry before the relay closes it. Default: an hour and 1 GiB, sized for calls and
+    /// streams over a relay when hole punching cannot help (libp2p's defaults, 2 minutes and
+    /// 128 KiB, fit only the coordination of a hole punch).
+    ///
+    /// ```
+    /// # use micromesh::node::Node;
+    /// use std::time::Duration;
+    /// let frugal = Node::builder().relay_circuit_limits(Duration::from_secs(600), 64 << 20);
+    /// ```
+    pub fn relay_circuit_limits(mut self, duration: Duration, bytes: u64) -> Self {
+        self.config.relay_circuit_limits = (duration, bytes);
         self
     }
 
