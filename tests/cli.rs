@@ -121,10 +121,11 @@ fn peer_ids(output: &Output) -> Vec<String> {
         .collect()
 }
 
-/// Two nodes find each other from one bootstrap address, over `transport`.
-fn two_nodes_find_each_other(transport: &str, listen: &str) {
+/// Two nodes find each other from one bootstrap address, over `transport`; the first one runs
+/// with `a_options` too.
+fn two_nodes_find_each_other(transport: &str, listen: &str, a_options: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let a = NodeProcess::start(&dir.path().join("a"), &[listen], None);
+    let a = NodeProcess::start_with(&dir.path().join("a"), &[listen], None, a_options);
     let a_addr = a.addr(transport);
     let b = NodeProcess::start(&dir.path().join("b"), &[listen], Some(&a_addr));
     let b_addr = b.addr(transport);
@@ -154,12 +155,12 @@ fn two_nodes_find_each_other(transport: &str, listen: &str) {
 
 #[test]
 fn two_node_processes_find_each_other_over_tcp() {
-    two_nodes_find_each_other("/tcp/", "/ip4/127.0.0.1/tcp/0");
+    two_nodes_find_each_other("/tcp/", "/ip4/127.0.0.1/tcp/0", &[]);
 }
 
 #[test]
 fn two_node_processes_find_each_other_over_quic() {
-    two_nodes_find_each_other("/quic-v1/", "/ip4/127.0.0.1/udp/0/quic-v1");
+    two_nodes_find_each_other("/quic-v1/", "/ip4/127.0.0.1/udp/0/quic-v1", &[]);
 }
 
 #[test]
@@ -274,6 +275,27 @@ fn bad_arguments_are_rejected_before_anything_starts() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("invalid network name"));
+    let output = Command::new(BIN)
+        .args(["node", "--relay", "--no-relay"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--relay") && stderr.contains("--no-relay"),
+        "{stderr}"
+    );
+}
+
+/// The NAT options are node options like the others: a node that never relays and lets
+/// AutoNAT count private addresses (as the NAT lab's nodes do) joins a mesh.
+#[test]
+fn a_node_with_the_nat_options_joins_a_mesh() {
+    two_nodes_find_each_other(
+        "/tcp/",
+        "/ip4/127.0.0.1/tcp/0",
+        &["--no-relay", "--private-addresses-are-public"],
+    );
 }
 
 fn run_json(args: &[&str]) -> serde_json::Value {
