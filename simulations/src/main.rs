@@ -5,7 +5,9 @@
 //! ```
 //!
 //! Every scenario runs real micromesh nodes (Noise, yamux, Kademlia, gossipsub) on libp2p's
-//! in-process memory transport and prints one JSON document on stdout. `RUST_LOG` (for example
+//! in-process memory transport and prints one JSON document on stdout. The exception is
+//! `nat-lab`: one process per node, in Linux network namespaces behind NAT routers (root
+//! only; see `nat_lab`). `RUST_LOG` (for example
 //! `RUST_LOG=micromesh=debug`) logs what the nodes do to stderr.
 
 mod grpc;

@@ -64,6 +64,8 @@ struct PeerState {
     rtt: Option<Duration>,
     agent: Option<String>,
     same_network: Option<bool>,
+    /// The direct addresses last dialled while the peer was reachable only through a relay.
+    dialled_past_relay: Vec<Multiaddr>,
 }
 
 impl PeerState {
@@ -76,6 +78,7 @@ impl PeerState {
             rtt: None,
             agent: None,
             same_network: None,
+            dialled_past_relay: Vec::new(),
         }
     }
 }
@@ -1511,19 +1514,25 @@ impl EventLoop {
     /// A peer reached only through a relay may be reachable directly: behind a NAT that lets
     /// anyone in once it has a mapping (a full cone), or with a port forward. DCUtR does not
     /// find that when the other side's NAT is symmetric (over QUIC only one side dials), so
-    /// this node dials the direct addresses the peer reports, each time it reports them.
+    /// this node dials the direct addresses the peer reports, each time they change.
     fn dial_past_relay(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
-        let only_relayed = self.peers.get(&peer).is_some_and(|state| {
-            !state.connections.is_empty() && state.connections.values().all(relays::is_relayed)
-        });
+        if !self.dial_past_relays {
+            return;
+        }
         let direct: Vec<Multiaddr> = addrs
             .iter()
             .filter(|a| !relays::is_relayed(a))
             .cloned()
             .collect();
-        if !self.dial_past_relays || !only_relayed || direct.is_empty() {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let only_relayed =
+            !state.connections.is_empty() && state.connections.values().all(relays::is_relayed);
+        if !only_relayed || direct.is_empty() || state.dialled_past_relay == direct {
             return;
         }
+        state.dialled_past_relay = direct.clone();
         // Whatever else is dialling the peer: DCUtR's hole punch over QUIC is a dial that
         // cannot succeed when this side's NAT is symmetric.
         let opts = DialOpts::peer_id(peer)

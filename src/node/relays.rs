@@ -56,8 +56,8 @@ impl AutoRelay {
     }
 
     /// A connected peer identified itself: `relay` says whether it offers relay service, and
-    /// `addr` is where this node reached it (a dialled connection's address, or an address it
-    /// listens on).
+    /// `addr` is an address it listens on, as it reported it (the relayed listen address goes
+    /// through it).
     pub(crate) fn on_identified(
         &mut self,
         peer: PeerId,
