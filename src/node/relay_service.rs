@@ -6,7 +6,8 @@
 //! (`Either` handler, "entered unreachable code"). micromesh changes the status whenever
 //! AutoNAT changes its verdict, and a node has relayed connections exactly when that happens,
 //! so this wrapper drops the notifications meant for relayed connections; everything else
-//! passes through unchanged.
+//! passes through unchanged. (The notification came with runtime status changes in
+//! rust-libp2p#6154; rust-libp2p#5412 reports the same panic from applications.)
 
 use std::{
     collections::HashSet,
