@@ -913,33 +913,52 @@ fn rand_port() -> u64 {
     RandomState::new().hash_one(std::time::SystemTime::now()) | 1
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_move_from_a_relayed_connection_to_a_direct_one() {
-    let network = "rpc-direct";
+/// A relay (relay service on, advertising its in-process address; `relay_node` adjusts it) and
+/// a greeter that listens through it, and also on `direct` when given. Returns the relay, the
+/// greeter and the greeter's relayed address.
+async fn greeter_behind_relay(
+    network: &str,
+    direct: Option<Multiaddr>,
+    relay_node: impl FnOnce(micromesh::node::Builder) -> micromesh::node::Builder,
+) -> (Service, Service, Multiaddr) {
     let relay_addr: Multiaddr = format!("/memory/{}", rand_port()).parse().unwrap();
     let relay = Service::builder("relay")
         .preset(Preset::Local)
         .network(network)
         .register(false)
         .listen(relay_addr.clone())
-        .configure_node(|n| n.external_address(relay_addr.clone()).relay_server(true))
+        .configure_node(|n| relay_node(n.external_address(relay_addr).relay_server(true)))
         .build()
         .await
         .unwrap();
     let relay_addr = relay.node().listen_addrs().await.unwrap().remove(0);
     let circuit: Multiaddr = format!("{relay_addr}/p2p-circuit").parse().unwrap();
-    let direct: Multiaddr = format!("/memory/{}", rand_port()).parse().unwrap();
-    let server = Service::builder("greeter")
+    let mut server = Service::builder("greeter")
         .preset(Preset::Local)
         .network(network)
         .register(false)
-        .bootstrap(relay_addr.clone())
-        .listen(direct.clone())
+        .bootstrap(relay_addr);
+    if let Some(direct) = direct {
+        server = server.listen(direct);
+    }
+    let server = server
         .listen(circuit.clone())
         .handle("Greeter.Hello", hello)
         .build()
         .await
         .unwrap();
+    let via_relay = format!("{circuit}/p2p/{}", server.node().peer_id())
+        .parse()
+        .unwrap();
+    (relay, server, via_relay)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_move_from_a_relayed_connection_to_a_direct_one() {
+    let network = "rpc-direct";
+    let direct: Multiaddr = format!("/memory/{}", rand_port()).parse().unwrap();
+    let (relay, server, via_relay) =
+        greeter_behind_relay(network, Some(direct.clone()), |n| n).await;
     let b = server.node().peer_id();
     let client = Service::builder("client")
         .preset(Preset::Local)
@@ -964,7 +983,6 @@ async fn calls_move_from_a_relayed_connection_to_a_direct_one() {
     };
 
     // Only a relayed connection: calls go through the relay, on one kept stream.
-    let via_relay: Multiaddr = format!("{circuit}/p2p/{b}").parse().unwrap();
     assert_eq!(client.node().dial(via_relay).await.unwrap(), b);
     for _ in 0..3 {
         greet("relayed").await.unwrap();
@@ -1127,32 +1145,10 @@ async fn a_call_pinned_to_a_connected_peer_does_not_look_the_name_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_closes_a_circuit_past_its_byte_limit() {
     let network = "rpc-relay-limit";
-    let relay_addr: Multiaddr = format!("/memory/{}", rand_port()).parse().unwrap();
-    let relay = Service::builder("relay")
-        .preset(Preset::Local)
-        .network(network)
-        .register(false)
-        .listen(relay_addr.clone())
-        .configure_node(|n| {
-            n.external_address(relay_addr.clone())
-                .relay_server(true)
-                .relay_circuit_limits(Duration::from_secs(60), 48 << 10)
-        })
-        .build()
-        .await
-        .unwrap();
-    let relay_addr = relay.node().listen_addrs().await.unwrap().remove(0);
-    let circuit: Multiaddr = format!("{relay_addr}/p2p-circuit").parse().unwrap();
-    let server = Service::builder("greeter")
-        .preset(Preset::Local)
-        .network(network)
-        .register(false)
-        .bootstrap(relay_addr.clone())
-        .listen(circuit.clone())
-        .handle("Greeter.Hello", hello)
-        .build()
-        .await
-        .unwrap();
+    let (relay, server, via_relay) = greeter_behind_relay(network, None, |n| {
+        n.relay_circuit_limits(Duration::from_secs(60), 48 << 10)
+    })
+    .await;
     let b = server.node().peer_id();
     // A client that does not listen: the server cannot dial it (its DHT would, given an
     // address), so the circuit is the only way between them.
@@ -1164,7 +1160,6 @@ async fn a_relay_closes_a_circuit_past_its_byte_limit() {
         .build()
         .await
         .unwrap();
-    let via_relay: Multiaddr = format!("{circuit}/p2p/{b}").parse().unwrap();
     assert_eq!(client.node().dial(via_relay).await.unwrap(), b);
     let to_b = CallOptions::default().peer(b).retries(0);
     let greet = |name: String| {
