@@ -198,3 +198,24 @@ pub(crate) async fn load(call: &Call, in_flight: usize, duration: Duration) -> L
         cpu_us_per_call: cpu.as_secs_f64() * 1e6 / done.max(1) as f64,
     }
 }
+
+/// The benchmarks' echo endpoint: answers with the body it got.
+pub(crate) async fn echo(
+    _: micromesh::Context,
+    body: serde_bytes::ByteBuf,
+) -> Result<serde_bytes::ByteBuf, micromesh::Status> {
+    Ok(body)
+}
+
+/// The benchmarks' sink: a client stream whose answer is the number of bytes it carried, for
+/// the sender to check that none was lost.
+pub(crate) async fn count_bytes(
+    _: micromesh::Context,
+    mut chunks: micromesh::server::Streaming<serde_bytes::ByteBuf>,
+) -> Result<u64, micromesh::Status> {
+    let mut total = 0u64;
+    while let Some(chunk) = chunks.message().await {
+        total += chunk?.len() as u64;
+    }
+    Ok(total)
+}

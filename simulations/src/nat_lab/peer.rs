@@ -19,9 +19,7 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use micromesh::{
-    Context, Multiaddr, PeerId, Service, Status, client::CallOptions, server::Streaming,
-};
+use micromesh::{Multiaddr, PeerId, Service, client::CallOptions};
 use serde_bytes::ByteBuf;
 use serde_json::json;
 
@@ -144,19 +142,8 @@ async fn public(args: &Args) -> Result<(), String> {
 async fn server(args: &Args) -> Result<(), String> {
     let name = args.value("--name")?;
     let service = builder(&name, &args.bootstrap()?)
-        .handle("Lab.Echo", |_: Context, body: ByteBuf| async move {
-            Ok::<_, Status>(body)
-        })
-        .client_stream(
-            "Lab.Sink",
-            |_: Context, mut chunks: Streaming<ByteBuf>| async move {
-                let mut total = 0u64;
-                while let Some(chunk) = chunks.message().await {
-                    total += chunk?.len() as u64;
-                }
-                Ok::<_, Status>(total)
-            },
-        )
+        .handle("Lab.Echo", crate::measure::echo)
+        .client_stream("Lab.Sink", crate::measure::count_bytes)
         .build()
         .await
         .map_err(|e| e.to_string())?;

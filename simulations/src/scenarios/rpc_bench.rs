@@ -32,9 +32,7 @@ use libp2p::{
     swarm::{NetworkBehaviour, SwarmEvent},
     tcp, tls, yamux,
 };
-use micromesh::{
-    Context, Service, Status, client::CallOptions, server::Streaming, testing::wait_until,
-};
+use micromesh::{Service, client::CallOptions, testing::wait_until};
 use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot};
 
@@ -385,19 +383,8 @@ pub(crate) async fn run(options: &Options) -> Result<serde_json::Value, String> 
         .listen(TCP.parse().expect("valid"))
         .listen(QUIC.parse().expect("valid"))
         .configure_node(|n| n.mdns(false).upnp(false).autonat(false).memory_limit(None))
-        .handle("Bench.Echo", |_: Context, body: ByteBuf| async move {
-            Ok::<_, Status>(body)
-        })
-        .client_stream(
-            "Bench.Sink",
-            |_: Context, mut chunks: Streaming<ByteBuf>| async move {
-                let mut total = 0u64;
-                while let Some(chunk) = chunks.message().await {
-                    total += chunk?.len() as u64;
-                }
-                Ok::<_, Status>(total)
-            },
-        )
+        .handle("Bench.Echo", crate::measure::echo)
+        .client_stream("Bench.Sink", crate::measure::count_bytes)
         .build()
         .await
         .map_err(|e| e.to_string())?;
