@@ -669,6 +669,21 @@ impl Registry {
     /// Signs and publishes this node's current announcement.
     pub(crate) async fn announce(&self) -> Result<(), Error> {
         let addrs = self.own_addrs().await?;
+        self.announce_at(addrs).await
+    }
+
+    /// Announces again if this node's addresses are no longer the ones it last announced (a
+    /// relay granted a reservation, AutoNAT confirmed an address); otherwise does nothing, so
+    /// that a burst of address events costs the mesh one announcement at most.
+    pub(crate) async fn announce_if_moved(&self) -> Result<(), Error> {
+        let addrs = self.own_addrs().await?;
+        if addrs == self.announced_addrs(&self.inner.node.peer_id()) {
+            return Ok(());
+        }
+        self.announce_at(addrs).await
+    }
+
+    async fn announce_at(&self, addrs: Vec<Multiaddr>) -> Result<(), Error> {
         let signed = {
             let mut state = self.state();
             self.sign_announcement(&mut state, addrs)?

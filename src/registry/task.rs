@@ -99,7 +99,7 @@ async fn run(
                 Ok(Event::ListenAddr { .. } | Event::ListenAddrExpired { .. } | Event::ExternalAddrsChanged)
                     if registry.has_registrations() =>
                 {
-                    if let Err(e) = registry.announce().await {
+                    if let Err(e) = registry.announce_if_moved().await {
                         tracing::debug!("cannot announce new addresses: {e}");
                     }
                 }
